@@ -12,7 +12,7 @@ from .specs import MODEL_SPECS, BlockSpec, MicroNetSpec
 __version__ = "0.1.0"
 
 
-def profile(model, img_size: int = 224, in_chans: int | None = None):  # noqa: ANN001, ANN201
+def profile(model, img_size: int = 224, in_chans: int | None = None):
     """Parameters and MAdds of ``model`` by the paper's rule (SPEC section 5); see ``profile.profile_model``."""
     from .profile import profile_model
 

@@ -193,9 +193,7 @@ class MicroBlock(nn.Module):
         h = self.hidden_channels
         return [
             self._pointwise(inp, h, row.g1, variant),
-            make_activation(
-                row.y3, h, row.g2, BASE_REDUCTION * row.r, (1.0, 0.0), (0.0, 0.0), variant, nn.Identity()
-            ),
+            make_activation(row.y3, h, row.g2, BASE_REDUCTION * row.r, (1.0, 0.0), (0.0, 0.0), variant, nn.Identity()),
         ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,9 +209,7 @@ class SwishLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.linear = nn.Sequential(
-            nn.Linear(in_features, out_features), nn.BatchNorm1d(out_features), nn.Hardswish()
-        )
+        self.linear = nn.Sequential(nn.Linear(in_features, out_features), nn.BatchNorm1d(out_features), nn.Hardswish())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)

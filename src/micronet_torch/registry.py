@@ -70,20 +70,18 @@ def resolve_name(name: str) -> tuple[MicroNetSpec, str | None]:
 def _build(
     spec: MicroNetSpec,
     pretrained: bool | str | os.PathLike | None,
-    num_classes: int,
+    num_classes: int | None,
     features_only: bool,
     out_indices: tuple[int, ...] | None,
     **kwargs: Any,
 ) -> nn.Module:
-    # Build at the checkpoint's class count, load, then reset the head: fine-tuning keeps the backbone.
-    build_classes = 1000 if pretrained else num_classes
     model = build_model_with_cfg(
         MicroNet,
         spec.name,
         pretrained=False,
         pretrained_cfg=pretrained_cfg(spec.name),
         spec=spec,
-        num_classes=build_classes,
+        num_classes=1000 if num_classes is None else num_classes,
         feature_cfg=dict(flatten_sequential=True),
         **kwargs,
     )
@@ -99,7 +97,7 @@ def _build(
 def create_model(
     name: str,
     pretrained: bool | str | os.PathLike | None = None,
-    num_classes: int = 1000,
+    num_classes: int | None = None,
     in_chans: int = 3,
     features_only: bool = False,
     out_indices: tuple[int, ...] | None = None,
@@ -113,7 +111,8 @@ def create_model(
         pretrained: ``None``/``False`` for random init; a path to a checkpoint (published ``.pth``,
             PaddleClas ``.pdparams``, this project's ``.pt`` / ``.safetensors``); ``True`` for the
             ImageNet weights from the local cache (downloaded once when missing).
-        num_classes: classes of the head; a pretrained head of another size is replaced.
+        num_classes: classes of the head (default: the checkpoint's, else 1000); a pretrained head of
+            another size is replaced by a new one.
         in_chans: input channels (a pretrained stem's weights are summed/tiled to fit).
         features_only: return a timm ``FeatureListNet`` giving the maps at strides 2, 4, 8, 16, 32.
         **kwargs: ``drop_rate`` and the ablation ``Variant`` fields (``activation``, ``shift``,
@@ -127,7 +126,7 @@ def create_model(
 
 def _entry_point(spec: MicroNetSpec):
     def entry(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        num_classes = kwargs.pop("num_classes", 1000)
+        num_classes = kwargs.pop("num_classes", None)
         features_only = kwargs.pop("features_only", False)
         out_indices = kwargs.pop("out_indices", None)
         for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):

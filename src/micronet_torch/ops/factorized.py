@@ -34,9 +34,7 @@ class GroupConvBN(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int = 1) -> None:
         super().__init__()
         if in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"groups={groups} must divide both {in_channels} input and {out_channels} output channels"
-            )
+            raise ValueError(f"groups={groups} must divide both {in_channels} input and {out_channels} output channels")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.conv = nn.Sequential(
             nn.Conv2d(in_channels, out_channels, 1, 1, 0, bias=False, groups=groups),
@@ -55,9 +53,7 @@ class MicroFactorizedPointwise(nn.Module):
     this module keeps them together for reuse in other networks.
     """
 
-    def __init__(
-        self, in_channels: int, out_channels: int, reduction: int = 4, groups: int | None = None
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, reduction: int = 4, groups: int | None = None) -> None:
         super().__init__()
         if in_channels % reduction:
             raise ValueError(f"reduction R={reduction} must divide C_in={in_channels}")

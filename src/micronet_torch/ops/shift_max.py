@@ -30,9 +30,7 @@ def shift_index(channels: int, groups: int, mode: str = "published") -> torch.Te
     if mode not in SHIFT_MODES:
         raise ValueError(f"unknown shift mode {mode!r}; choose one of {SHIFT_MODES}")
     if groups <= 0 or channels % groups:
-        raise ValueError(
-            f"Dynamic Shift-Max needs groups dividing channels; got {channels} channels, {groups} groups"
-        )
+        raise ValueError(f"Dynamic Shift-Max needs groups dividing channels; got {channels} channels, {groups} groups")
     grid = torch.arange(channels).view(groups, channels // groups).roll(-1, dims=0)
     if mode == "published":
         grid = grid.roll(-1, dims=1)
@@ -90,9 +88,7 @@ class DynamicShiftMax(nn.Module):
             offsets.append(self.init_a[kk])
             if j == 2:
                 offsets.append(self.init_b[kk])
-        self.register_buffer(
-            "offset", torch.tensor(offsets).repeat_interleave(channels), persistent=False
-        )
+        self.register_buffer("offset", torch.tensor(offsets).repeat_interleave(channels), persistent=False)
 
     def coefficients(self, x: torch.Tensor) -> torch.Tensor:
         """The dynamic coefficients, shaped (N, K, J, C, 1, 1)."""
