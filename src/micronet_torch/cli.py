@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
             if err.name == name:
                 continue  # that subcommand is not built yet
             raise
-        module.register_cli(sub)
+        if hasattr(module, "register_cli"):
+            module.register_cli(sub)
     return parser
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from .profile import run_profile
+from .profiler import run_profile
 
 
 def run_models(args: argparse.Namespace) -> int:
     """Print every model with its parameters, MAdds at 224 and what it is."""
-    from .profile import profile_model
+    from .profiler import profile_model
     from .registry import create_model, list_models, resolve_name
 
     rows = []

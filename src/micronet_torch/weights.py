@@ -140,13 +140,12 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: not a readable .safetensors file ({err})") from err
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        reason = [line for line in str(err).splitlines() if line.strip()][-1]
         raise CheckpointError(
-            f"{path}: refused by torch.load(weights_only=True); only tensors and plain containers are "
-            f"loaded, never arbitrary pickled code ({str(err).splitlines()[0]})"
+            f"{path}: not a readable PyTorch checkpoint, or it holds objects other than tensors and plain "
+            f"containers, which torch.load(weights_only=True) refuses ({reason})"
         ) from err
-    except (RuntimeError, EOFError) as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
     return _unwrap(obj, path)
 
 
