@@ -23,7 +23,7 @@ def test_madds_and_parts_match_the_paper(name):
     prof = micronet_torch.profile(create_model(name), img_size=224)
     assert abs(prof.madds / 1e6 - PAPER[name]) <= 0.005 * PAPER[name]
     parts = list(prof.parts.values())
-    assert list(prof.parts)[0] == "stem" and list(prof.parts)[-1] == "head"
+    assert next(iter(prof.parts)) == "stem" and list(prof.parts)[-1] == "head"
     assert [round(p / 1e6, 3) for p in parts] == pytest.approx(PARTS[name], abs=0.0015)
     assert sum(layer.madds for layer in prof.layers) == prof.madds
 
