@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up micronet-torch on a fresh machine: Fashion-MNIST from Debian, a virtualenv at .venv with
+# torch 2.14.1 / torchvision 0.29.1 and the package with its test extras. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+if [ ! -f "$FMNIST" ]; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        echo "setup: installing Debian's dataset-fashion-mnist"
+        apt-get update -q >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null
+    else
+        echo "setup: warning: $FMNIST missing; run as root: apt-get update && apt-get install -y dataset-fashion-mnist" >&2
+    fi
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv"
+    "$PY" -m venv .venv
+fi
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if ! .venv/bin/python -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1')" 2>/dev/null; then
+    echo "setup: installing torch 2.14.1 and torchvision 0.29.1"
+    .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1 2>&1 | { grep -v "^WARNING: Location" || true; }
+fi
+echo "setup: installing micronet-torch[test]"
+.venv/bin/pip install -q -e '.[test]' 2>&1 | { grep -v "^WARNING: Location" || true; }
+.venv/bin/python -c "import micronet_torch, torch; print('setup: ok, micronet-torch', micronet_torch.__version__, 'torch', torch.__version__)"
