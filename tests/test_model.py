@@ -158,3 +158,21 @@ def test_ablation_variants_build_and_differ(variant):
         assert sum(p.numel() for p in model.parameters()) != sum(p.numel() for p in base.parameters())
     with pytest.raises(ValueError, match="unknown activation variant"):
         create_model("micronet_m0", activation="gelu")
+
+
+@pytest.mark.parametrize("name", SPEC_NAMES)
+@pytest.mark.parametrize("width", [0.5, 0.85, 1.5])
+def test_width_scaling_builds_every_model(name, width):
+    model = create_model(name, width=width, pointwise="plain", num_classes=3)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    base = sum(p.numel() for p in create_model(name, num_classes=3, pointwise="plain").parameters())
+    scaled = sum(p.numel() for p in model.parameters())
+    assert (scaled < base) if width < 1 else (scaled > base)
+
+
+def test_plain_pointwise_at_matched_madds():
+    base = micronet_torch.profile(create_model("micronet_m0", num_classes=10), img_size=32).madds
+    plain = micronet_torch.profile(create_model("micronet_m0", num_classes=10, pointwise="plain"), img_size=32).madds
+    narrow = create_model("micronet_m0", num_classes=10, pointwise="plain", width=0.85)
+    assert plain > 1.2 * base  # ungrouped 1x1 convolutions cost more at the same width
+    assert abs(micronet_torch.profile(narrow, img_size=32).madds / base - 1) < 0.10

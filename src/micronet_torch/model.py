@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .blocks import MicroBlock, Stem, SwishLinear, Variant
-from .specs import MicroNetSpec
+from .specs import MicroNetSpec, scale_width
 
 
 class MicroNet(nn.Module):
@@ -18,6 +18,8 @@ class MicroNet(nn.Module):
     ``features`` holds the stem and the blocks (``features.0`` the stem, ``features.i`` row i-1), the
     head is ``avgpool`` (ReLU6, global pool, h-swish) then ``classifier`` (SwishLinear, Dropout,
     SwishLinear), exactly as in the published code so that its checkpoints load by name.
+    ``width`` scales every block's width (for ablations at matched MAdds); ``variant`` (or its fields
+    as keywords) swaps operators for their ablation baselines.
     """
 
     def __init__(
@@ -26,6 +28,7 @@ class MicroNet(nn.Module):
         num_classes: int = 1000,
         in_chans: int = 3,
         drop_rate: float | None = None,
+        width: float = 1.0,
         variant: Variant | None = None,
         **variant_kwargs: str,
     ) -> None:
@@ -36,7 +39,8 @@ class MicroNet(nn.Module):
             raise TypeError(f"pass either variant= or its fields, not both: {sorted(variant_kwargs)}")
         if num_classes < 0 or in_chans < 1:
             raise ValueError(f"need num_classes >= 0 and in_chans >= 1; got {num_classes}, {in_chans}")
-        self.spec, self.variant = spec, variant
+        spec = scale_width(spec, width)
+        self.spec, self.variant, self.width = spec, variant, width
         self.num_classes, self.in_chans = num_classes, in_chans
         self.drop_rate = spec.dropout if drop_rate is None else drop_rate
 

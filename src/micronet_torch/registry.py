@@ -115,8 +115,8 @@ def create_model(
             another size is replaced by a new one.
         in_chans: input channels (a pretrained stem's weights are summed/tiled to fit).
         features_only: return a timm ``FeatureListNet`` giving the maps at strides 2, 4, 8, 16, 32.
-        **kwargs: ``drop_rate`` and the ablation ``Variant`` fields (``activation``, ``shift``,
-            ``depthwise``, ``pointwise``).
+        **kwargs: ``drop_rate``, ``width`` (a width multiplier) and the ablation ``Variant`` fields
+            (``activation``, ``shift``, ``depthwise``, ``pointwise``).
     """
     spec, note = resolve_name(name)
     if note:

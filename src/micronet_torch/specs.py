@@ -6,7 +6,8 @@ one network class builds every model from these tables.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -198,3 +199,39 @@ PREPRINT_ALIASES: dict[str, tuple[str, str]] = {
     ),
     "micronet_v1_m2": ("micronet_m3", "preprint MicroNet-M2 (21M budget) is the published MicroNet-M3"),
 }
+
+
+def _divisor_for(row: BlockSpec, next_row: BlockSpec | None) -> int:
+    """The multiple a row's output width must be: its own groups and shuffles, and the next row's."""
+    d = 1
+    if row.kind != "final":
+        d = math.lcm(row.g3, row.g4, 2)
+    if next_row is not None:
+        need = math.lcm(next_row.g2, 4 if next_row.kind == "BC" else 2, next_row.g1 or 1)
+        d = math.lcm(d, need // math.gcd(need, next_row.e1 * next_row.e2), next_row.g1 or 1)
+    return d
+
+
+def scale_width(spec: MicroNetSpec, width: float) -> MicroNetSpec:
+    """``spec`` with every block's width times ``width``, rounded so every group and shuffle still divides.
+
+    Used for the ablations at matched MAdds (for instance plain 1x1 convolutions, made narrower);
+    ``width=1`` returns the spec unchanged. The final pointwise block's width follows its input.
+    """
+    if width == 1:
+        return spec
+    if width <= 0:
+        raise ValueError(f"width must be positive; got {width}")
+    rows = list(spec.blocks)
+    scaled: list[BlockSpec] = []
+    inp = spec.stem_channels
+    for i, row in enumerate(rows):
+        nxt = rows[i + 1] if i + 1 < len(rows) else None
+        if row.kind == "final":
+            c = inp * row.e1 * row.e2
+        else:
+            d = _divisor_for(row, nxt)
+            c = max(d, round(row.c * width / d) * d)
+        scaled.append(replace(row, c=c, c3=c if row.c3 else 0))
+        inp = c
+    return replace(spec, name=f"{spec.name}_w{width:g}", blocks=tuple(scaled))
