@@ -205,3 +205,15 @@ def test_pretrained_true_offline_says_where_to_put_the_file(tmp_path, monkeypatc
     assert not list((tmp_path / "cache").glob("*.part"))
     with pytest.raises(CheckpointError, match="no published ImageNet weights"):
         create_model("micronet_v1_m3", pretrained=True)
+
+
+def test_timm_pretrained_with_local_file_and_features_only():
+    import timm
+
+    path = str(FIXTURES / "official/micronet-m0-official-random.pth.tar")
+    model = timm.create_model("micronet_m0", pretrained=True, pretrained_cfg_overlay={"file": path}, num_classes=5)
+    ref = create_model("micronet_m0", pretrained=path)
+    torch.testing.assert_close(model.features[2].layers[0].conv[0].weight, ref.features[2].layers[0].conv[0].weight)
+    assert model.num_classes == 5
+    feats = timm.create_model("micronet_m0", pretrained=True, pretrained_cfg_overlay={"file": path}, features_only=True)
+    assert len(feats(torch.randn(1, 3, 64, 64))) == 5

@@ -129,8 +129,11 @@ def _entry_point(spec: MicroNetSpec):
         num_classes = kwargs.pop("num_classes", None)
         features_only = kwargs.pop("features_only", False)
         out_indices = kwargs.pop("out_indices", None)
-        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
+        for key in ("pretrained_cfg", "cache_dir"):
             kwargs.pop(key, None)
+        if pretrained and overlay.get("file"):  # timm's way to name a local weights file
+            pretrained = overlay["file"]
         return _build(spec, pretrained, num_classes, features_only, out_indices, **kwargs)
 
     entry.__doc__ = spec.description
