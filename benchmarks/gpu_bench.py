@@ -1,0 +1,161 @@
+"""GPU training and inference throughput of MicroNet M0-M3 against mobilenetv3_small_100.
+
+For each model: inference and training images/s with AMP and channels-last, eager and ``torch.compile``;
+and a fused Dynamic Shift-Max (``torch.compile`` of its forward) checked against eager, forward and
+backward, within float tolerance. Meant for a CUDA machine; ``--device cpu --quick`` runs every code
+path on tiny settings so the script can be tested anywhere (CPU figures mean nothing here).
+
+    python benchmarks/gpu_bench.py                      # CUDA, full settings
+    python benchmarks/gpu_bench.py --device cpu --quick # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import time
+from collections.abc import Callable
+
+import timm
+import torch
+from torch import nn
+
+import micronet_torch
+from micronet_torch.ops import DynamicShiftMax
+
+MODELS = ("micronet_m0", "micronet_m1", "micronet_m2", "micronet_m3", "mobilenetv3_small_100")
+
+
+def build(name: str) -> nn.Module:
+    if name.startswith("micronet"):
+        return micronet_torch.create_model(name)
+    return timm.create_model(name)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def throughput(step: Callable[[], None], device: torch.device, batch: int, iters: int, warmup: int) -> float:
+    """Images per second of ``step`` (one batch per call), after warm-up."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync(device)
+    return batch * iters / (time.perf_counter() - t0)
+
+
+def autocast(device: torch.device, amp: bool):
+    if not amp:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def bench_model(name: str, device: torch.device, args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for compiled in (False, True):
+        model = build(name).to(device).to(memory_format=torch.channels_last)
+        run = torch.compile(model) if compiled else model
+        x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device).to(
+            memory_format=torch.channels_last
+        )
+        y = torch.randint(0, 1000, (args.batch,), device=device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
+
+        def infer(run: nn.Module = run, x: torch.Tensor = x) -> None:
+            with torch.inference_mode(), autocast(device, args.amp):
+                run(x)
+
+        def train(run=run, x=x, y=y, opt=opt, scaler=scaler) -> None:
+            with autocast(device, args.amp):
+                loss = nn.functional.cross_entropy(run(x), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+
+        model.eval()
+        inf = throughput(infer, device, args.batch, args.iters, args.warmup)
+        model.train()
+        tr = throughput(train, device, args.batch, args.iters, args.warmup)
+        rows.append(dict(model=name, compiled=compiled, infer_img_s=round(inf, 1), train_img_s=round(tr, 1)))
+        print(
+            f"{name:24s} compile={compiled!s:5s}  inference {inf:10.1f} img/s   training {tr:10.1f} img/s", flush=True
+        )
+    return rows
+
+
+def check_fused_dsm(device: torch.device, args: argparse.Namespace) -> dict:
+    """torch.compile-fused Dynamic Shift-Max vs eager: forward and input/weight gradients, and speed."""
+    torch.manual_seed(0)
+    dsm = DynamicShiftMax(96, 8, k=2, init_a=(1.0, 0.5), init_b=(0.0, 0.5)).to(device)
+    fused = torch.compile(dsm)
+    size = 8 if args.quick else 28
+    x = torch.randn(args.batch, 96, size, size, device=device, requires_grad=True)
+    out_e = dsm(x)
+    g = torch.randn_like(out_e)
+    grads_e = torch.autograd.grad(out_e, [x, *dsm.parameters()], g)
+    out_f = fused(x)
+    grads_f = torch.autograd.grad(out_f, [x, *dsm.parameters()], g)
+    fwd = float((out_f - out_e).abs().max().detach() / out_e.abs().max().detach())
+    bwd = max(
+        float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) for a, b in zip(grads_f, grads_e, strict=True)
+    )
+
+    def step(mod: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            torch.autograd.grad(mod(x), [x], g)
+
+        return run
+
+    eager_s = throughput(step(dsm), device, args.batch, args.iters, args.warmup)
+    fused_s = throughput(step(fused), device, args.batch, args.iters, args.warmup)
+    ok = fwd <= 1e-5 and bwd <= 1e-4
+    print(
+        f"fused DSM (torch.compile) vs eager: forward rel diff {fwd:.2e}, backward rel diff {bwd:.2e} "
+        f"({'OK' if ok else 'FAIL'}); fwd+bwd {eager_s:.0f} -> {fused_s:.0f} img/s"
+    )
+    return dict(forward_rel_diff=fwd, backward_rel_diff=bwd, ok=ok, eager_img_s=eager_s, fused_img_s=fused_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda", help="cuda, cuda:1, cpu [cuda]")
+    p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--no-amp", dest="amp", action="store_false")
+    p.add_argument("--quick", action="store_true", help="tiny settings: a smoke test of every code path")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.img_size, args.iters, args.warmup = 4, 64, 2, 1
+        args.models = args.models[:1] + args.models[-1:]
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run on a GPU machine, or pass --device cpu --quick for a smoke test")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(
+        f"device {name} | torch {torch.__version__} | timm {timm.__version__} | batch {args.batch}, "
+        f"{args.img_size}px, AMP {args.amp}, channels-last"
+    )
+    rows = [r for m in args.models for r in bench_model(m, device, args)]
+    dsm = check_fused_dsm(device, args)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(device=name, rows=rows, fused_dsm=dsm), fh, indent=1)
+    return 0 if dsm["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

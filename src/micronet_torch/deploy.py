@@ -1,0 +1,635 @@
+"""Deploy mode: an inference-only MicroNet with the same outputs and far fewer, cheaper operators.
+
+``convert_to_deploy(model)`` turns an eval-mode ``MicroNet`` into a ``DeployMicroNet``: BatchNorm folded
+into the convolutions and linears, every channel shuffle composed with its neighbours and folded into
+convolution weights or into a Dynamic Shift-Max's single gather, and each Dynamic Shift-Max reduced to
+pool -> Linear -> ReLU -> Linear -> clamp -> one gather -> one batched product (-> one max). Every
+rewrite is exact up to float rounding; ``docs/deploy.md`` says why, rewrite by rewrite.
+
+The conversion goes through a flat list of simple operations (``Conv``, ``Perm``, ``ShiftMax``, ...),
+on which two passes move each channel permutation to where it costs nothing, then builds modules.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import MicroBlock, SwishLinear
+from .ops import ChannelShuffle, DynamicShiftMax, invert_permutation
+from .ops.shuffle import compose_permutations
+
+__all__ = [
+    "DeployMicroNet",
+    "FusedShiftMax",
+    "ResidualSequence",
+    "convert_to_deploy",
+    "deploy_summary",
+]
+
+# ---- the flat intermediate representation -------------------------------------------------------
+# Weights are kept in float64 while they are folded and permuted, and cast once when modules are built.
+
+
+@dataclass
+class Conv:
+    """A convolution with its BatchNorm folded in (weight (C_out, C_in/groups, kh, kw), bias (C_out))."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    groups: int
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+
+@dataclass
+class Perm:
+    """A channel permutation: ``out = x[:, index]``."""
+
+    index: torch.Tensor
+
+
+@dataclass
+class Pointwise:
+    """A channel-independent activation (ReLU6, h-swish, ...): commutes with every permutation."""
+
+    module: nn.Module
+
+
+@dataclass
+class Opaque:
+    """Any other module, kept as it is; no permutation moves across it."""
+
+    module: nn.Module
+
+
+@dataclass
+class Save:
+    """Start of a residual block: remember the input."""
+
+
+@dataclass
+class Add:
+    """End of a residual block: add the remembered input."""
+
+
+@dataclass
+class ShiftMax:
+    """Dynamic Shift-Max in logical channel order, with an input and an output permutation around it.
+
+    Computes ``y[:, out_perm]`` where ``y = DSM(x)`` and ``x = t[:, in_perm]`` for the actual input t.
+    ``w2``/``b2`` already hold the hyper-function's scale, so the coefficients are
+    ``clamp(w2 @ relu(w1 @ mean(x) + b1) + b2, lo, hi) + offset`` (rows in the published order k, j, c).
+    ``out_perm`` may repeat channels (a selection): the activation then also feeds a channel multiplier.
+    """
+
+    channels: int
+    k: int
+    j: int
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+    offset: torch.Tensor
+    lo: float
+    hi: float
+    shift: torch.Tensor
+    in_perm: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    out_perm: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    # set when the next convolution has absorbed the factor ``scale``: the module then outputs y / scale
+    scaled: bool = False
+    scale: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.in_perm is None:
+            self.in_perm = torch.arange(self.channels)
+        if self.out_perm is None:
+            self.out_perm = torch.arange(self.channels)
+
+
+Op = Conv | Perm | Pointwise | Opaque | Save | Add | ShiftMax
+
+
+# ---- lowering the eager model to the flat list --------------------------------------------------
+def _fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm):
+    """BN(W x + b) = (s W) x + s (b - mean) + beta with s = gamma / sqrt(var + eps), in float64."""
+    w = weight.detach().double()
+    b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.detach().double()
+    mean, var = bn.running_mean.double(), bn.running_var.double()
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(mean)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(mean)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    return w * scale.view(-1, *([1] * (w.dim() - 1))), (b - mean) * scale + beta
+
+
+def _conv_op(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> Conv:
+    if not isinstance(conv.padding, tuple) or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+        raise NotImplementedError(f"deploy mode supports plain zero-padded convolutions; got {conv}")
+    if bn is None:
+        w = conv.weight.detach().double()
+        b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    else:
+        w, b = _fold_bn(conv.weight, conv.bias, bn)
+    return Conv(w, b, tuple(conv.stride), tuple(conv.padding), conv.groups)
+
+
+def _shift_max_op(m: DynamicShiftMax) -> ShiftMax:
+    """Fold the hyper-function's h-sigmoid affine: (hsig(v) - 0.5) * s = clamp(v * s / 6, -s/2, s/2)."""
+    fc1, fc2 = m.fc[0], m.fc[2]
+    if not (isinstance(m.fc[1], nn.ReLU) and isinstance(m.fc[3], nn.Hardsigmoid)):
+        raise NotImplementedError(f"unexpected Dynamic Shift-Max hyper-function {m.fc}")
+    s = float(m.scale)
+    return ShiftMax(
+        channels=m.channels,
+        k=m.k,
+        j=m.j,
+        w1=fc1.weight.detach().double(),
+        b1=fc1.bias.detach().double(),
+        w2=fc2.weight.detach().double() * (s / 6.0),
+        b2=fc2.bias.detach().double() * (s / 6.0),
+        offset=m.offset.double().clone(),
+        lo=-s / 2.0,
+        hi=s / 2.0,
+        shift=m.index.clone() if m.j == 2 else torch.arange(m.channels),
+        scale=s,
+    )
+
+
+def _lower(module: nn.Module, channels: int, ops: list[Op]) -> int:
+    """Append ``module``'s operations to ``ops``; return the channel count after it."""
+    if isinstance(module, nn.Sequential):
+        children = list(module)
+        i = 0
+        while i < len(children):
+            child = children[i]
+            if isinstance(child, nn.Conv2d):
+                bn = children[i + 1] if i + 1 < len(children) else None
+                if isinstance(bn, nn.BatchNorm2d):
+                    ops.append(_conv_op(child, bn))
+                    i += 2
+                else:
+                    ops.append(_conv_op(child, None))
+                    i += 1
+                channels = child.out_channels
+                continue
+            channels = _lower(child, channels, ops)
+            i += 1
+        return channels
+    if isinstance(module, MicroBlock):
+        if module.use_residual:
+            ops.append(Save())
+        channels = _lower(module.layers, channels, ops)
+        if module.use_residual:
+            ops.append(Add())
+        return channels
+    if isinstance(module, ChannelShuffle):
+        if module.groups > 1:
+            ops.append(Perm(module.permutation(channels)))
+        return channels
+    if isinstance(module, DynamicShiftMax):
+        ops.append(_shift_max_op(module))
+        return channels
+    if isinstance(module, nn.Identity | nn.Dropout):
+        return channels
+    if isinstance(module, nn.ReLU | nn.ReLU6 | nn.Hardswish | nn.Hardsigmoid | nn.Hardtanh):
+        act = copy.deepcopy(module)
+        if hasattr(act, "inplace"):
+            act.inplace = False  # a residual block must not overwrite its input
+        ops.append(Pointwise(act))
+        return channels
+    if hasattr(module, "conv") and isinstance(module.conv, nn.Sequential) and len(list(module.children())) == 1:
+        # GroupConvBN, MicroFactorizedDepthwise, DepthwiseConvBN, SpatialSeparableStem: a conv/BN sequence
+        return _lower(module.conv, channels, ops)
+    if hasattr(module, "stem") and isinstance(module.stem, nn.Sequential):
+        return _lower(module.stem, channels, ops)
+    ops.append(Opaque(copy.deepcopy(module)))
+    return channels
+
+
+# ---- moving permutations ------------------------------------------------------------------------
+def _is_identity(index: torch.Tensor) -> bool:
+    return bool(torch.equal(index, torch.arange(index.numel())))
+
+
+def _conv_output_perm(conv: Conv, q: torch.Tensor) -> tuple[Conv, torch.Tensor] | None:
+    """Rewrite ``conv(x)[:, q]`` as ``conv2(x[:, qin])``; None when q mixes the conv's output groups.
+
+    A grouped conv can emit its outputs in the order q only if every new output group holds the
+    outputs of one old group; the old groups then move as whole blocks, which reorders the inputs.
+    """
+    so, si = conv.out_channels // conv.groups, conv.in_channels // conv.groups
+    groups_of = (q // so).view(conv.groups, so)
+    if not bool((groups_of == groups_of[:, :1]).all()):
+        return None
+    sigma = groups_of[:, 0]  # new group g' is old group sigma[g']
+    new = Conv(conv.weight[q], conv.bias[q], conv.stride, conv.padding, conv.groups)
+    qin = (sigma.view(-1, 1) * si + torch.arange(si).view(1, -1)).reshape(-1)
+    return new, qin
+
+
+def _conv_input_perm(conv: Conv, q: torch.Tensor) -> tuple[Conv, torch.Tensor] | None:
+    """Rewrite ``conv(x[:, q])`` as ``conv2(x)[:, qout]``; None when q mixes the conv's input groups.
+
+    Logical input group g must be one actual block sigma(g); the conv then runs group g at sigma(g),
+    with its weight columns in the actual order, and its outputs come out block-permuted.
+    """
+    g = conv.groups
+    so, si = conv.out_channels // g, conv.in_channels // g
+    blocks = (q // si).view(g, si)
+    if not bool((blocks == blocks[:, :1]).all()):
+        return None
+    sigma = blocks[:, 0]  # logical group g sits at actual block sigma[g]
+    weight = torch.empty_like(conv.weight)
+    bias = torch.empty_like(conv.bias)
+    for lg in range(g):
+        ag = int(sigma[lg])
+        cols = (q[lg * si : (lg + 1) * si] % si).tolist()  # logical column r sits at actual column cols[r]
+        block = conv.weight[lg * so : (lg + 1) * so]
+        new_block = torch.empty_like(block)
+        new_block[:, cols] = block
+        weight[ag * so : (ag + 1) * so] = new_block
+        bias[ag * so : (ag + 1) * so] = conv.bias[lg * so : (lg + 1) * so]
+    qout = (sigma.view(-1, 1) * so + torch.arange(so).view(1, -1)).reshape(-1)
+    return Conv(weight, bias, conv.stride, conv.padding, g), qout
+
+
+def _try_move_back(ops: list[Op], i: int) -> list[Op] | None:
+    """Move the Perm at ``i`` backwards until a Dynamic Shift-Max absorbs it (or a dense conv does).
+
+    Returns the rewritten list, or None when the permutation would only get stuck elsewhere.
+    """
+    ops = list(ops)
+    q = ops[i].index
+    del ops[i]
+    j = i - 1
+    while j >= 0:
+        op = ops[j]
+        if isinstance(op, Perm):
+            q = compose_permutations(op.index, q)
+            del ops[j]
+            j -= 1
+        elif isinstance(op, Pointwise):
+            j -= 1
+        elif isinstance(op, ShiftMax):
+            ops[j] = copy.copy(op)
+            ops[j].out_perm = compose_permutations(op.out_perm, q)
+            return ops
+        elif isinstance(op, Conv):
+            moved = _conv_output_perm(op, q)
+            if moved is None:
+                return None
+            ops[j], q = moved
+            if _is_identity(q):
+                return ops
+            j -= 1
+        else:
+            return None
+        if _is_identity(q):
+            return ops
+    return None
+
+
+def _move_forward(ops: list[Op], i: int) -> list[Op]:
+    """Move the Perm at ``i`` forwards into Dynamic Shift-Max gathers and conv weights; keep the rest."""
+    ops = list(ops)
+    q = ops[i].index
+    del ops[i]
+    j = i
+    while j < len(ops):
+        op = ops[j]
+        if _is_identity(q):
+            return ops
+        if isinstance(op, Perm):
+            q = compose_permutations(q, op.index)
+            del ops[j]
+        elif isinstance(op, Pointwise):
+            j += 1
+        elif isinstance(op, ShiftMax):
+            ops[j] = copy.copy(op)
+            ops[j].in_perm = compose_permutations(q, op.in_perm)
+            return ops
+        elif isinstance(op, Conv):
+            moved = _conv_input_perm(op, q)
+            if moved is None:
+                break
+            ops[j], q = moved
+            j += 1
+        else:
+            break
+    if not _is_identity(q):
+        ops.insert(j, Perm(q))
+    return ops
+
+
+def expand_multipliers(ops: list[Op], max_channels: int = 16, through_shift_max: bool = False) -> list[Op]:
+    """Make channel-multiplying depthwise convs plain depthwise ones by repeating their input channels.
+
+    A conv with one input per group and m outputs per group reads input o // m for output o. If its
+    producer (a conv, across pointwise activations) emits every channel m times, output o can read
+    input o instead: the conv becomes a depthwise conv, which ONNX Runtime runs in its fast blocked
+    layout instead of a loop over groups. Repeating a conv's output rows is exact. Done only while the
+    producer stays within ``max_channels`` outputs: ONNX Runtime pads channels to blocks of 16 (AVX-512;
+    8 with AVX2) anyway, so up to there the repeats cost no extra work.
+    """
+    ops = list(ops)
+    for i in range(len(ops) - 1, -1, -1):
+        op = ops[i]
+        if not isinstance(op, Conv) or op.groups != op.in_channels or op.out_channels == op.in_channels:
+            continue
+        m = op.out_channels // op.in_channels
+        if op.out_channels > max_channels:
+            continue
+        j = i - 1
+        while j >= 0 and isinstance(ops[j], Pointwise):
+            j -= 1
+        if j < 0:
+            continue
+        prod = ops[j]
+        if isinstance(prod, Conv):
+            rep = Conv(
+                prod.weight.repeat_interleave(m, 0),
+                prod.bias.repeat_interleave(m),
+                prod.stride,
+                prod.padding,
+                prod.groups,
+            )
+            ops[j] = rep
+        elif isinstance(prod, ShiftMax) and through_shift_max:
+            ops[j] = copy.copy(prod)
+            ops[j].out_perm = prod.out_perm.repeat_interleave(m)
+        else:
+            continue
+        ops[i] = Conv(op.weight, op.bias, op.stride, op.padding, op.out_channels)
+    return ops
+
+
+def fold_shift_max_scale(ops: list[Op]) -> list[Op]:
+    """Let the convolution after a Dynamic Shift-Max carry its coefficient scale s (conv(s y) = (s W) y + b).
+
+    The activation is positively homogeneous in its coefficients (max_k sum_j s a_kj x_j = s max_k ...),
+    so it can output y / s and use h-sigmoid + offset as coefficients: one fused Gemm in ONNX Runtime.
+    """
+    ops = list(ops)
+    for i in range(len(ops) - 1):
+        op, nxt = ops[i], ops[i + 1]
+        if isinstance(op, ShiftMax) and isinstance(nxt, Conv) and not op.scaled:
+            ops[i] = copy.copy(op)
+            ops[i].scaled = True
+            ops[i + 1] = Conv(nxt.weight * op.scale, nxt.bias, nxt.stride, nxt.padding, nxt.groups)
+    return ops
+
+
+def optimize(ops: list[Op]) -> list[Op]:
+    """Fold every permutation that can be folded: backwards into gathers first, then forwards."""
+    i = len(ops) - 1
+    while i >= 0:
+        if isinstance(ops[i], Perm):
+            moved = _try_move_back(ops, i)
+            if moved is not None:
+                ops = moved
+        i = min(i - 1, len(ops) - 1)
+    i = 0
+    while i < len(ops):
+        if isinstance(ops[i], Perm):
+            before = len(ops)
+            ops = _move_forward(ops, i)
+            if len(ops) == before and isinstance(ops[i], Perm):
+                i += 1  # stuck here: it stays an explicit gather
+            continue
+        i += 1
+    return ops
+
+
+# ---- deploy-mode modules --------------------------------------------------------------------------
+class ChannelGather(nn.Module):
+    """A fixed channel permutation as one ``index_select`` (an ONNX Gather)."""
+
+    def __init__(self, index: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("index", index.clone().long())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.index_select(x, 1, self.index)
+
+
+# the batched-product form of Dynamic Shift-Max pays off when H * W >= this many times C (measured in ORT)
+MATMUL_MIN_PIXELS_PER_CHANNEL = 4
+
+
+class FusedShiftMax(nn.Module):
+    """Dynamic Shift-Max as pool -> Linear -> ReLU -> Linear -> clamp (+ offset) -> gather -> product -> max.
+
+    One gather reads x and its shift (and any channel permutation folded into them) interleaved as
+    (N, C, J, HW); the coefficients are laid out as (N, C, K, J), so a single batched matmul gives
+    every (k, c) fusion sum_j a_kj x_j, and a max over K finishes the activation. When ``scaled``, the
+    coefficients are divided by the hyper-function's scale (h-sigmoid + offset, one fused Gemm in ONNX
+    Runtime) and the next convolution's weights carry the factor instead.
+    """
+
+    def __init__(self, op: ShiftMax, dtype: torch.dtype = torch.float32, use_matmul: bool = True) -> None:
+        super().__init__()
+        c, k, j = op.channels, op.k, op.j
+        self.use_matmul = use_matmul  # ONNX Runtime: yes on large maps; PyTorch eager: never (slow bmm)
+        logical = op.out_perm  # actual output channel a is logical channel out_perm[a] (may repeat)
+        self.in_channels, self.out_channels, self.k, self.j = c, logical.numel(), k, j
+        self.scaled = op.scaled
+        self.lo, self.hi = op.lo, op.hi
+        inv_in = invert_permutation(op.in_perm)
+        self.fc1 = nn.Linear(c, op.w1.shape[0])
+        self.fc2 = nn.Linear(op.w1.shape[0], self.out_channels * k * j)
+        # coefficient rows in (k, j, a) order: a1, b1, a2, b2 as in the published code, each C_out long
+        rows = torch.cat([kk * j * c + jj * c + logical for kk in range(k) for jj in range(j)])
+        w2, b2, offset = op.w2[rows], op.b2[rows], op.offset[rows]
+        if self.scaled:  # coef / s = hsig(v) - 0.5 + offset / s, with v the original Linear output
+            w2, b2 = w2 * (6.0 / op.scale), b2 * (6.0 / op.scale)
+            offset = offset / op.scale - 0.5
+        with torch.no_grad():
+            self.fc1.weight.copy_(op.w1[:, inv_in].to(dtype))  # pooled actual channel t -> logical column
+            self.fc1.bias.copy_(op.b1.to(dtype))
+            self.fc2.weight.copy_(w2.to(dtype))
+            self.fc2.bias.copy_(b2.to(dtype))
+        self.register_buffer("offset", offset.to(dtype).clone())
+        x_src = op.in_perm[logical]
+        self.needs_gather = not _is_identity(x_src)
+        self.register_buffer("x_index", x_src.long())  # the (permuted) input itself
+        if j == 2:
+            shift_src = op.in_perm[op.shift[logical]]
+            self.register_buffer("shift_index", shift_src.long())  # its shift
+            self.register_buffer("pair_index", torch.stack([x_src, shift_src], dim=1).reshape(-1).long())
+
+    def coefficients(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused coefficients, (N, C_out * K * J) in (c, k, j) order (divided by the scale if ``scaled``)."""
+        z = self.fc2(F.relu(self.fc1(x.mean((2, 3)))))
+        if self.scaled:
+            return F.hardsigmoid(z) + self.offset
+        return torch.clamp(z, self.lo, self.hi) + self.offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[2], x.shape[3]
+        c, k, j = self.out_channels, self.k, self.j
+        coef = self.coefficients(x)
+        if j == 2 and self.use_matmul and h * w >= MATMUL_MIN_PIXELS_PER_CHANNEL * c:
+            # large maps, few channels: one gather of (x, shift) pairs and one batched product
+            u = torch.index_select(x, 1, self.pair_index).reshape(-1, c, 2, h * w)
+            coef = coef.view(-1, k, 2, c).permute(0, 3, 1, 2)  # (N, C, K, J)
+            y = torch.matmul(coef, u)  # (N, C, K, HW)
+            y = torch.amax(y, dim=2) if k == 2 else y
+            return y.reshape(-1, c, h, w)
+        # small maps, many channels: broadcast products (cheaper than many tiny matrix products)
+        xs = torch.index_select(x, 1, self.x_index) if self.needs_gather else x
+        parts = coef.view(-1, k * j * c, 1, 1).split(c, dim=1)
+        if j == 2:
+            shifted = torch.index_select(x, 1, self.shift_index)
+            y = torch.addcmul(xs * parts[0], shifted, parts[1])
+            if k == 2:
+                y = torch.maximum(y, torch.addcmul(xs * parts[2], shifted, parts[3]))
+            return y
+        y = xs * parts[0]
+        return torch.maximum(y, xs * parts[1]) if k == 2 else y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, out_channels={self.out_channels}, K={self.k}, J={self.j}, "
+            f"scaled={self.scaled}"
+        )
+
+
+class ResidualSequence(nn.Sequential):
+    """A residual block's deploy operations: ``x + layers(x)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        for layer in self:
+            out = layer(out)
+        return out + x
+
+
+def _conv_module(op: Conv, dtype: torch.dtype) -> nn.Conv2d:
+    cout, cin_g, kh, kw = op.weight.shape
+    conv = nn.Conv2d(cin_g * op.groups, cout, (kh, kw), op.stride, op.padding, groups=op.groups, bias=True)
+    with torch.no_grad():
+        conv.weight.copy_(op.weight.to(dtype))
+        conv.bias.copy_(op.bias.to(dtype))
+    return conv
+
+
+def _build(ops: list[Op], dtype: torch.dtype, use_matmul: bool) -> nn.Sequential:
+    stack: list[list[nn.Module]] = [[]]
+    for op in ops:
+        if isinstance(op, Save):
+            stack.append([])
+        elif isinstance(op, Add):
+            layers = stack.pop()
+            stack[-1].append(ResidualSequence(*layers))
+        elif isinstance(op, Conv):
+            stack[-1].append(_conv_module(op, dtype))
+        elif isinstance(op, Perm):
+            stack[-1].append(ChannelGather(op.index))
+        elif isinstance(op, ShiftMax):
+            stack[-1].append(FusedShiftMax(op, dtype, use_matmul))
+        else:
+            stack[-1].append(op.module)
+    if len(stack) != 1:
+        raise RuntimeError("unbalanced residual markers")
+    return nn.Sequential(*stack[0])
+
+
+def _fold_linear(unit: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """SwishLinear (Linear -> BN1d -> h-swish) as Linear -> h-swish with the BN folded in."""
+    if not isinstance(unit, SwishLinear):
+        return copy.deepcopy(unit)
+    linear, bn, act = unit.linear
+    w, b = _fold_bn(linear.weight, linear.bias, bn)
+    out = nn.Linear(linear.in_features, linear.out_features)
+    with torch.no_grad():
+        out.weight.copy_(w.to(dtype))
+        out.bias.copy_(b.to(dtype))
+    return nn.Sequential(out, copy.deepcopy(act))
+
+
+class DeployMicroNet(nn.Module):
+    """Inference-only MicroNet: ``features`` (fused operations), ``head`` (pool, h-swish, folded linears)."""
+
+    def __init__(self, features: nn.Sequential, head: nn.Sequential, num_classes: int) -> None:
+        super().__init__()
+        self.features = features
+        self.head = head
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        x = F.relu6(x).mean((2, 3))
+        return self.head(x)
+
+    def train(self, mode: bool = True) -> DeployMicroNet:
+        if mode:
+            raise RuntimeError("a deploy-mode MicroNet is inference-only; train the eager model instead")
+        return super().train(False)
+
+
+def lower(model: nn.Module) -> list[Op]:
+    """The flat operation list of ``model.features`` (before any permutation is moved)."""
+    ops: list[Op] = []
+    _lower(model.features, model.in_chans, ops)
+    return ops
+
+
+BACKENDS = ("eager", "onnx")
+
+
+def convert_to_deploy(model: nn.Module, backend: str = "eager", dtype: torch.dtype = torch.float32) -> DeployMicroNet:
+    """An inference-only copy of an eval-mode MicroNet with the same outputs (``docs/deploy.md``).
+
+    ``backend`` picks between layouts that are equally exact but fast on different runtimes: ``onnx``
+    also turns channel-multiplying depthwise convs into plain ones by repeating channels (ONNX Runtime
+    runs those in its blocked layout; PyTorch's oneDNN is slower with the repeated channels).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if not hasattr(model, "features") or not hasattr(model, "classifier"):
+        raise TypeError(f"convert_to_deploy expects a MicroNet; got {type(model).__name__}")
+    ops = optimize(lower(model))
+    if backend == "onnx":
+        ops = expand_multipliers(ops)
+    ops = fold_shift_max_scale(ops)
+    features = _build(ops, dtype, use_matmul=backend == "onnx")
+    pool = list(model.avgpool)
+    if not (
+        len(pool) == 3
+        and isinstance(pool[0], nn.ReLU6)
+        and isinstance(pool[1], nn.AdaptiveAvgPool2d)
+        and isinstance(pool[2], nn.Hardswish)
+    ):
+        raise NotImplementedError(f"unexpected head pooling {model.avgpool}")
+    head = nn.Sequential(
+        nn.Hardswish(), *(_fold_linear(m, dtype) for m in model.classifier if not isinstance(m, nn.Dropout))
+    )
+    deployed = DeployMicroNet(features, head, getattr(model, "num_classes", 0))
+    return deployed.eval().requires_grad_(False)
+
+
+def deploy_summary(ops: list[Op]) -> dict[str, int]:
+    """Counts of each operation kind in a flat list (explicit gathers left, convs, shift-max)."""
+    counts: dict[str, int] = {}
+    for op in ops:
+        counts[type(op).__name__] = counts.get(type(op).__name__, 0) + 1
+    return counts
+
+
+def register_cli(sub) -> None:
+    """``micronet export`` lives in ``export.py``; registered from here so the CLI finds it by this module."""
+    from .export import register_cli as register_export
+
+    register_export(sub)

@@ -1,0 +1,85 @@
+"""``micronet bench``: records, JSON/Markdown output and the round-robin timer, at tiny settings."""
+
+from __future__ import annotations
+
+import json
+
+from micronet_torch.bench import Record, markdown, run_benchmark, settings_for, targets, time_round_robin
+from micronet_torch.cli import main
+
+
+def test_round_robin_counts() -> None:
+    calls = []
+    times = time_round_robin({("a", "x"): lambda: calls.append("a"), ("b", "x"): lambda: calls.append("b")}, 3, 1)
+    assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]
+    assert all(len(v) == 3 for v in times.values())
+
+
+def test_settings() -> None:
+    assert settings_for(1, 32) == [(1, 1), (1, 32)]
+    assert settings_for(4, 32) == [(1, 1), (4, 1), (4, 32)]
+
+
+def test_run_benchmark_tiny() -> None:
+    records, env = run_benchmark(
+        models=("micronet_m0", "mobilenetv3_small_050"),
+        paths=("eager", "deploy", "ort", "ort-plain"),
+        runs=2,
+        warmup=1,
+        img_size=32,
+        threads=1,
+        batch=2,
+        log=lambda msg: None,
+    )
+    keys = {(r.model, r.path, r.threads, r.batch) for r in records}
+    assert ("micronet_m0", "ort-plain", 1, 1) in keys
+    assert ("mobilenetv3_small_050", "ort-plain", 1, 1) not in keys  # plain export only for MicroNet
+    assert all(r.median_ms > 0 for r in records)
+    assert "torch" in env and "cpu" in env
+    text = markdown(records, env)
+    assert "micronet_m0" in text and "ONNX nodes" in text and "Targets" in text
+
+
+def test_targets_text() -> None:
+    def rec(m: str, p: str, ms: float) -> Record:
+        return Record(m, p, 1, 1, ms, ms, ms, 50, 1000 / ms)
+
+    lines = targets([rec("micronet_m0", "ort", 0.3), rec("mobilenetv3_small_050", "ort", 0.5)])
+    assert lines and "met" in lines[0] and "NOT" not in lines[0]
+
+
+def test_cli_json(tmp_path, capsys) -> None:
+    rc = main(
+        [
+            "bench",
+            "--models",
+            "micronet_m0",
+            "--paths",
+            "eager",
+            "ort-int8",
+            "--runs",
+            "2",
+            "--warmup",
+            "1",
+            "--img-size",
+            "32",
+            "--batch",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
+    assert rc == 0
+    records = json.loads(capsys.readouterr().out)
+    assert {r["path"] for r in records} == {"eager", "ort-int8"}
+    for r in records:
+        assert {"model", "path", "threads", "batch", "median_ms"} <= set(r)
+    assert (tmp_path / "bench.json").is_file() and (tmp_path / "bench.md").is_file()
+
+
+def test_cli_unknown_model(capsys) -> None:
+    rc = main(["bench", "--models", "no_such_net", "--paths", "eager", "--runs", "1", "--img-size", "32"])
+    assert rc == 2

@@ -1,0 +1,156 @@
+"""Deploy mode: same outputs as eager (2e-5 relative) for every model and variant, with BN folding really tested."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import micronet_torch
+from micronet_torch.deploy import (
+    ChannelGather,
+    Conv,
+    FusedShiftMax,
+    Perm,
+    convert_to_deploy,
+    deploy_summary,
+    lower,
+    optimize,
+)
+from micronet_torch.ops import DynamicShiftMax
+
+TOL = 2e-5
+FIXTURES = Path("/work/shared/fixtures/official")
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BN statistics/affines and Linear weights large enough that every fold matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            elif isinstance(m, nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.3)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+@pytest.mark.parametrize("name", micronet_torch.list_models())
+def test_parity_all_models(name: str, backend: str) -> None:
+    torch.manual_seed(0)
+    model = randomize(micronet_torch.create_model(name))
+    deployed = convert_to_deploy(model, backend=backend)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref, out = model(x), deployed(x)
+    assert rel_diff(out, ref) <= TOL
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(activation="dsm_j1"),
+        dict(activation="relu"),
+        dict(activation="se"),
+        dict(shift="group"),
+        dict(depthwise="full"),
+        dict(pointwise="plain"),
+    ],
+)
+def test_parity_variants(variant: dict) -> None:
+    model = randomize(micronet_torch.create_model("micronet_m3", num_classes=10, **variant), seed=1)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_diff(convert_to_deploy(model, backend="onnx")(x), model(x)) <= TOL
+
+
+@pytest.mark.parametrize("name", ["m0", "m2"])
+def test_parity_fixtures(name: str) -> None:
+    ckpt, io = FIXTURES / f"micronet-{name}-official-random.pth.tar", FIXTURES / f"micronet-{name}-official-io.pt"
+    if not ckpt.is_file():
+        pytest.skip("fixtures not available")
+    model = micronet_torch.create_model(f"micronet_{name}", pretrained=str(ckpt)).eval()
+    ref = torch.load(io, weights_only=True)
+    for backend in ("eager", "onnx"):
+        with torch.no_grad():
+            out = convert_to_deploy(model, backend=backend)(ref["input"])
+        assert rel_diff(out, ref["logits"]) <= TOL
+
+
+def test_permutations_are_folded() -> None:
+    """M0: 24 shuffles become 1 explicit gather; every other one lives in a DSM gather or conv weights."""
+    ops = lower(micronet_torch.create_model("micronet_m0").eval())
+    before, after = deploy_summary(ops), deploy_summary(optimize(ops))
+    assert before["Perm"] == 24 and after.get("Perm", 0) <= 1
+    assert after["Conv"] == before["Conv"] and after["ShiftMax"] == 15
+
+
+def test_no_batchnorm_or_shuffle_left() -> None:
+    deployed = convert_to_deploy(micronet_torch.create_model("micronet_m0").eval())
+    kinds = {type(m) for m in deployed.modules()}
+    assert not kinds & {nn.BatchNorm2d, nn.BatchNorm1d, nn.Dropout, DynamicShiftMax}
+    assert FusedShiftMax in kinds
+    gathers = [m for m in deployed.modules() if isinstance(m, ChannelGather)]
+    assert len(gathers) <= 1
+
+
+def test_shift_max_equivariance_random() -> None:
+    """A DSM between random permutations, folded into one gather, equals the original."""
+    torch.manual_seed(3)
+    dsm = DynamicShiftMax(24, 4, k=2, init_a=(1.0, 0.5), init_b=(0.0, 0.5)).eval()
+    with torch.no_grad():
+        dsm.fc[2].weight.normal_(0, 1.0)
+    pin, pout = torch.randperm(24), torch.randperm(24)
+    from micronet_torch.deploy import _build, _shift_max_op
+
+    ops = [Perm(pin), _shift_max_op(dsm), Perm(pout)]
+    net = _build(optimize(ops), torch.float32, use_matmul=True)
+    assert not any(isinstance(m, ChannelGather) for m in net.modules())
+    x = torch.randn(3, 24, 16, 16)
+    with torch.no_grad():
+        ref = dsm(x[:, pin])[:, pout]
+        assert rel_diff(net(x), ref) <= 1e-5
+
+
+def test_grouped_conv_permutation_rules() -> None:
+    """A block permutation passes through a grouped conv; a shuffle across groups does not."""
+    from micronet_torch.deploy import _conv_input_perm, _conv_output_perm
+
+    conv = Conv(torch.randn(8, 2, 1, 1, dtype=torch.float64), torch.randn(8, dtype=torch.float64), (1, 1), (0, 0), 4)
+    block = torch.tensor([2, 3, 0, 1, 6, 7, 4, 5])  # swaps groups 0<->1 and 2<->3 of the 8 inputs
+    assert _conv_input_perm(conv, block) is not None
+    shuffle = torch.arange(8).view(4, 2).t().reshape(-1)
+    assert _conv_input_perm(conv, shuffle) is None
+    assert _conv_output_perm(conv, shuffle) is None
+    new, qin = _conv_output_perm(conv, block)
+    x = torch.randn(1, 8, 3, 3, dtype=torch.float64)
+    f = lambda c, t: torch.nn.functional.conv2d(t, c.weight, c.bias, groups=c.groups)  # noqa: E731
+    assert torch.allclose(f(conv, x)[:, block], f(new, x[:, qin]))
+
+
+def test_deploy_is_inference_only() -> None:
+    deployed = convert_to_deploy(micronet_torch.create_model("micronet_m0").eval())
+    with pytest.raises(RuntimeError):
+        deployed.train()
+    with pytest.raises(ValueError):
+        convert_to_deploy(micronet_torch.create_model("micronet_m0"), backend="tflite")
+
+
+def test_batch_and_size_independent() -> None:
+    model = randomize(micronet_torch.create_model("micronet_m1", num_classes=7))
+    deployed = convert_to_deploy(model, backend="onnx")
+    for shape in [(1, 3, 32, 32), (5, 3, 96, 64)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            assert rel_diff(deployed(x), model(x)) <= TOL
