@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "micronet_torch.demo",  # demo (the README's main job)
     "micronet_torch.deploy",  # export
     "micronet_torch.bench",  # bench
+    "micronet_torch.experiment",  # experiment run / report
 )
 
 

@@ -1,0 +1,68 @@
+"""Shared fixtures for the training/evaluation tests: tiny image folders and a tiny Fashion-MNIST."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CLASSES = ("circle", "cross", "stripes")
+
+
+def class_image(label: int, rng: np.random.Generator, size: int = 16) -> np.ndarray:
+    """A learnable grey picture: each class its own shape, with noise and jitter."""
+    img = rng.integers(0, 40, (size, size)).astype(np.uint8)
+    c = size // 2 + int(rng.integers(-1, 2))
+    yy, xx = np.mgrid[:size, :size]
+    if label == 0:
+        img[(yy - c) ** 2 + (xx - c) ** 2 < (size // 3) ** 2] = 220
+    elif label == 1:
+        img[c - 1 : c + 1, :] = 220
+        img[:, c - 1 : c + 1] = 220
+    else:
+        img[::4, :] = 220
+    return img
+
+
+def make_folder(root: Path, n_train: int = 8, n_val: int = 4, classes=CLASSES, size: int = 16, seed: int = 0) -> Path:
+    """An ImageNet-layout folder: root/{train,val}/<class>/<i>.png."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for label, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(class_image(label, rng, size)).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 classes, 8 training and 4 validation 16-px greyscale PNGs each."""
+    return make_folder(tmp_path_factory.mktemp("tiny") / "data")
+
+
+def _idx(arr: np.ndarray) -> bytes:
+    code = 0x08
+    header = struct.pack(">HBB", 0, code, arr.ndim) + b"".join(struct.pack(">I", d) for d in arr.shape)
+    return header + arr.astype(np.uint8).tobytes()
+
+
+@pytest.fixture
+def fake_fashion_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Debian-style gzipped IDX files (200 training, 60 test images) and an empty cache home."""
+    rng = np.random.default_rng(1)
+    src = tmp_path / "debian"
+    src.mkdir()
+    for prefix, n in (("train", 200), ("t10k", 60)):
+        labels = np.arange(n) % 10
+        images = np.stack([np.pad(class_image(int(lbl) % 3, rng, 24), 2) for lbl in labels])
+        (src / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(images)))
+        (src / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx(labels)))
+    monkeypatch.setattr("micronet_torch.data.FASHION_MNIST_DEBIAN", src)
+    monkeypatch.setenv("MICRONET_TORCH_HOME", str(tmp_path / "home"))
+    return src

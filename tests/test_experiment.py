@@ -1,0 +1,108 @@
+"""The experiment runner: a tiny grid trains, appends one row per (run, seed), skips finished pairs, reports."""
+
+import csv
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import micronet_torch
+from micronet_torch.baselines import build_model
+from micronet_torch.cli import main as cli_main
+from micronet_torch.experiment import load_config, run_experiments, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _image_folder(root: Path, per_class: int = 8) -> Path:
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label, cls in enumerate(("circle", "square")):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                img = np.full((32, 32), 40 * label, np.uint8) + rng.integers(0, 30, (32, 32), dtype=np.uint8)
+                Image.fromarray(img).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    data = _image_folder(tmp_path / "data")
+    cfg = tmp_path / "grid.toml"
+    cfg.write_text(
+        f"""
+title = "tiny"
+results = "out/results.csv"
+runs_dir = "out/runs"
+report = "out/results.md"
+figure = "out/figure"
+ablation_baseline = "m0"
+[defaults]
+data = "{data.as_posix()}"
+img_size = 32
+epochs = 1
+batch_size = 8
+workers = 0
+seeds = [0]
+[[run]]
+name = "m0"
+model = "micronet_m0"
+budget = "M0"
+[[run]]
+name = "mnv3"
+model = "mobilenetv3_small_w0.22"
+budget = "M0"
+[[run]]
+name = "m0_relu"
+model = "micronet_m0"
+study = "ablation"
+variant = {{ activation = "relu" }}
+"""
+    )
+    return cfg
+
+
+def test_grid_runs_once_and_reports(tiny_config, tmp_path):
+    cfg = load_config(tiny_config)
+    assert [r.name for r in cfg.runs] == ["m0", "mnv3", "m0_relu"]
+    assert run_experiments(cfg) == [("m0", 0), ("mnv3", 0), ("m0_relu", 0)]
+    rows = list(csv.DictReader(cfg.results.open()))
+    assert [r["name"] for r in rows] == ["m0", "mnv3", "m0_relu"]
+    for row in rows:
+        assert 0 <= float(row["top1"]) <= 100 and int(row["madds"]) > 0 and int(row["params"]) > 0
+        assert row["command"].endswith(f"--only {row['name']} --seeds 0")
+    m0 = micronet_torch.profile(build_model("micronet_m0", num_classes=2), img_size=32)
+    assert int(rows[0]["madds"]) == m0.madds and int(rows[0]["params"]) == m0.params
+    assert run_experiments(cfg) == []  # finished pairs are skipped
+    report = write_report(cfg).read_text()
+    assert "## MicroNet against MobileNetV3-Small at matched MAdds" in report and "## Ablations" in report
+    assert "`micronet_m0`" in report and "m0_relu" in report
+    assert (tmp_path / "out/figure.png").stat().st_size > 0 and (tmp_path / "out/figure.svg").is_file()
+
+
+def test_bad_configs_are_named(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[run]]\nname = "a"\n')
+    with pytest.raises(ValueError, match="run #1 has no 'model'"):
+        load_config(bad)
+    assert cli_main(["experiment", "run", str(tmp_path / "missing.toml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_shipped_grid_pairs_match_within_ten_percent():
+    """The matched-budget pairs of benchmarks/fashion_mnist.toml agree in MAdds within 10 %."""
+    path = ROOT / "benchmarks" / "fashion_mnist.toml"
+    raw = tomllib.loads(path.read_text())
+    cfg = load_config(path)
+    img = raw["defaults"]["img_size"]
+    by_budget: dict[str, list[int]] = {}
+    for run in cfg.runs:
+        if run.study == "budget":
+            model = build_model(run.model, num_classes=10, **run.variant)
+            by_budget.setdefault(run.budget, []).append(micronet_torch.profile(model, img_size=img).madds)
+    assert sorted(by_budget) == ["M0", "M1", "M2", "M3"]
+    for budget, (a, b) in by_budget.items():
+        assert abs(a / b - 1) <= 0.10, budget
