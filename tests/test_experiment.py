@@ -106,3 +106,18 @@ def test_shipped_grid_pairs_match_within_ten_percent():
     assert sorted(by_budget) == ["M0", "M1", "M2", "M3"]
     for budget, (a, b) in by_budget.items():
         assert abs(a / b - 1) <= 0.10, budget
+
+
+def test_interrupted_grid_exits_cleanly(tiny_config, monkeypatch, capsys):
+    import signal
+
+    from micronet_torch import experiment
+    from micronet_torch.engine import Interrupted
+
+    def stop(*args, **kwargs):
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(experiment, "train_one", stop)
+    assert cli_main(["experiment", "run", str(tiny_config)]) == 128 + signal.SIGTERM
+    assert "run the same command to resume" in capsys.readouterr().out
+    assert not load_config(tiny_config).results.exists()

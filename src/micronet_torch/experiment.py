@@ -402,8 +402,14 @@ def _plot(agg: dict[str, dict[str, Any]], stem: Path) -> None:
 
 # ---- command line -------------------------------------------------------------------------------
 def _run(args: argparse.Namespace) -> int:
+    from .engine import Interrupted
+
     cfg = load_config(args.config)
-    run_experiments(cfg, only=args.only, seeds=args.seeds, dry_run=args.dry_run)
+    try:
+        run_experiments(cfg, only=args.only, seeds=args.seeds, dry_run=args.dry_run)
+    except Interrupted as stop:
+        print(f"experiment: {stop}; the run in progress saved its last epoch, run the same command to resume")
+        return 128 + stop.signum
     if not args.dry_run:
         print(f"experiment: report written to {write_report(cfg)}")
     return 0
