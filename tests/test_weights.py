@@ -202,7 +202,7 @@ def test_pretrained_true_offline_says_where_to_put_the_file(tmp_path, monkeypatc
     with pytest.raises(CheckpointError) as err:
         create_model("micronet_m1", pretrained=True)
     assert str(tmp_path / "cache" / "MicroNet_M1_pretrained.pdparams") in str(err.value)
-    assert not list((tmp_path / "cache").glob("*.part"))
+    assert not list((tmp_path / "cache").glob(".*.tmp"))
     with pytest.raises(CheckpointError, match="no published ImageNet weights"):
         create_model("micronet_v1_m3", pretrained=True)
 

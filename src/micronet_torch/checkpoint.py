@@ -11,9 +11,9 @@ import os
 import pickle
 import random
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -26,13 +26,17 @@ class CheckpointFileError(ValueError):
     """A checkpoint that is missing, unreadable or not a training checkpoint; the message says which."""
 
 
-def save_atomic(obj: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``obj`` with ``torch.save`` to ``path`` atomically: tmp file in the same folder, fsync, rename."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
+    """Write a file atomically: ``write(fh)`` into a temporary file in the same folder, fsync, rename.
+
+    A crash or interrupt at any moment leaves either the old file or the complete new one, never a
+    half-written file; the temporary file is removed on failure.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(dict(obj), fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -48,6 +52,11 @@ def save_atomic(obj: Mapping[str, Any], path: str | os.PathLike) -> Path:
     except OSError:
         pass
     return path
+
+
+def save_atomic(obj: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``obj`` with ``torch.save`` to ``path`` atomically (see ``atomic_write``)."""
+    return atomic_write(path, lambda fh: torch.save(dict(obj), fh))
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:

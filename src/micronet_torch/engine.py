@@ -456,12 +456,7 @@ def write_curves(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    ckpt.atomic_write(path, lambda fh: fh.write(data))
 
 
 def write_metrics_csv(rows: list[dict[str, Any]], path: Path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -246,19 +245,12 @@ def _paddle_filename(name: str) -> str:
 
 def download(url: str, dest: PathLike, timeout: float = 60.0) -> Path:
     """Download ``url`` (http(s) or file://) to ``dest`` atomically; a partial download never remains."""
+    from .checkpoint import atomic_write
+
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            shutil.copyfileobj(resp, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return atomic_write(dest, lambda out: shutil.copyfileobj(resp, out))
 
 
 def fetch_pretrained(name: str, url: str | None = None) -> Path:
@@ -305,6 +297,8 @@ def save_safetensors(model_or_sd: nn.Module | Mapping[str, torch.Tensor], path: 
     """Write a clean ``.safetensors`` (no ``module.`` prefix, no buffers that are not saved) atomically."""
     from safetensors.torch import save
 
+    from .checkpoint import atomic_write
+
     sd = model_or_sd.state_dict() if isinstance(model_or_sd, nn.Module) else dict(model_or_sd)
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     head = sd.get(CLASSIFIER_PREFIX + "linear.0.weight")
@@ -314,13 +308,7 @@ def save_safetensors(model_or_sd: nn.Module | Mapping[str, torch.Tensor], path: 
     payload = save(sd, metadata=meta)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
-    with os.fdopen(fd, "wb") as out:
-        out.write(payload)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda out: out.write(payload))
 
 
 __all__ = [
