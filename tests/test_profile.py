@@ -64,3 +64,5 @@ def test_profile_cli_table_and_models(capsys):
     assert "micronet_v1_m1" in text and "published MicroNet-M2" in text
     assert cli_main(["profile", "micronet_x"]) == 2
     assert "unknown model 'micronet_x'" in capsys.readouterr().err
+    assert cli_main(["profile", "micronet_m0", "--img-size", "0"]) == 2
+    assert "img_size must be a positive number of pixels" in capsys.readouterr().err

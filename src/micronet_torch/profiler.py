@@ -71,6 +71,8 @@ def _part_of(name: str) -> str:
 @torch.no_grad()
 def profile_model(model: nn.Module, img_size: int = 224, in_chans: int | None = None) -> Profile:
     """Count parameters and MAdds of ``model`` on one ``img_size`` x ``img_size`` image."""
+    if img_size < 1:
+        raise ValueError(f"img_size must be a positive number of pixels; got {img_size}")
     in_chans = in_chans or getattr(model, "in_chans", 3)
     counted = (nn.Conv2d, nn.Linear, DynamicShiftMax, SqueezeExcite)
     layers: list[LayerCount] = []
