@@ -276,8 +276,8 @@ def write_report(cfg: ExperimentConfig) -> Path:
         lines += [cfg.notes.strip(), ""]
     rel_cfg = os.path.relpath(cfg.path, cfg.report.parent)
     lines += [
-        f"Every number below is produced by `micronet experiment run {cfg.path.name}` and "
-        f"`micronet experiment report {cfg.path.name}` from [the results CSV]"
+        f"Every number below is produced by `micronet experiment run {cfg.path.as_posix()}` and "
+        f"`micronet experiment report {cfg.path.as_posix()}` from [the results CSV]"
         f"({os.path.relpath(cfg.results, cfg.report.parent)}) (config: [{cfg.path.name}]({rel_cfg})). "
         "Accuracy is the final-epoch top-1 on the test set, mean ± standard deviation over seeds "
         "(range in brackets); MAdds by the paper's rule at the run's input size.",
