@@ -15,6 +15,11 @@ def test_round_robin_counts() -> None:
     assert all(len(v) == 3 for v in times.values())
 
 
+def test_round_robin_time_cap() -> None:
+    times = time_round_robin({("a", "x"): lambda: None}, 1000, 0, max_seconds=0.0)
+    assert len(times[("a", "x")]) == 3  # at least three rounds, then the cap stops it
+
+
 def test_settings() -> None:
     assert settings_for(1, 32) == [(1, 1), (1, 32)]
     assert settings_for(4, 32) == [(1, 1), (4, 1), (4, 32)]
@@ -23,17 +28,18 @@ def test_settings() -> None:
 def test_run_benchmark_tiny() -> None:
     records, env = run_benchmark(
         models=("micronet_m0", "mobilenetv3_small_050"),
-        paths=("eager", "deploy", "ort", "ort-plain"),
+        paths=("eager", "deploy", "ort-plain", "ort-legacy"),
         runs=2,
         warmup=1,
         img_size=32,
         threads=1,
-        batch=2,
+        batch=1,
         log=lambda msg: None,
     )
     keys = {(r.model, r.path, r.threads, r.batch) for r in records}
     assert ("micronet_m0", "ort-plain", 1, 1) in keys
     assert ("mobilenetv3_small_050", "ort-plain", 1, 1) not in keys  # plain export only for MicroNet
+    assert ("micronet_m0", "ort-legacy", 1, 1) in keys
     assert all(r.median_ms > 0 for r in records)
     assert "torch" in env and "cpu" in env
     text = markdown(records, env)
@@ -46,6 +52,8 @@ def test_targets_text() -> None:
 
     lines = targets([rec("micronet_m0", "ort", 0.3), rec("mobilenetv3_small_050", "ort", 0.5)])
     assert lines and "met" in lines[0] and "NOT" not in lines[0]
+    lines = targets([rec("micronet_m3", "ort", 1.0), rec("micronet_m3", "ort-legacy", 1.5)])
+    assert lines and "plain export" in lines[0] and "1.50x" in lines[0] and "NOT" not in lines[0]
 
 
 def test_cli_json(tmp_path, capsys) -> None:

@@ -139,6 +139,37 @@ def test_grouped_conv_permutation_rules() -> None:
     assert torch.allclose(f(conv, x)[:, block], f(new, x[:, qin]))
 
 
+@pytest.mark.parametrize("stride,k,width", [(2, 3, 57), (2, 5, 30), (1, 5, 13), (1, 3, 8)])
+def test_merge_separable_exact_at_borders(stride: int, k: int, width: int) -> None:
+    """k x 1 then 1 x k (channel multipliers, BN biases) equals one k x k conv plus the border correction."""
+    from micronet_torch.deploy import EdgeCorrectedConv, _build, merge_separable
+
+    g = torch.Generator().manual_seed(k * 10 + width)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    p = k // 2
+    for cin, groups in [(3, 1), (4, 4)]:  # the stem (dense first conv) and Micro-Block-A (grouped first conv)
+        c1 = Conv(rnd(2 * cin, cin // groups, k, 1), rnd(2 * cin), (stride, 1), (p, 0), groups)
+        c2 = Conv(rnd(4 * cin, 1, 1, k), rnd(4 * cin), (1, stride), (0, p), 2 * cin)
+        merged = merge_separable([c1, c2])
+        assert len(merged) == 1 and merged[0].edge is not None
+        net = _build(merged, torch.float64, use_matmul=False).double()
+        assert isinstance(net[0], EdgeCorrectedConv)
+        x = rnd(2, cin, width + 3, width)
+        ref = torch.nn.functional.conv2d(x, c1.weight, c1.bias, c1.stride, c1.padding, 1, c1.groups)
+        ref = torch.nn.functional.conv2d(ref, c2.weight, c2.bias, c2.stride, c2.padding, 1, c2.groups)
+        with torch.no_grad():
+            assert rel_diff(net(x), ref) <= 1e-6  # float32 weights
+
+
+def test_merge_pairs_counts() -> None:
+    """M0: the eager backend merges all 7 factorized pairs; ONNX only the 5 that stay dense or depthwise."""
+    model = micronet_torch.create_model("micronet_m0").eval()
+    convs = lambda m: sum(isinstance(x, nn.Conv2d) for x in m.modules())  # noqa: E731
+    assert convs(convert_to_deploy(model, merge_pairs=False)) == 24
+    assert convs(convert_to_deploy(model)) == 17
+    assert convs(convert_to_deploy(model, backend="onnx")) == 19
+
+
 def test_deploy_is_inference_only() -> None:
     deployed = convert_to_deploy(micronet_torch.create_model("micronet_m0").eval())
     with pytest.raises(RuntimeError):
@@ -149,8 +180,10 @@ def test_deploy_is_inference_only() -> None:
 
 def test_batch_and_size_independent() -> None:
     model = randomize(micronet_torch.create_model("micronet_m1", num_classes=7))
-    deployed = convert_to_deploy(model, backend="onnx")
-    for shape in [(1, 3, 32, 32), (5, 3, 96, 64)]:
+    deployed, eager_deployed = convert_to_deploy(model, backend="onnx"), convert_to_deploy(model)
+    for shape in [(1, 3, 32, 32), (3, 3, 64, 48), (2, 3, 41, 57)]:
         x = torch.randn(*shape)
         with torch.no_grad():
-            assert rel_diff(deployed(x), model(x)) <= TOL
+            ref = model(x)
+            assert rel_diff(deployed(x), ref) <= TOL
+            assert rel_diff(eager_deployed(x), ref) <= TOL

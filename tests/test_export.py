@@ -43,8 +43,8 @@ def test_onnx_dynamic_batch_parity(m0, tmp_path) -> None:
 
 
 def test_deploy_graph_is_smaller(m0, tmp_path) -> None:
-    plain = export_onnx(m0, tmp_path / "plain.onnx", (1, 3, 64, 64))
-    dep = export_onnx(convert_to_deploy(m0, backend="onnx"), tmp_path / "dep.onnx", (1, 3, 64, 64))
+    plain = export_onnx(m0, tmp_path / "plain.onnx", (1, 3, 32, 32))
+    dep = export_onnx(convert_to_deploy(m0, backend="onnx"), tmp_path / "dep.onnx", (1, 3, 32, 32))
     assert ort_nodes_after_optimization(dep.path) < ort_nodes_after_optimization(plain.path)
 
 
@@ -61,6 +61,17 @@ def test_int8_runs_and_mostly_agrees(m0, tmp_path) -> None:
     q = quantize_onnx(fp, tmp_path / "q.onnx", calib)
     out = run_ort(ort_session(q), calib)
     assert out.shape == (16, 10) and np.isfinite(out).all()
+    # mixed precision: the first convolutions and the head linears stay float
+    import onnx
+
+    q2 = quantize_onnx(fp, tmp_path / "q2.onnx", calib, float_convs=3)
+    graph = onnx.load(str(q2)).graph
+    produced_by = {o: n for n in graph.node for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    first_weight = produced_by.get(convs[0].input[1])
+    assert first_weight is None or first_weight.op_type != "DequantizeLinear"
+    assert produced_by[convs[-1].input[1]].op_type == "DequantizeLinear"
+    assert run_ort(ort_session(q2), calib).shape == (16, 10)
 
 
 @pytest.mark.parametrize("fmt,suffix", [("onnx", "onnx"), ("torchscript", "ts"), ("exported-program", "pt2")])

@@ -3,7 +3,8 @@
 ``convert_to_deploy(model)`` turns an eval-mode ``MicroNet`` into a ``DeployMicroNet``: BatchNorm folded
 into the convolutions and linears, every channel shuffle composed with its neighbours and folded into
 convolution weights or into a Dynamic Shift-Max's single gather, and each Dynamic Shift-Max reduced to
-pool -> Linear -> ReLU -> Linear -> clamp -> one gather -> one batched product (-> one max). Every
+pool -> Linear -> ReLU -> Linear -> clamp -> one gather -> one batched product (-> one max), and each
+factorized k x 1 / 1 x k convolution pair merged into one k x k convolution with a border correction. Every
 rewrite is exact up to float rounding; ``docs/deploy.md`` says why, rewrite by rewrite.
 
 The conversion goes through a flat list of simple operations (``Conv``, ``Perm``, ``ShiftMax``, ...),
@@ -44,6 +45,9 @@ class Conv:
     stride: tuple[int, int]
     padding: tuple[int, int]
     groups: int
+    # set by ``merge_separable``: (C_out, kw) terms -b1 * w2[o, j] to add where tap j reads the zero padding
+    # of the merged pair's intermediate (the left / right border columns); see ``EdgeCorrectedConv``
+    edge: torch.Tensor | None = None
 
     @property
     def in_channels(self) -> int:
@@ -375,6 +379,61 @@ def expand_multipliers(ops: list[Op], max_channels: int = 16, through_shift_max:
     return ops
 
 
+def _separable_pair(a: Op, b: Op) -> bool:
+    """``a`` a k x 1 conv and ``b`` a 1 x k conv with one input per group reading it (stride along its own axis)."""
+    return (
+        isinstance(a, Conv)
+        and isinstance(b, Conv)
+        and a.edge is None
+        and b.edge is None
+        and a.weight.shape[3] == 1
+        and b.weight.shape[2] == 1
+        and a.stride[1] == 1
+        and a.padding[1] == 0
+        and b.stride[0] == 1
+        and b.padding[0] == 0
+        and b.groups == b.in_channels == a.out_channels
+    )
+
+
+def merge_separable(ops: list[Op], plain_only: bool = False) -> list[Op]:
+    """Merge every k x 1 conv directly followed by a 1 x k depthwise conv (with multiplier) into one k x k conv.
+
+    Output o of the second conv reads channel ``a = o // m`` of the first, so the composite kernel is
+    ``W[o, :, i, j] = w2[o, j] * w1[a, :, i]`` with the first conv's groups, stride (s1, s2) and padding
+    (p1, p2), and bias ``b2[o] + b1[a] * sum_j w2[o, j]``. Exact except where tap j reads the horizontal
+    zero padding of the intermediate: there the original sees 0, not the bias b1; the merged conv zero-pads
+    the *input* instead, so the term ``b1[a] * w2[o, j]`` must be taken off at those border columns
+    (``Conv.edge``; ``EdgeCorrectedConv`` adds the correction). ``plain_only`` merges only the pairs whose
+    result is a dense or a depthwise conv (ONNX Runtime's fast blocked layout takes those, not convs with
+    a channel multiplier).
+    """
+    out: list[Op] = []
+    i = 0
+    while i < len(ops):
+        if (
+            i + 1 < len(ops)
+            and _separable_pair(ops[i], ops[i + 1])
+            and (not plain_only or ops[i].groups in (1, ops[i + 1].out_channels))
+        ):
+            a, b = ops[i], ops[i + 1]
+            m = b.out_channels // b.in_channels
+            src = torch.arange(b.out_channels) // m  # first-conv channel read by each output
+            w1 = a.weight[src, :, :, 0]  # (C_out, C_in/g, k1)
+            w2 = b.weight[:, 0, 0, :]  # (C_out, k2)
+            weight = w1.unsqueeze(3) * w2.view(w2.shape[0], 1, 1, -1)
+            bias = b.bias + a.bias[src] * w2.sum(1)
+            edge = -a.bias[src].view(-1, 1) * w2
+            out.append(
+                Conv(weight, bias, (a.stride[0], b.stride[1]), (a.padding[0], b.padding[1]), a.groups, edge=edge)
+            )
+            i += 2
+        else:
+            out.append(ops[i])
+            i += 1
+    return out
+
+
 def fold_shift_max_scale(ops: list[Op]) -> list[Op]:
     """Let the convolution after a Dynamic Shift-Max carry its coefficient scale s (conv(s y) = (s W) y + b).
 
@@ -387,7 +446,7 @@ def fold_shift_max_scale(ops: list[Op]) -> list[Op]:
         if isinstance(op, ShiftMax) and isinstance(nxt, Conv) and not op.scaled:
             ops[i] = copy.copy(op)
             ops[i].scaled = True
-            ops[i + 1] = Conv(nxt.weight * op.scale, nxt.bias, nxt.stride, nxt.padding, nxt.groups)
+            ops[i + 1] = Conv(nxt.weight * op.scale, nxt.bias, nxt.stride, nxt.padding, nxt.groups, nxt.edge)
     return ops
 
 
@@ -449,8 +508,10 @@ class FusedShiftMax(nn.Module):
         inv_in = invert_permutation(op.in_perm)
         self.fc1 = nn.Linear(c, op.w1.shape[0])
         self.fc2 = nn.Linear(op.w1.shape[0], self.out_channels * k * j)
-        # coefficient rows in (k, j, a) order: a1, b1, a2, b2 as in the published code, each C_out long
-        rows = torch.cat([kk * j * c + jj * c + logical for kk in range(k) for jj in range(j)])
+        # coefficient rows in (a, k, j) order (published order is (k, j, c): a1, b1, a2, b2 blocks), so the
+        # coefficients reshape to (N, C, K, J) for the batched product without a transpose
+        kj = torch.tensor([kk * j * c + jj * c for kk in range(k) for jj in range(j)])
+        rows = (logical.view(-1, 1) + kj.view(1, -1)).reshape(-1)
         w2, b2, offset = op.w2[rows], op.b2[rows], op.offset[rows]
         if self.scaled:  # coef / s = hsig(v) - 0.5 + offset / s, with v the original Linear output
             w2, b2 = w2 * (6.0 / op.scale), b2 * (6.0 / op.scale)
@@ -483,13 +544,13 @@ class FusedShiftMax(nn.Module):
         if j == 2 and self.use_matmul and h * w >= MATMUL_MIN_PIXELS_PER_CHANNEL * c:
             # large maps, few channels: one gather of (x, shift) pairs and one batched product
             u = torch.index_select(x, 1, self.pair_index).reshape(-1, c, 2, h * w)
-            coef = coef.view(-1, k, 2, c).permute(0, 3, 1, 2)  # (N, C, K, J)
+            coef = coef.view(-1, c, k, 2)  # (N, C, K, J)
             y = torch.matmul(coef, u)  # (N, C, K, HW)
             y = torch.amax(y, dim=2) if k == 2 else y
             return y.reshape(-1, c, h, w)
         # small maps, many channels: broadcast products (cheaper than many tiny matrix products)
         xs = torch.index_select(x, 1, self.x_index) if self.needs_gather else x
-        parts = coef.view(-1, k * j * c, 1, 1).split(c, dim=1)
+        parts = coef.view(-1, c, k * j, 1).split(1, dim=2)  # each (N, C, 1, 1)
         if j == 2:
             shifted = torch.index_select(x, 1, self.shift_index)
             y = torch.addcmul(xs * parts[0], shifted, parts[1])
@@ -516,9 +577,39 @@ class ResidualSequence(nn.Sequential):
         return out + x
 
 
+class EdgeCorrectedConv(nn.Conv2d):
+    """A merged k x k conv (``merge_separable``) plus its border correction, a constant (C, 1, W_out) map.
+
+    The map depends only on the input width (a Python int while tracing, so it exports as a constant).
+    """
+
+    def __init__(self, *args, edge: torch.Tensor, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("edge", edge.clone())
+        self._maps: dict[tuple, torch.Tensor] = {}
+
+    def edge_map(self, width: int) -> torch.Tensor:
+        key = (width, self.edge.device, self.edge.dtype)
+        if key not in self._maps:
+            kw, s, p = self.edge.shape[1], self.stride[1], self.padding[1]
+            w_out = (width + 2 * p - kw) // s + 1
+            col = torch.arange(w_out).view(-1, 1) * s + torch.arange(kw).view(1, -1) - p  # (W_out, kw)
+            outside = ((col < 0) | (col >= width)).to(torch.float64)
+            emap = (self.edge.double() @ outside.T).to(self.edge.dtype)  # (C, W_out)
+            self._maps[key] = emap.view(1, -1, 1, w_out)
+        return self._maps[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.edge_map(x.shape[3])
+
+
 def _conv_module(op: Conv, dtype: torch.dtype) -> nn.Conv2d:
     cout, cin_g, kh, kw = op.weight.shape
-    conv = nn.Conv2d(cin_g * op.groups, cout, (kh, kw), op.stride, op.padding, groups=op.groups, bias=True)
+    args = (cin_g * op.groups, cout, (kh, kw), op.stride, op.padding)
+    if op.edge is None:
+        conv = nn.Conv2d(*args, groups=op.groups, bias=True)
+    else:
+        conv = EdgeCorrectedConv(*args, groups=op.groups, bias=True, edge=op.edge.to(dtype))
     with torch.no_grad():
         conv.weight.copy_(op.weight.to(dtype))
         conv.bias.copy_(op.bias.to(dtype))
@@ -589,12 +680,17 @@ def lower(model: nn.Module) -> list[Op]:
 BACKENDS = ("eager", "onnx")
 
 
-def convert_to_deploy(model: nn.Module, backend: str = "eager", dtype: torch.dtype = torch.float32) -> DeployMicroNet:
+def convert_to_deploy(
+    model: nn.Module, backend: str = "eager", dtype: torch.dtype = torch.float32, merge_pairs: bool = True
+) -> DeployMicroNet:
     """An inference-only copy of an eval-mode MicroNet with the same outputs (``docs/deploy.md``).
 
     ``backend`` picks between layouts that are equally exact but fast on different runtimes: ``onnx``
     also turns channel-multiplying depthwise convs into plain ones by repeating channels (ONNX Runtime
     runs those in its blocked layout; PyTorch's oneDNN is slower with the repeated channels).
+    ``merge_pairs`` merges each factorized k x 1 / 1 x k pair into one k x k conv with an exact border
+    correction (``merge_separable``): every pair for ``eager``, the pairs that become dense or depthwise
+    convs for ``onnx``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -603,6 +699,10 @@ def convert_to_deploy(model: nn.Module, backend: str = "eager", dtype: torch.dty
     ops = optimize(lower(model))
     if backend == "onnx":
         ops = expand_multipliers(ops)
+    if merge_pairs:
+        # ONNX Runtime runs a merged conv fast only in its blocked layout (dense or depthwise); a merged conv
+        # with a channel multiplier falls back to its slow per-group path, so those pairs stay two convs there
+        ops = merge_separable(ops, plain_only=backend == "onnx")
     ops = fold_shift_max_scale(ops)
     features = _build(ops, dtype, use_matmul=backend == "onnx")
     pool = list(model.avgpool)

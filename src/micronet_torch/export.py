@@ -303,11 +303,14 @@ def quantize_onnx(
     fmt: str = "qdq",
     per_channel: bool = True,
     op_types: tuple[str, ...] | None = ("Conv", "Gemm"),
+    float_convs: int = 0,
 ) -> Path:
     """Static int8 quantization (ORT ``quantize_static``, MinMax calibration over ``calib``).
 
     ``op_types`` limits quantization to the convolutions and linears by default: Dynamic Shift-Max's
-    products stay in float, which keeps its input-dependent coefficients exact.
+    products stay in float, which keeps its input-dependent coefficients exact. ``float_convs`` keeps the
+    first that many convolutions (graph order) and, when it is > 0, the two head linears in float: the
+    early, high-resolution layers are the ones whose 8-bit rounding flips predictions (``docs/deploy.md``).
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -324,6 +327,13 @@ def quantize_onnx(
             except Exception:
                 pre = Path(fp32_path)
         name = ort_session(pre, optimize=False).get_inputs()[0].name
+        exclude: list[str] = []
+        if float_convs > 0:
+            import onnx
+
+            graph = onnx.load(str(pre)).graph
+            exclude = [n.name for n in graph.node if n.op_type == "Conv"][:float_convs]
+            exclude += [n.name for n in graph.node if n.op_type == "Gemm"][-2:]
         quantize_static(
             str(pre),
             str(int8_path),
@@ -333,6 +343,7 @@ def quantize_onnx(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=list(op_types) if op_types else None,
+            nodes_to_exclude=exclude,
         )
     return int8_path
 
@@ -419,10 +430,14 @@ def run_export(args: argparse.Namespace) -> int:
         check_x, check_what = calibration_images(args.calib, cfg, None, split="val")
         if args.calib != "fashion-mnist":
             check_what = what + " (the calibration images)"
-        quantize_onnx(res.path, out, calib_x, args.int8_format, per_channel=not args.per_tensor)
+        quantize_onnx(
+            res.path, out, calib_x, args.int8_format, per_channel=not args.per_tensor, float_convs=args.float_convs
+        )
         q = check_int8(ExportResult(out, "onnx", exporter=f"ORT quantize_static {args.int8_format}"), model, check_x)
         ok = q.agreement >= INT8_MIN_AGREEMENT
         scales = "per-tensor" if args.per_tensor else "per-channel"
+        if args.float_convs:
+            scales += f", first {args.float_convs} convs and the head linears in float"
         print(f"int8 ({args.int8_format}, {scales}) calibrated on {what}: {out}")
         print(
             f"top-1 agreement int8 vs fp32 PyTorch on {check_what}: {q.agreement * 100:.2f} % "
@@ -456,4 +471,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-count", type=int, default=512, help="images used to calibrate [512]")
     p.add_argument("--int8-format", choices=INT8_FORMATS, default="qdq", help="ORT quantization format [qdq]")
     p.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default per-channel)")
+    p.add_argument(
+        "--float-convs", type=int, default=0, help="keep the first N convs and the head linears in float [0]"
+    )
     p.set_defaults(func=run_export)
