@@ -338,10 +338,20 @@ def write_report(cfg: ExperimentConfig) -> Path:
                 f"{_acc(a)} | {delta} |"
             )
         lines.append("")
+        if base:
+            spread = base["high"] - base["low"]
+            for a in ablation:
+                d = a["mean"] - base["mean"]
+                noisy = " (within the baseline's seed range, so not a clear effect)" if abs(d) <= spread else ""
+                what = "costs" if d < 0 else "gains"
+                lines.append(
+                    f"- `{a['name']}` {what} {abs(d):.2f} points over {a['n']} seed(s) at "
+                    f"{a['madds'] / base['madds']:.2f}× the MAdds{noisy}."
+                )
+            lines.append("")
     if agg:
-        best = max(
-            (a for a in agg.values() if a["model"].startswith("micronet")), key=lambda a: a["mean"], default=None
-        )
+        published = [a for a in agg.values() if a["model"].startswith("micronet") and a["study"] == "budget"]
+        best = max(published, key=lambda a: a["mean"], default=None)
         if best:
             lines += [
                 f"Best MicroNet: `{best['name']}` at {best['mean']:.2f} % ({best['madds'] / 1e6:.3f} M MAdds, "
