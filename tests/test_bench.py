@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from micronet_torch.bench import Record, markdown, run_benchmark, settings_for, targets, time_round_robin
 from micronet_torch.cli import main
 
@@ -13,6 +15,21 @@ def test_round_robin_counts() -> None:
     times = time_round_robin({("a", "x"): lambda: calls.append("a"), ("b", "x"): lambda: calls.append("b")}, 3, 1)
     assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]
     assert all(len(v) == 3 for v in times.values())
+
+
+def test_round_robin_blocks() -> None:
+    """Turns of 3 calls: the first of each turn is untimed, so 4 timed runs take 2 turns per job."""
+    calls = []
+    times = time_round_robin(
+        {("a", "x"): lambda: calls.append("a"), ("b", "x"): lambda: calls.append("b")}, 4, 0, block=3
+    )
+    assert calls == ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
+    assert all(len(v) == 4 for v in times.values())
+
+
+def test_round_robin_rejects_bad_block() -> None:
+    with pytest.raises(ValueError, match="block"):
+        time_round_robin({("a", "x"): lambda: None}, 1, 0, block=0)
 
 
 def test_round_robin_time_cap() -> None:

@@ -14,6 +14,7 @@ from micronet_torch.deploy import (
     Conv,
     FusedShiftMax,
     Perm,
+    PhaseStemConv,
     convert_to_deploy,
     deploy_summary,
     lower,
@@ -55,6 +56,20 @@ def test_parity_all_models(name: str, backend: str) -> None:
     with torch.no_grad():
         ref, out = model(x), deployed(x)
     assert rel_diff(out, ref) <= TOL
+
+
+@pytest.mark.parametrize("size", [(224, 224), (68, 36), (66, 70), (33, 45)])
+def test_phase_stem(size: tuple[int, int]) -> None:
+    """M0's ONNX layout computes its stem on 2 x 2 phases: exact on sizes that are multiples of 4 (edge
+    corrections included), the plain path elsewhere; both agree with the eager model."""
+    model = randomize(micronet_torch.create_model("micronet_m0"), seed=2)
+    deployed = convert_to_deploy(model, backend="onnx")
+    stems = [m for m in deployed.modules() if isinstance(m, PhaseStemConv)]
+    assert len(stems) == 1 and stems[0].wa.shape == (16, 3, 5, 5)  # 4 distinct channels x 4 phases
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        assert rel_diff(deployed(x), model(x)) <= TOL
+        assert rel_diff(stems[0](x), stems[0].plain(x)) <= 1e-5
 
 
 @pytest.mark.parametrize(
@@ -103,6 +118,9 @@ def test_no_batchnorm_or_shuffle_left() -> None:
     assert FusedShiftMax in kinds
     gathers = [m for m in deployed.modules() if isinstance(m, ChannelGather)]
     assert len(gathers) <= 1
+    # the ONNX layout repeats the stem's channels; the stem's permutation then folds into its weights too
+    onnx_layout = convert_to_deploy(micronet_torch.create_model("micronet_m0").eval(), backend="onnx")
+    assert not any(isinstance(m, ChannelGather) for m in onnx_layout.modules())
 
 
 def test_shift_max_equivariance_random() -> None:

@@ -120,6 +120,24 @@ def test_small_folder_defaults() -> None:
     assert engine.resolve(engine.TrainConfig()).hflip == 0.5  # Fashion-MNIST
 
 
+def test_random_erasing_is_applied(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_folder: Path) -> None:
+    """--reprob 1: every training batch goes through timm's RandomErasing and comes out changed."""
+    from timm.data.random_erasing import RandomErasing
+
+    changed: list[bool] = []
+    original = RandomErasing.__call__
+
+    def spy(self: RandomErasing, x: torch.Tensor) -> torch.Tensor:
+        before = x.clone()
+        out = original(self, x)
+        changed.append(bool((out != before).any()))
+        return out
+
+    monkeypatch.setattr(RandomErasing, "__call__", spy)
+    assert main(tiny_args(tiny_folder, tmp_path / "o", "--reprob", "1.0", epochs=1)) == 0
+    assert changed and all(changed)
+
+
 # ---- bad input ------------------------------------------------------------------------------------------
 def test_bad_inputs(capsys: pytest.CaptureFixture, tmp_path: Path, tiny_folder: Path) -> None:
     out = tmp_path / "o"
@@ -132,6 +150,7 @@ def test_bad_inputs(capsys: pytest.CaptureFixture, tmp_path: Path, tiny_folder: 
     blocker.write_text("x")
     assert "not writable" in fail(capsys, tiny_args(tiny_folder, blocker / "out"))
     assert "no checkpoint" in fail(capsys, [*tiny_args(tiny_folder, tmp_path / "fresh"), "--resume"])
+    assert "random erasing" in fail(capsys, [*tiny_args(tiny_folder, out), "--reprob", "1.5"])
     assert not out.exists() or not (out / "last.pt").exists()
 
 

@@ -121,14 +121,23 @@ def deploy_model(name: str, model: nn.Module, backend: str = "eager") -> nn.Modu
 
 # ---- timing -------------------------------------------------------------------------------------------
 def time_round_robin(
-    jobs: dict[tuple[str, str], Callable[[], Any]], runs: int, warmup: int, max_seconds: float | None = None
+    jobs: dict[tuple[str, str], Callable[[], Any]],
+    runs: int,
+    warmup: int,
+    max_seconds: float | None = None,
+    block: int = 1,
 ) -> dict[tuple[str, str], list[float]]:
-    """Seconds per call of each job, timed in turns (job 1, job 2, ..., job 1, ...) after warm-up.
+    """Seconds per call of each job, timed in turns after warm-up: ``runs`` timed calls per job.
 
-    ``max_seconds`` caps the timed rounds (at least 3 rounds run) and each job's warm-up (at least one
+    With ``block`` > 1 each turn is ``block`` consecutive calls of one job whose first call is not timed
+    (it only refills the caches the other jobs evicted): the figures are the steady-state latency of a
+    model called in a loop, as deployed, while every job still sees the same machine load.
+    ``max_seconds`` caps the timed turns (at least 3 rounds run) and each job's warm-up (at least one
     call, then at most a quarter of the cap spread over the jobs): a loaded machine shortens the run
     instead of stalling it.
     """
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
     warm_cap = None if max_seconds is None else max_seconds / 4 / max(1, len(jobs))
     for fn in jobs.values():
         t0 = time.perf_counter()
@@ -136,15 +145,21 @@ def time_round_robin(
             if warm_cap is not None and i >= 1 and time.perf_counter() - t0 > warm_cap:
                 break
             fn()
+    timed_per_turn = block - 1 if block > 1 else 1
     times: dict[tuple[str, str], list[float]] = {key: [] for key in jobs}
     start = time.perf_counter()
-    for i in range(runs):
-        if max_seconds is not None and i >= 3 and time.perf_counter() - start > max_seconds:
+    rounds = 0
+    while any(len(t) < runs for t in times.values()):
+        if max_seconds is not None and rounds >= 3 and time.perf_counter() - start > max_seconds:
             break
         for key, fn in jobs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - t0)
+            if block > 1:
+                fn()  # refill the caches; not timed
+            for _ in range(min(timed_per_turn, runs - len(times[key]))):
+                t0 = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t0)
+        rounds += 1
     return times
 
 
@@ -238,6 +253,7 @@ def run_benchmark(
     log: Callable[[str], None] = print,
     out_dir: str | os.PathLike | None = None,
     max_seconds: float | None = 600.0,
+    block: int = 10,
 ) -> tuple[list[Record], dict[str, Any]]:
     """Measure every model through every path at each setting; returns the records and the environment.
 
@@ -256,6 +272,7 @@ def run_benchmark(
         warmup=warmup,
         img_size=img_size,
         max_seconds=max_seconds,
+        block=block,
         calibration="given images"
         if calib is not None
         else "synthetic images (smooth random noise): int8 latency only, not accuracy",
@@ -278,7 +295,9 @@ def run_benchmark(
                         jobs[(prep.name, path)] = _ort_job(ort_session(prep.onnx[path], n_threads), x)
             t0 = time.perf_counter()
             n_runs = runs if n_batch == 1 else max(5, runs // 5)
-            times = time_round_robin(jobs, n_runs, warmup if n_batch == 1 else min(warmup, 3), max_seconds)
+            times = time_round_robin(
+                jobs, n_runs, warmup if n_batch == 1 else min(warmup, 3), max_seconds, block if n_batch == 1 else 1
+            )
             took = time.perf_counter() - t0
             done = min(len(t) for t in times.values())
             log(f"  threads {n_threads}, batch {n_batch}: {len(jobs)} jobs x {done} runs in {took:.0f} s")
@@ -359,6 +378,7 @@ def markdown(records: list[Record], env: dict[str, Any]) -> str:
     lines.append(
         f"Median of {env.get('runs')} runs (batch > 1: a fifth of that; each setting capped at "
         f"{env.get('max_seconds')} s) after {env.get('warmup')} warm-up runs, {env.get('img_size')}² input; "
+        f"batch 1 timed in turns of {env.get('block', 1)} calls per job, the first untimed; "
         f"int8 calibration: {env.get('calibration')}; load average at start {env.get('loadavg')}, "
         f"at end {env.get('loadavg_end')}."
     )
@@ -429,6 +449,7 @@ def run_bench(args: argparse.Namespace) -> int:
         log=log,
         out_dir=args.out_dir,
         max_seconds=args.max_seconds,
+        block=args.block,
     )
     if args.out_dir:
         js, md = save(records, env, args.out_dir)
@@ -455,6 +476,12 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="'all threads' setting [os.cpu_count()]")
     p.add_argument("--batch", type=int, default=32, help="throughput batch size (1 skips it) [32]")
     p.add_argument("--calib", help="int8 calibration images (folder or fashion-mnist) [synthetic]")
+    p.add_argument(
+        "--block",
+        type=int,
+        default=10,
+        help="batch-1 calls of one job per turn, the first untimed (steady-state latency; 1 = strict alternation) [10]",
+    )
     p.add_argument("--max-seconds", type=float, default=600.0, help="cap on the timed rounds of one setting [600]")
     p.add_argument("--out-dir", help="save bench.json and bench.md here")
     p.add_argument("--json", action="store_true", help="print the records as JSON (progress goes to stderr)")

@@ -27,6 +27,7 @@ from .ops.shuffle import compose_permutations
 __all__ = [
     "DeployMicroNet",
     "FusedShiftMax",
+    "PhaseStemConv",
     "ResidualSequence",
     "convert_to_deploy",
     "deploy_summary",
@@ -123,7 +124,17 @@ class ShiftMax:
             self.out_perm = torch.arange(self.channels)
 
 
-Op = Conv | Perm | Pointwise | Opaque | Save | Add | ShiftMax
+@dataclass
+class PhaseStem:
+    """A dense 3 x 3 stride-2 conv, a pointwise activation and a depthwise 3 x 3 stride-2 conv, to be computed
+    on the 2 x 2 phases of the first conv's output (``phase_stem``)."""
+
+    a: Conv
+    act: nn.Module
+    b: Conv
+
+
+Op = Conv | Perm | Pointwise | Opaque | Save | Add | ShiftMax | PhaseStem
 
 
 # ---- lowering the eager model to the flat list --------------------------------------------------
@@ -434,6 +445,34 @@ def merge_separable(ops: list[Op], plain_only: bool = False) -> list[Op]:
     return out
 
 
+def _is_3x3_s2(op: Op) -> bool:
+    return (
+        isinstance(op, Conv)
+        and tuple(op.weight.shape[2:]) == (3, 3)
+        and op.stride == (2, 2)
+        and op.padding == (1, 1)
+        and (op.edge is None or op.edge.shape[1] == 3)
+    )
+
+
+def phase_stem(ops: list[Op]) -> list[Op]:
+    """Mark a dense 3 x 3 stride-2 conv -> activation -> depthwise 3 x 3 stride-2 conv (MicroNet's stem and
+    first depthwise, once merged and expanded) for ``PhaseStemConv``, which computes it on 2 x 2 phases."""
+    out: list[Op] = []
+    i = 0
+    while i < len(ops):
+        a = ops[i]
+        if i + 2 < len(ops) and _is_3x3_s2(a) and a.groups == 1 and isinstance(ops[i + 1], Pointwise):
+            b = ops[i + 2]
+            if _is_3x3_s2(b) and b.groups == b.in_channels == b.out_channels == a.out_channels:
+                out.append(PhaseStem(a, ops[i + 1].module, b))
+                i += 3
+                continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def fold_shift_max_scale(ops: list[Op]) -> list[Op]:
     """Let the convolution after a Dynamic Shift-Max carry its coefficient scale s (conv(s y) = (s W) y + b).
 
@@ -591,16 +630,85 @@ class EdgeCorrectedConv(nn.Conv2d):
     def edge_map(self, width: int) -> torch.Tensor:
         key = (width, self.edge.device, self.edge.dtype)
         if key not in self._maps:
-            kw, s, p = self.edge.shape[1], self.stride[1], self.padding[1]
-            w_out = (width + 2 * p - kw) // s + 1
-            col = torch.arange(w_out).view(-1, 1) * s + torch.arange(kw).view(1, -1) - p  # (W_out, kw)
-            outside = ((col < 0) | (col >= width)).to(torch.float64)
-            emap = (self.edge.double() @ outside.T).to(self.edge.dtype)  # (C, W_out)
-            self._maps[key] = emap.view(1, -1, 1, w_out)
+            emap = _edge_map(self.edge, width, self.stride[1], self.padding[1])  # (C, W_out)
+            self._maps[key] = emap.view(1, emap.shape[0], 1, emap.shape[1])
         return self._maps[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x) + self.edge_map(x.shape[3])
+
+
+def _edge_map(edge: torch.Tensor, width: int, stride: int, padding: int) -> torch.Tensor:
+    """(C, W_out): the border correction of a merged pair at each output column (``EdgeCorrectedConv``)."""
+    kw = edge.shape[1]
+    w_out = (width + 2 * padding - kw) // stride + 1
+    col = torch.arange(w_out).view(-1, 1) * stride + torch.arange(kw).view(1, -1) - padding  # (W_out, kw)
+    outside = ((col < 0) | (col >= width)).to(torch.float64)
+    return (edge.double() @ outside.T).to(edge.dtype)
+
+
+# tap k of a stride-2, pad-1, 3-tap window on the phase grid: (phase, cell offset + 1) for k = 0, 1, 2
+_PHASE_TAP = ((1, 0), (0, 1), (1, 1))
+
+
+class PhaseStemConv(nn.Module):
+    """conv A (dense 3 x 3, stride 2) -> activation -> conv B (depthwise 3 x 3, stride 2), computed on phases.
+
+    A's output row 2i + p, column 2j + q is channel (c, p, q) at (i, j) of one 5 x 5 stride-4 conv on the input,
+    so A runs at a quarter of its resolution with 4x the channels, and only on its distinct channels (the
+    ONNX layout repeats them for B): ONNX Runtime then computes 16 channels of real work instead of 16 lanes
+    holding 4 repeated channels. B reads, for taps 0, 1, 2 of a window, phase 1 of the previous cell, phase 0
+    and phase 1 of its own cell: a dense 2 x 2 conv over the phases, padded by one cell at the top and left.
+    Exact when the input's height and width are multiples of 4; other sizes take the plain A -> act -> B path.
+    """
+
+    def __init__(self, op: PhaseStem, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        a, b = op.a, op.b
+        self.plain = nn.Sequential(_conv_module(a, dtype), op.act, _conv_module(b, dtype))
+        self.act = op.act
+        # A's distinct output channels (the ONNX layout repeats them): base[c] is channel c's distinct row
+        edge_a = a.edge if a.edge is not None else torch.zeros(a.out_channels, 3, dtype=a.weight.dtype)
+        rows = torch.cat([a.weight.flatten(1), a.bias.view(-1, 1), edge_a], dim=1)
+        distinct, base = torch.unique(rows, dim=0, return_inverse=True)
+        first = torch.tensor([int((base == u).nonzero()[0]) for u in range(len(distinct))])
+        n, cin = len(distinct), a.in_channels
+        wa = torch.zeros(4 * n, cin, 5, 5, dtype=a.weight.dtype)
+        for p in range(2):
+            for q in range(2):
+                wa[p * 2 + q :: 4, :, 2 * p : 2 * p + 3, 2 * q : 2 * q + 3] = a.weight[first]
+        wb = torch.zeros(b.out_channels, 4 * n, 2, 2, dtype=b.weight.dtype)
+        for o in range(b.out_channels):
+            for ky, (p, ry) in enumerate(_PHASE_TAP):
+                for kx, (q, rx) in enumerate(_PHASE_TAP):
+                    wb[o, int(base[o]) * 4 + p * 2 + q, ry, rx] += b.weight[o, 0, ky, kx]
+        self.register_buffer("wa", wa.to(dtype))
+        self.register_buffer("ba", a.bias[first].repeat_interleave(4).to(dtype))
+        self.register_buffer("wb", wb.to(dtype))
+        self.register_buffer("bb", b.bias.to(dtype))
+        self.register_buffer("edge_a", edge_a[first].to(dtype))
+        self.register_buffer("edge_b", (b.edge if b.edge is not None else torch.zeros(b.out_channels, 3)).to(dtype))
+        self._maps: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def edge_maps(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Constant border corrections at input width ``width``: A's on the phase grid, B's on its output."""
+        key = (width, self.wa.device, self.wa.dtype)
+        if key not in self._maps:
+            emap_a = _edge_map(self.edge_a, width, 2, 1)  # (n, width / 2), column 2j + q
+            phases = emap_a.view(-1, 1, width // 4, 2).permute(0, 1, 3, 2)  # (n, 1, q, j)
+            phases = phases.unsqueeze(1).expand(-1, 2, -1, -1, -1)  # (n, p, 1, q, j)
+            emap_a = phases.reshape(-1, 1, width // 4)
+            emap_b = _edge_map(self.edge_b, width // 2, 2, 1)
+            self._maps[key] = (emap_a.unsqueeze(0), emap_b.view(1, -1, 1, width // 4))
+        return self._maps[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[2], x.shape[3]
+        if h % 4 or w % 4:
+            return self.plain(x)
+        emap_a, emap_b = self.edge_maps(w)
+        y = self.act(F.conv2d(x, self.wa, self.ba, stride=4, padding=1) + emap_a)
+        return F.conv2d(F.pad(y, (1, 0, 1, 0)), self.wb, self.bb) + emap_b
 
 
 def _conv_module(op: Conv, dtype: torch.dtype) -> nn.Conv2d:
@@ -630,6 +738,8 @@ def _build(ops: list[Op], dtype: torch.dtype, use_matmul: bool) -> nn.Sequential
             stack[-1].append(ChannelGather(op.index))
         elif isinstance(op, ShiftMax):
             stack[-1].append(FusedShiftMax(op, dtype, use_matmul))
+        elif isinstance(op, PhaseStem):
+            stack[-1].append(PhaseStemConv(op, dtype))
         else:
             stack[-1].append(op.module)
     if len(stack) != 1:
@@ -698,11 +808,15 @@ def convert_to_deploy(
         raise TypeError(f"convert_to_deploy expects a MicroNet; got {type(model).__name__}")
     ops = optimize(lower(model))
     if backend == "onnx":
-        ops = expand_multipliers(ops)
+        # repeating channels turns multiplier convs into depthwise ones, through which a permutation that was
+        # stuck before (M0: the one after the stem) now moves into conv weights: optimize once more
+        ops = optimize(expand_multipliers(ops))
     if merge_pairs:
         # ONNX Runtime runs a merged conv fast only in its blocked layout (dense or depthwise); a merged conv
         # with a channel multiplier falls back to its slow per-group path, so those pairs stay two convs there
         ops = merge_separable(ops, plain_only=backend == "onnx")
+        if backend == "onnx":
+            ops = phase_stem(ops)
     ops = fold_shift_max_scale(ops)
     features = _build(ops, dtype, use_matmul=backend == "onnx")
     pool = list(model.avgpool)

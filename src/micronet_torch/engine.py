@@ -79,6 +79,7 @@ class TrainConfig:
     label_smoothing: float | None = None
     mixup: float = 0.0
     cutmix: float = 0.0
+    reprob: float = 0.0  # random erasing probability (timm RandomErasing, per image, on the device)
     clip_grad: float | None = None
     drop_rate: float | None = None
     img_size: int | None = None
@@ -234,6 +235,8 @@ def validate(cfg: TrainConfig, world: int) -> None:
         raise TrainingError(f"--in-chans {cfg.in_chans}: images feed 1 (greyscale) or 3 (RGB) channels")
     if (cfg.mixup > 0 or cfg.cutmix > 0) and (cfg.batch_size // world) % 2:
         raise TrainingError("--mixup/--cutmix need an even batch size per process")
+    if not 0.0 <= cfg.reprob <= 1.0:
+        raise TrainingError(f"--reprob {cfg.reprob}: random erasing is a probability; use a value in [0, 1]")
 
 
 # ---- processes and devices ---------------------------------------------------------------------------
@@ -649,6 +652,12 @@ class Trainer:
         if cfg.compile:
             self.forward_model = torch.compile(self.forward_model)
         self.loss_fn = build_loss(cfg)
+        self.erasing = None
+        if cfg.reprob > 0:
+            from timm.data.random_erasing import RandomErasing
+
+            # after normalization, so erased pixels are N(0, 1) noise like the rest of the batch's statistics
+            self.erasing = RandomErasing(probability=cfg.reprob, mode="pixel", device=str(env.device))
         self.mixup = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
             from timm.data import Mixup
@@ -781,6 +790,8 @@ class Trainer:
             x = normalize(x.to(env.device, non_blocking=True), self.dcfg, cfg.channels_last)
             y = y.to(env.device, non_blocking=True)
             target = y
+            if self.erasing is not None:
+                x = self.erasing(x)
             if self.mixup is not None:
                 x, target = self.mixup(x, y)
             with autocast:

@@ -50,6 +50,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--label-smoothing", type=float)
     r.add_argument("--mixup", type=float, help="mixup alpha (timm Mixup) [0: off]")
     r.add_argument("--cutmix", type=float, help="cutmix alpha [0: off]")
+    r.add_argument("--reprob", type=float, help="random erasing probability per image (timm RandomErasing) [0: off]")
     r.add_argument("--clip-grad", type=float, help="clip the gradient norm")
     r.add_argument("--drop-rate", type=float, help="head dropout [the model's]")
     r.add_argument("--img-size", type=int, help="input size; <= 64 uses the small-image pipeline")
