@@ -11,7 +11,7 @@ from PIL import Image
 import micronet_torch
 from micronet_torch.baselines import build_model
 from micronet_torch.cli import main as cli_main
-from micronet_torch.experiment import load_config, run_experiments, write_report
+from micronet_torch.experiment import append_result, load_config, run_experiments, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,6 +81,46 @@ def test_grid_runs_once_and_reports(tiny_config, tmp_path):
     assert "## MicroNet against MobileNetV3-Small at matched MAdds" in report and "## Ablations" in report
     assert "`micronet_m0`" in report and "m0_relu" in report
     assert (tmp_path / "out/figure.png").stat().st_size > 0 and (tmp_path / "out/figure.svg").is_file()
+
+
+def test_report_longer_recipes_and_target(tmp_path):
+    """A 'best' study gets its own table with the run's note; the best MicroNet is compared with the target."""
+    cfg_file = tmp_path / "grid.toml"
+    cfg_file.write_text(
+        """
+title = "t"
+results = "results.csv"
+report = "results.md"
+figure = "figure"
+target_top1 = 95.0
+target_label = "MobileNet (benchmark)"
+[[run]]
+name = "m0"
+model = "micronet_m0"
+budget = "M0"
+[[run]]
+name = "m0_long"
+model = "micronet_m0"
+study = "best"
+note = "40 epochs, random erasing 0.25"
+epochs = 40
+reprob = 0.25
+"""
+    )
+    cfg = load_config(cfg_file)
+    assert cfg.runs[1].note == "40 epochs, random erasing 0.25" and "note" not in cfg.runs[1].train
+    assert cfg.runs[1].train["reprob"] == 0.25
+    common = dict(budget="", model="micronet_m0", variant="", img_size=32, seed=0, madds=419184, params=383020)
+    for name, study, epochs, top1 in (("m0", "budget", 10, 89.0), ("m0_long", "best", 40, 91.25)):
+        append_result(
+            cfg.results,
+            dict(common, name=name, study=study, epochs=epochs, top1=top1, train_seconds=1.0, hardware="cpu"),
+        )
+    report = write_report(cfg).read_text()
+    assert "## Longer recipes" in report and "| m0_long | `micronet_m0` | 40 epochs, random erasing 0.25 |" in report
+    assert "Best MicroNet: `m0_long` at 91.25 %" in report
+    assert "That is 3.75 points below the 95.0 % of MobileNet (benchmark)." in report
+    assert (tmp_path / "figure.png").stat().st_size > 0
 
 
 def test_bad_configs_are_named(tmp_path, capsys):

@@ -57,6 +57,7 @@ class RunSpec:
     variant: dict[str, str] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields: data, img_size, epochs, ...
     seeds: list[int] = field(default_factory=lambda: [0])
+    note: str = ""  # what sets the run apart, for the report (e.g. "40 epochs, random erasing 0.25")
 
 
 @dataclass
@@ -70,6 +71,8 @@ class ExperimentConfig:
     runs: list[RunSpec]
     notes: str = ""
     ablation_baseline: str | None = None
+    target_top1: float | None = None  # a reference accuracy the best MicroNet is compared with
+    target_label: str = ""
 
 
 def load_config(path: str | os.PathLike) -> ExperimentConfig:
@@ -97,6 +100,7 @@ def load_config(path: str | os.PathLike) -> ExperimentConfig:
             budget=str(entry.pop("budget", "")),
             variant=dict(entry.pop("variant", {})),
             seeds=list(entry.pop("seeds", default_seeds)),
+            note=str(entry.pop("note", "")),
         )
         spec.train = {**defaults, **entry}
         runs.append(spec)
@@ -113,6 +117,8 @@ def load_config(path: str | os.PathLike) -> ExperimentConfig:
         runs=runs,
         notes=raw.get("notes", ""),
         ablation_baseline=raw.get("ablation_baseline"),
+        target_top1=float(raw["target_top1"]) if "target_top1" in raw else None,
+        target_label=str(raw.get("target_label", "")),
     )
 
 
@@ -271,6 +277,7 @@ def write_report(cfg: ExperimentConfig) -> Path:
     """``docs/results.md``-style tables (head-to-head per budget, ablations) and the figure, from the CSV."""
     rows = read_results(cfg.results)
     agg = _aggregate(rows)
+    notes = {spec.name: spec.note for spec in cfg.runs}
     lines = [f"# {cfg.title}", ""]
     if cfg.notes:
         lines += [cfg.notes.strip(), ""]
@@ -349,22 +356,41 @@ def write_report(cfg: ExperimentConfig) -> Path:
                     f"{a['madds'] / base['madds']:.2f}× the MAdds{noisy}."
                 )
             lines.append("")
+    longer = [a for a in agg.values() if a["study"] == "best"]
+    if longer:
+        lines += [
+            "## Longer recipes",
+            "",
+            "| run | model | recipe | MAdds (M) | params | top-1 (%) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for a in sorted(longer, key=lambda a: a["madds"]):
+            note = notes.get(a["name"]) or f"{a['epochs']} epochs"
+            lines.append(
+                f"| {a['name']} | `{a['model']}` | {note} | {a['madds'] / 1e6:.3f} | {a['params']:,} | {_acc(a)} |"
+            )
+        lines.append("")
     if agg:
-        published = [a for a in agg.values() if a["model"].startswith("micronet") and a["study"] == "budget"]
+        published = [a for a in agg.values() if a["model"].startswith("micronet") and a["study"] in ("budget", "best")]
         best = max(published, key=lambda a: a["mean"], default=None)
         if best:
-            lines += [
+            lines.append(
                 f"Best MicroNet: `{best['name']}` at {best['mean']:.2f} % ({best['madds'] / 1e6:.3f} M MAdds, "
-                f"{best['img_size']}px, {best['epochs']} epochs).",
-                "",
-            ]
+                f"{best['img_size']}px, {best['epochs']} epochs)."
+            )
+            if cfg.target_top1 is not None:
+                gap = best["mean"] - cfg.target_top1
+                where = "above" if gap >= 0 else "below"
+                label = cfg.target_label or "the target"
+                lines.append(f"That is {abs(gap):.2f} points {where} the {cfg.target_top1:.1f} % of {label}.")
+            lines.append("")
     if pending:
         lines += [f"Not yet run ({len(pending)}): " + ", ".join(f"{n} seed {s}" for n, s in pending), ""]
     lines += ["## Reproduce", "", "| run | seed | hardware | train time (s) | command |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['seed']} | {r['hardware']} | {r['train_seconds']} | `{r['command']}` |")
     lines.append("")
-    if budget or ablation:
+    if budget or ablation or longer:
         _plot(agg, cfg.figure)
         rel = os.path.relpath(cfg.figure, cfg.report.parent)
         lines += [f"![accuracy vs MAdds]({rel}.png)", ""]
@@ -384,16 +410,19 @@ def _plot(agg: dict[str, dict[str, Any]], stem: Path) -> None:
         "MicroNet": [a for a in agg.values() if a["model"].startswith("micronet") and a["study"] == "budget"],
         "MobileNetV3-Small": [a for a in agg.values() if not a["model"].startswith("micronet")],
         "MicroNet ablations": [a for a in agg.values() if a["study"] == "ablation"],
+        "MicroNet, longer recipe": [a for a in agg.values() if a["study"] == "best"],
     }
-    for (label, items), marker in zip(groups.items(), ("o-", "s--", "x"), strict=True):
+    for (label, items), marker in zip(groups.items(), ("o-", "s--", "x", "D"), strict=True):
         items = sorted(items, key=lambda a: a["madds"])
         if not items:
             continue
         xs = [a["madds"] / 1e6 for a in items]
         ys = [a["mean"] for a in items]
         errs = [0.0 if math.isnan(a["std"]) else a["std"] for a in items]
-        ax.errorbar(xs, ys, yerr=errs, fmt=marker, capsize=3, label=label, linestyle="none" if marker == "x" else None)
-        if label == "MicroNet ablations":
+        ax.errorbar(
+            xs, ys, yerr=errs, fmt=marker, capsize=3, label=label, linestyle="none" if marker in ("x", "D") else None
+        )
+        if label in ("MicroNet ablations", "MicroNet, longer recipe"):
             for a in items:
                 ax.annotate(
                     a["name"], (a["madds"] / 1e6, a["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
