@@ -271,6 +271,7 @@ def test_sigkill_then_resume(tmp_path: Path, tiny_folder: Path) -> None:
     _wait_for(out / "last.pt", proc)
     proc.kill()  # SIGKILL: no chance to save anything
     proc.wait()
+    (out / ".metrics.csv.killed.tmp").write_bytes(b"half a write")  # as if killed inside an atomic write
     done = ckpt.load(out / "last.pt")["epoch"]  # the file is whole: written atomically
     assert done >= 1
     resumed = subprocess.run(

@@ -54,6 +54,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
     return path
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete what an ``atomic_write`` killed mid-write (SIGKILL, power loss) left behind: ``.<name>.*.tmp``.
+
+    Called when a run starts or resumes in ``folder`` (one writer per run folder), so the files of a
+    finished write are never touched; returns the removed paths.
+    """
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def save_atomic(obj: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write ``obj`` with ``torch.save`` to ``path`` atomically (see ``atomic_write``)."""
     return atomic_write(path, lambda fh: torch.save(dict(obj), fh))

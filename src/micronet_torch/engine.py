@@ -495,6 +495,7 @@ def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
             f"--output {out} already holds a run (last.pt); pass --resume to continue it, --overwrite to "
             "start over there, or choose another --output"
         )
+    ckpt.remove_stale_temporaries(out)  # a killed atomic write's leftovers; the run writes its files again
 
 
 # ---- the run ----------------------------------------------------------------------------------------
