@@ -23,7 +23,9 @@ from micronet_torch.deploy import (
 from micronet_torch.ops import DynamicShiftMax
 
 TOL = 2e-5
-FIXTURES = Path("/work/shared/fixtures/official")
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official"  # ../shared beside the repo
+if not FIXTURES.is_dir():
+    FIXTURES = Path(__file__).resolve().parents[1] / "shared" / "fixtures" / "official"
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
