@@ -83,6 +83,24 @@ def test_grid_runs_once_and_reports(tiny_config, tmp_path):
     assert (tmp_path / "out/figure.png").stat().st_size > 0 and (tmp_path / "out/figure.svg").is_file()
 
 
+def test_pairs_finished_by_another_process_are_skipped(tiny_config, monkeypatch):
+    """Two processes on one grid: a pair that appears in the CSV while this one works is not trained again."""
+    import micronet_torch.experiment as exp
+
+    cfg = load_config(tiny_config)
+    trained = []
+
+    def fake_train(cfg_, spec, seed):
+        trained.append(spec.name)
+        if spec.name == "m0":  # meanwhile, another process finishes "mnv3"
+            append_result(cfg_.results, dict(name="mnv3", study="budget", seed=0, top1=1.0, madds=1, params=1))
+        return dict(name=spec.name, study=spec.study, seed=seed, top1=1.0, train_seconds=0.0, madds=1, params=1)
+
+    monkeypatch.setattr(exp, "train_one", fake_train)
+    assert run_experiments(cfg) == [("m0", 0), ("m0_relu", 0)]
+    assert trained == ["m0", "m0_relu"]
+
+
 def test_report_longer_recipes_and_target(tmp_path):
     """A 'best' study gets its own table with the run's note; the best MicroNet is compared with the target."""
     cfg_file = tmp_path / "grid.toml"

@@ -226,6 +226,9 @@ def run_experiments(
     ]
     trained = []
     for spec, seed in todo:
+        if not dry_run and (spec.name, seed) in {(r["name"], int(r["seed"])) for r in read_results(cfg.results)}:
+            print(f"experiment: {spec.name} seed {seed} finished meanwhile (another process); skipped", flush=True)
+            continue
         print(f"experiment: {spec.name} seed {seed} ({spec.model}, {spec.variant or 'published'})", flush=True)
         if dry_run:
             trained.append((spec.name, seed))
