@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import ABLATION_VARIANTS, SHARED_FIXTURES
 from torch import nn
 
 import micronet_torch
@@ -23,9 +22,7 @@ from micronet_torch.deploy import (
 from micronet_torch.ops import DynamicShiftMax
 
 TOL = 2e-5
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official"  # ../shared beside the repo
-if not FIXTURES.is_dir():
-    FIXTURES = Path(__file__).resolve().parents[1] / "shared" / "fixtures" / "official"
+FIXTURES = SHARED_FIXTURES / "official"
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -74,17 +71,7 @@ def test_phase_stem(size: tuple[int, int]) -> None:
         assert rel_diff(stems[0](x), stems[0].plain(x)) <= 1e-5
 
 
-@pytest.mark.parametrize(
-    "variant",
-    [
-        dict(activation="dsm_j1"),
-        dict(activation="relu"),
-        dict(activation="se"),
-        dict(shift="group"),
-        dict(depthwise="full"),
-        dict(pointwise="plain"),
-    ],
-)
+@pytest.mark.parametrize("variant", ABLATION_VARIANTS)
 def test_parity_variants(variant: dict) -> None:
     model = randomize(micronet_torch.create_model("micronet_m3", num_classes=10, **variant), seed=1)
     x = torch.randn(2, 3, 64, 64)

@@ -4,11 +4,11 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import SHARED_FIXTURES as FIXTURES
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "usage.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
-FIXTURES = next(p for p in (ROOT.parent / "shared" / "fixtures", ROOT / "shared" / "fixtures") if p.is_dir())
 STAND_INS = {
     '"MicroNet_M0_pretrained.pdparams"': repr(str(FIXTURES / "paddleclas" / "MicroNet_M0_random.pdparams")),
     '"micronet-m0.pth"': repr(str(FIXTURES / "official" / "micronet-m0-official-random.pth.tar")),

@@ -5,6 +5,7 @@ import onnxruntime as ort
 import pytest
 import timm
 import torch
+from helpers import ABLATION_VARIANTS
 
 import micronet_torch
 from micronet_torch import MODEL_SPECS, create_model, list_models
@@ -138,17 +139,7 @@ def test_preprint_m3_is_reconstructed():
     assert "reconstructed" in model.spec.description
 
 
-@pytest.mark.parametrize(
-    "variant",
-    [
-        dict(activation="relu"),
-        dict(activation="se"),
-        dict(activation="dsm_j1"),
-        dict(depthwise="full"),
-        dict(pointwise="plain"),
-        dict(shift="group"),
-    ],
-)
+@pytest.mark.parametrize("variant", ABLATION_VARIANTS)
 def test_ablation_variants_build_and_differ(variant):
     base = create_model("micronet_m0")
     model = create_model("micronet_m0", **variant)

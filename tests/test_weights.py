@@ -2,11 +2,11 @@
 
 import pickle
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import SHARED_FIXTURES as FIXTURES
 
 from micronet_torch import create_model
 from micronet_torch.cli import main as cli_main
@@ -19,9 +19,6 @@ from micronet_torch.weights import (
     save_safetensors,
 )
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-if not FIXTURES.is_dir():  # CI clones the repo next to a copy of shared/
-    FIXTURES = Path(__file__).resolve().parents[1] / "shared" / "fixtures"
 TOL = 2e-5
 
 

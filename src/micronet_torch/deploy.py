@@ -447,11 +447,7 @@ def merge_separable(ops: list[Op], plain_only: bool = False) -> list[Op]:
 
 def _is_3x3_s2(op: Op) -> bool:
     return (
-        isinstance(op, Conv)
-        and tuple(op.weight.shape[2:]) == (3, 3)
-        and op.stride == (2, 2)
-        and op.padding == (1, 1)
-        and (op.edge is None or op.edge.shape[1] == 3)
+        isinstance(op, Conv) and tuple(op.weight.shape[2:]) == (3, 3) and op.stride == (2, 2) and op.padding == (1, 1)
     )
 
 

@@ -303,10 +303,13 @@ def write_report(cfg: ExperimentConfig) -> Path:
             "| budget | model | MAdds (M) | params | top-1 (%) | Δ MicroNet − MobileNetV3 |",
             "|---|---|---|---|---|---|",
         ]
+        pairs = {}  # budget -> (its runs, MicroNet first; the MicroNet run; the MobileNetV3 run)
         for b in sorted({a["budget"] for a in budget}):
             pair = sorted((a for a in budget if a["budget"] == b), key=lambda a: not a["model"].startswith("micronet"))
             micro = next((a for a in pair if a["model"].startswith("micronet")), None)
             other = next((a for a in pair if not a["model"].startswith("micronet")), None)
+            pairs[b] = pair, micro, other
+        for b, (pair, micro, other) in pairs.items():
             delta = ""
             if micro and other:
                 delta = f"{micro['mean'] - other['mean']:+.2f}"
@@ -316,10 +319,7 @@ def write_report(cfg: ExperimentConfig) -> Path:
                     f"{delta if a is micro else ''} |"
                 )
         lines.append("")
-        for b in sorted({a["budget"] for a in budget}):
-            pair = [a for a in budget if a["budget"] == b]
-            micro = next((a for a in pair if a["model"].startswith("micronet")), None)
-            other = next((a for a in pair if not a["model"].startswith("micronet")), None)
+        for b, (_, micro, other) in pairs.items():
             if micro and other:
                 d = micro["mean"] - other["mean"]
                 verdict = "beats" if d > 0 else "trails"
