@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from micronet_torch.bench import Record, markdown, run_benchmark, settings_for, targets, time_round_robin
 from micronet_torch.cli import main
@@ -108,3 +109,25 @@ def test_cli_json(tmp_path, capsys) -> None:
 def test_cli_unknown_model(capsys) -> None:
     rc = main(["bench", "--models", "no_such_net", "--paths", "eager", "--runs", "1", "--img-size", "32"])
     assert rc == 2
+
+
+def test_trained_like_batchnorm() -> None:
+    """The bench's models get non-default BatchNorm statistics (seeded), so border corrections stay in the graph."""
+    from micronet_torch.bench import build_model, trained_like
+    from micronet_torch.deploy import EdgeCorrectedConv, PhaseStemConv, convert_to_deploy
+
+    bn_type = torch.nn.modules.batchnorm._BatchNorm
+    a = trained_like(build_model("micronet_m0"), seed=3, img_size=32)
+    b = trained_like(build_model("micronet_m0"), seed=3, img_size=32)
+    assert not a.training
+    bns_a = [m for m in a.modules() if isinstance(m, bn_type)]
+    bns_b = [m for m in b.modules() if isinstance(m, bn_type)]
+    assert bns_a and all(bn.momentum == 0.1 for bn in bns_a)  # momentum restored after calibration
+    for bn_a, bn_b in zip(bns_a, bns_b, strict=True):
+        assert torch.equal(bn_a.weight, bn_b.weight) and torch.equal(bn_a.bias, bn_b.bias)  # seeded
+        assert bn_a.bias.abs().sum() > 0 and (bn_a.running_mean != 0).any() and (bn_a.running_var != 1).any()
+        assert torch.isfinite(bn_a.running_var).all()
+    deployed = convert_to_deploy(a, backend="onnx")
+    edges = [m.edge for m in deployed.modules() if isinstance(m, EdgeCorrectedConv)]
+    edges += [m.edge_a for m in deployed.modules() if isinstance(m, PhaseStemConv)]
+    assert edges and all(e.abs().max() > 0 for e in edges)

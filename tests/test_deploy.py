@@ -159,13 +159,40 @@ def test_merge_separable_exact_at_borders(stride: int, k: int, width: int) -> No
         c2 = Conv(rnd(4 * cin, 1, 1, k), rnd(4 * cin), (1, stride), (0, p), 2 * cin)
         merged = merge_separable([c1, c2])
         assert len(merged) == 1 and merged[0].edge is not None
-        net = _build(merged, torch.float64, use_matmul=False).double()
-        assert isinstance(net[0], EdgeCorrectedConv)
         x = rnd(2, cin, width + 3, width)
         ref = torch.nn.functional.conv2d(x, c1.weight, c1.bias, c1.stride, c1.padding, 1, c1.groups)
         ref = torch.nn.functional.conv2d(ref, c2.weight, c2.bias, c2.stride, c2.padding, 1, c2.groups)
-        with torch.no_grad():
-            assert rel_diff(net(x), ref) <= 1e-6  # float32 weights
+        for full_maps in (False, True):  # eager: one (1, C, 1, W) row broadcast; ONNX: the map at full size
+            net = _build(merged, torch.float64, use_matmul=False, full_maps=full_maps).double()
+            assert isinstance(net[0], EdgeCorrectedConv)
+            with torch.no_grad():
+                assert rel_diff(net(x), ref) <= 1e-6  # float32 weights
+            rows = ref.shape[2] if full_maps else 1
+            assert net[0].edge_map(width, ref.shape[2]).shape == (1, ref.shape[1], rows, ref.shape[3])
+
+
+@pytest.mark.parametrize(
+    "mult,k,stride,size", [(2, 3, 2, (28, 56)), (2, 5, 1, (8, 9)), (1, 3, 1, (12, 10)), (4, 3, 2, (5, 7))]
+)
+def test_row_folded_conv(mult: int, k: int, stride: int, size: tuple[int, int]) -> None:
+    """A 1 x k conv with one input per group equals its rows-folded-into-channels form (and its fallback)."""
+    from micronet_torch.deploy import NCHWC_BLOCK, RowFoldedConv, _build
+
+    g = torch.Generator().manual_seed(mult * 100 + k)
+    c = 4
+    weight, bias = torch.randn(mult * c, 1, 1, k, generator=g), torch.randn(mult * c, generator=g)
+    op = Conv(weight, bias, (1, stride), (0, k // 2), c)
+    net = _build([op], torch.float32, use_matmul=True)
+    assert isinstance(net[0], RowFoldedConv)
+    assert not isinstance(_build([op], torch.float32, use_matmul=False)[0], RowFoldedConv)  # eager: plain conv
+    x = torch.randn(2, c, *size, generator=g)
+    ref = torch.nn.functional.conv2d(x, op.weight, op.bias, op.stride, op.padding, 1, op.groups)
+    with torch.no_grad():
+        out = net(x)
+    assert out.shape == ref.shape
+    assert rel_diff(out, ref) <= 1e-6
+    folded = (c * size[0]) % NCHWC_BLOCK == 0
+    assert len(net[0]._folded) == (1 if folded else 0)  # the folded weights exist only when the fold applies
 
 
 def test_merge_pairs_counts() -> None:

@@ -613,25 +613,38 @@ class ResidualSequence(nn.Sequential):
 
 
 class EdgeCorrectedConv(nn.Conv2d):
-    """A merged k x k conv (``merge_separable``) plus its border correction, a constant (C, 1, W_out) map.
+    """A merged k x k conv (``merge_separable``) plus its border correction, a constant map.
 
-    The map depends only on the input width (a Python int while tracing, so it exports as a constant).
+    The map depends only on the input size (Python ints while tracing, so it exports as a constant). With
+    ``full_map`` it is stored at the output's full (1, C, H_out, W_out) size: ONNX Runtime adds two tensors
+    of one shape in a single pass, but broadcasting a (1, C, 1, W_out) map over the rows is several times
+    slower (M0 with trained-like weights: 0.526 -> 0.475 ms); PyTorch broadcasts it cheaply, so eager keeps
+    the small map.
     """
 
-    def __init__(self, *args, edge: torch.Tensor, **kwargs) -> None:
+    def __init__(self, *args, edge: torch.Tensor, full_map: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.register_buffer("edge", edge.clone())
+        self.full_map = full_map
         self._maps: dict[tuple, torch.Tensor] = {}
 
-    def edge_map(self, width: int) -> torch.Tensor:
-        key = (width, self.edge.device, self.edge.dtype)
+    def edge_map(self, width: int, out_height: int = 1) -> torch.Tensor:
+        """The correction for an input ``width`` wide: (1, C, 1, W_out), or (1, C, out_height, W_out) if full."""
+        rows = out_height if self.full_map else 1
+        key = (width, rows, self.edge.device, self.edge.dtype)
         if key not in self._maps:
             emap = _edge_map(self.edge, width, self.stride[1], self.padding[1])  # (C, W_out)
-            self._maps[key] = emap.view(1, emap.shape[0], 1, emap.shape[1])
+            self._maps[key] = _rows(emap.view(1, emap.shape[0], 1, emap.shape[1]), rows)
         return self._maps[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) + self.edge_map(x.shape[3])
+        y = super().forward(x)
+        return y + self.edge_map(x.shape[3], y.shape[2])
+
+
+def _rows(emap: torch.Tensor, rows: int) -> torch.Tensor:
+    """A (1, C, 1, W) border map repeated to ``rows`` rows (a plain copy, so it exports as one constant)."""
+    return emap if rows == 1 else emap.expand(-1, -1, rows, -1).contiguous()
 
 
 def _edge_map(edge: torch.Tensor, width: int, stride: int, padding: int) -> torch.Tensor:
@@ -658,10 +671,11 @@ class PhaseStemConv(nn.Module):
     Exact when the input's height and width are multiples of 4; other sizes take the plain A -> act -> B path.
     """
 
-    def __init__(self, op: PhaseStem, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, op: PhaseStem, dtype: torch.dtype = torch.float32, full_maps: bool = False) -> None:
         super().__init__()
         a, b = op.a, op.b
-        self.plain = nn.Sequential(_conv_module(a, dtype), op.act, _conv_module(b, dtype))
+        self.full_maps = full_maps  # border maps at full size (one-pass Add in ONNX Runtime, EdgeCorrectedConv)
+        self.plain = nn.Sequential(_conv_module(a, dtype, full_maps), op.act, _conv_module(b, dtype, full_maps))
         self.act = op.act
         # A's distinct output channels (the ONNX layout repeats them): base[c] is channel c's distinct row
         edge_a = a.edge if a.edge is not None else torch.zeros(a.out_channels, 3, dtype=a.weight.dtype)
@@ -686,41 +700,106 @@ class PhaseStemConv(nn.Module):
         self.register_buffer("edge_b", (b.edge if b.edge is not None else torch.zeros(b.out_channels, 3)).to(dtype))
         self._maps: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def edge_maps(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Constant border corrections at input width ``width``: A's on the phase grid, B's on its output."""
-        key = (width, self.wa.device, self.wa.dtype)
+    def edge_maps(self, width: int, height: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+        """Constant border corrections at input size ``height`` x ``width``: A's on the phase grid, B's on its output
+        (both with one row, or at their maps' full height if ``full_maps``)."""
+        rows = height // 4 if self.full_maps else 1
+        key = (width, rows, self.wa.device, self.wa.dtype)
         if key not in self._maps:
             emap_a = _edge_map(self.edge_a, width, 2, 1)  # (n, width / 2), column 2j + q
             phases = emap_a.view(-1, 1, width // 4, 2).permute(0, 1, 3, 2)  # (n, 1, q, j)
             phases = phases.unsqueeze(1).expand(-1, 2, -1, -1, -1)  # (n, p, 1, q, j)
             emap_a = phases.reshape(-1, 1, width // 4)
             emap_b = _edge_map(self.edge_b, width // 2, 2, 1)
-            self._maps[key] = (emap_a.unsqueeze(0), emap_b.view(1, -1, 1, width // 4))
+            self._maps[key] = (_rows(emap_a.unsqueeze(0), rows), _rows(emap_b.view(1, -1, 1, width // 4), rows))
         return self._maps[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[2], x.shape[3]
         if h % 4 or w % 4:
             return self.plain(x)
-        emap_a, emap_b = self.edge_maps(w)
+        emap_a, emap_b = self.edge_maps(w, h)
         y = self.act(F.conv2d(x, self.wa, self.ba, stride=4, padding=1) + emap_a)
         return F.conv2d(F.pad(y, (1, 0, 1, 0)), self.wb, self.bb) + emap_b
 
 
-def _conv_module(op: Conv, dtype: torch.dtype) -> nn.Conv2d:
+# ONNX Runtime's blocked layout takes a depthwise conv only with a multiple of this many channels (AVX-512)
+NCHWC_BLOCK = 16
+
+
+def _rows_foldable(op: Conv) -> bool:
+    """A 1 x k conv with one input per group (any multiplier) and no border map: ``RowFoldedConv`` can run it."""
+    return (
+        op.edge is None
+        and op.weight.shape[2] == 1
+        and op.groups == op.in_channels
+        and op.stride[0] == 1
+        and op.padding[0] == 0
+        and not (op.out_channels == op.in_channels and op.in_channels % NCHWC_BLOCK == 0)  # already fast
+    )
+
+
+class RowFoldedConv(nn.Conv2d):
+    """A 1 x k conv with one input per group and m outputs per group, run with the rows folded into channels.
+
+    A horizontal conv never mixes rows, so (N, C, H, W) viewed as (N, C * H, 1, W) is the same conv with
+    each channel's weights repeated for its H rows. Output r of each group is then one depthwise conv over
+    C * H channels, which ONNX Runtime runs in its blocked layout when C * H is a multiple of 16; its
+    per-group path for a channel multiplier is several times slower (M3's first block, 24 -> 48 channels
+    at 56 x 112: 108 -> 80 us). The m results are interleaved back to the original channel order. Other
+    sizes, and TorchScript tracing (whose ONNX exporter cannot infer the folded shapes), run the plain
+    grouped conv, decided when the graph is traced.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._folded: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def folded(self, rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """For each of the m outputs per group: weight (C * rows, 1, 1, k) and bias (C * rows), channel-major."""
+        key = (rows, self.weight.device, self.weight.dtype)
+        if key not in self._folded:
+            m = self.out_channels // self.in_channels
+            w = self.weight.detach().view(self.in_channels, m, 1, 1, -1)
+            b = self.bias.detach().view(self.in_channels, m)
+            self._folded[key] = [
+                (w[:, r].repeat_interleave(rows, 0).contiguous(), b[:, r].repeat_interleave(rows).contiguous())
+                for r in range(m)
+            ]
+        return self._folded[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c, h, w = x.shape[1], x.shape[2], x.shape[3]
+        if (c * h) % NCHWC_BLOCK or torch.jit.is_tracing():  # TorchScript / the legacy ONNX exporter: plain conv
+            return super().forward(x)
+        xr = x.reshape(-1, c * h, 1, w)
+        w_out = (w + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
+        outs = [
+            F.conv2d(xr, wr, br, (1, self.stride[1]), (0, self.padding[1]), groups=c * h).view(-1, c, 1, h, w_out)
+            for wr, br in self.folded(h)
+        ]
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (N, C, m, H, W_out): output o = a * m + r
+        return y.reshape(-1, self.out_channels, h, w_out)
+
+
+def _conv_module(op: Conv, dtype: torch.dtype, full_map: bool = False, fold_rows: bool = False) -> nn.Conv2d:
     cout, cin_g, kh, kw = op.weight.shape
     args = (cin_g * op.groups, cout, (kh, kw), op.stride, op.padding)
-    if op.edge is None:
+    if fold_rows and _rows_foldable(op):
+        conv = RowFoldedConv(*args, groups=op.groups, bias=True)
+    elif op.edge is None:
         conv = nn.Conv2d(*args, groups=op.groups, bias=True)
     else:
-        conv = EdgeCorrectedConv(*args, groups=op.groups, bias=True, edge=op.edge.to(dtype))
+        conv = EdgeCorrectedConv(*args, groups=op.groups, bias=True, edge=op.edge.to(dtype), full_map=full_map)
     with torch.no_grad():
         conv.weight.copy_(op.weight.to(dtype))
         conv.bias.copy_(op.bias.to(dtype))
     return conv
 
 
-def _build(ops: list[Op], dtype: torch.dtype, use_matmul: bool) -> nn.Sequential:
+def _build(ops: list[Op], dtype: torch.dtype, use_matmul: bool, full_maps: bool | None = None) -> nn.Sequential:
+    """Modules for ``ops``; ``use_matmul`` and ``full_maps`` (default: ``use_matmul``) pick ONNX Runtime's forms."""
+    full_maps = use_matmul if full_maps is None else full_maps
     stack: list[list[nn.Module]] = [[]]
     for op in ops:
         if isinstance(op, Save):
@@ -729,13 +808,13 @@ def _build(ops: list[Op], dtype: torch.dtype, use_matmul: bool) -> nn.Sequential
             layers = stack.pop()
             stack[-1].append(ResidualSequence(*layers))
         elif isinstance(op, Conv):
-            stack[-1].append(_conv_module(op, dtype))
+            stack[-1].append(_conv_module(op, dtype, full_maps, fold_rows=use_matmul))
         elif isinstance(op, Perm):
             stack[-1].append(ChannelGather(op.index))
         elif isinstance(op, ShiftMax):
             stack[-1].append(FusedShiftMax(op, dtype, use_matmul))
         elif isinstance(op, PhaseStem):
-            stack[-1].append(PhaseStemConv(op, dtype))
+            stack[-1].append(PhaseStemConv(op, dtype, full_maps))
         else:
             stack[-1].append(op.module)
     if len(stack) != 1:

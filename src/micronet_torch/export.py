@@ -123,6 +123,13 @@ def _example(input_shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(max(2, input_shape[0]), *input_shape[1:])
 
 
+def _warm(model: nn.Module, example: torch.Tensor) -> None:
+    """Run the model once before tracing: deploy modules build their per-input-size constants (border maps,
+    row-folded weights) on first use, and a tracer would otherwise record that arithmetic instead of constants."""
+    with torch.no_grad():
+        model(example)
+
+
 def count_nodes(path: str | os.PathLike) -> int:
     import onnx
 
@@ -178,6 +185,7 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     example = _example(input_shape)
+    _warm(model, example)
     result = ExportResult(path, "onnx")
     order = {"auto": ("dynamo", "legacy"), "dynamo": ("dynamo",), "legacy": ("legacy",)}[exporter]
     errors = []
@@ -224,9 +232,11 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, input_shape: t
     """TorchScript by tracing (the deploy graph has no data-dependent control flow)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.randn(*input_shape)
+    _warm(model, example)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, torch.randn(*input_shape), check_trace=False)
+        traced = torch.jit.trace(model, example, check_trace=False)
         traced = torch.jit.freeze(traced.eval())
     traced.save(str(path))
     return ExportResult(path, "torchscript", exporter="torch.jit.trace")
@@ -237,8 +247,10 @@ def export_program(model: nn.Module, path: str | os.PathLike, input_shape: tuple
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1, max=4096)
+    example = _example(input_shape)
+    _warm(model, example)
     with torch.no_grad():
-        prog = torch.export.export(model, (_example(input_shape),), dynamic_shapes=({0: batch},))
+        prog = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     torch.export.save(prog, str(path))
     return ExportResult(path, "exported-program", exporter="torch.export")
 
@@ -309,7 +321,8 @@ def quantize_onnx(
 
     ``op_types`` limits quantization to the convolutions and linears by default: Dynamic Shift-Max's
     products stay in float, which keeps its input-dependent coefficients exact. ``float_convs`` keeps the
-    first that many convolutions (graph order) and, when it is > 0, the two head linears in float: the
+    first that many convolution layers (graph order; the Conv nodes of one ``RowFoldedConv`` share their
+    input and count once) and, when it is > 0, the two head linears in float: the
     early, high-resolution layers are the ones whose 8-bit rounding flips predictions (``docs/deploy.md``).
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
@@ -332,7 +345,12 @@ def quantize_onnx(
             import onnx
 
             graph = onnx.load(str(pre)).graph
-            exclude = [n.name for n in graph.node if n.op_type == "Conv"][:float_convs]
+            layers: dict[str, int] = {}  # a row-folded conv's m Conv nodes read one input: one layer
+            for n in graph.node:
+                if n.op_type == "Conv":
+                    layer = layers.setdefault(n.input[0], len(layers))
+                    if layer < float_convs:
+                        exclude.append(n.name)
             exclude += [n.name for n in graph.node if n.op_type == "Gemm"][-2:]
         quantize_static(
             str(pre),
