@@ -196,12 +196,18 @@ def test_row_folded_conv(mult: int, k: int, stride: int, size: tuple[int, int]) 
 
 
 def test_merge_pairs_counts() -> None:
-    """M0: the eager backend merges all 7 factorized pairs; ONNX only the 5 that stay dense or depthwise."""
+    """M0: the eager backend merges all 7 factorized pairs; ONNX only the stem's and the depthwise pair after it."""
+    from micronet_torch.deploy import EdgeCorrectedConv, PhaseStemConv
+
     model = micronet_torch.create_model("micronet_m0").eval()
     convs = lambda m: sum(isinstance(x, nn.Conv2d) for x in m.modules())  # noqa: E731
     assert convs(convert_to_deploy(model, merge_pairs=False)) == 24
     assert convs(convert_to_deploy(model)) == 17
-    assert convs(convert_to_deploy(model, backend="onnx")) == 19
+    onnx_model = convert_to_deploy(model, backend="onnx")
+    assert convs(onnx_model) == 22  # 24 - 2 merged pairs
+    (stem,) = [m for m in onnx_model.modules() if isinstance(m, PhaseStemConv)]
+    assert [isinstance(m, EdgeCorrectedConv) for m in stem.plain if isinstance(m, nn.Conv2d)] == [True, True]
+    assert sum(isinstance(m, EdgeCorrectedConv) for m in onnx_model.modules()) == 2  # only the stem's two
 
 
 def test_deploy_is_inference_only() -> None:

@@ -407,7 +407,7 @@ def _separable_pair(a: Op, b: Op) -> bool:
     )
 
 
-def merge_separable(ops: list[Op], plain_only: bool = False) -> list[Op]:
+def merge_separable(ops: list[Op], plain_only: bool = False, stem_only: bool = False) -> list[Op]:
     """Merge every k x 1 conv directly followed by a 1 x k depthwise conv (with multiplier) into one k x k conv.
 
     Output o of the second conv reads channel ``a = o // m`` of the first, so the composite kernel is
@@ -417,7 +417,8 @@ def merge_separable(ops: list[Op], plain_only: bool = False) -> list[Op]:
     the *input* instead, so the term ``b1[a] * w2[o, j]`` must be taken off at those border columns
     (``Conv.edge``; ``EdgeCorrectedConv`` adds the correction). ``plain_only`` merges only the pairs whose
     result is a dense or a depthwise conv (ONNX Runtime's fast blocked layout takes those, not convs with
-    a channel multiplier).
+    a channel multiplier). ``stem_only`` merges only the pairs with a dense first conv (the stem) and a
+    depthwise pair right after one of those (across an activation): the pattern ``phase_stem`` takes.
     """
     out: list[Op] = []
     i = 0
@@ -426,6 +427,7 @@ def merge_separable(ops: list[Op], plain_only: bool = False) -> list[Op]:
             i + 1 < len(ops)
             and _separable_pair(ops[i], ops[i + 1])
             and (not plain_only or ops[i].groups in (1, ops[i + 1].out_channels))
+            and (not stem_only or ops[i].groups == 1 or _after_merged_stem(out, ops[i + 1]))
         ):
             a, b = ops[i], ops[i + 1]
             m = b.out_channels // b.in_channels
@@ -443,6 +445,21 @@ def merge_separable(ops: list[Op], plain_only: bool = False) -> list[Op]:
             out.append(ops[i])
             i += 1
     return out
+
+
+def _after_merged_stem(done: list[Op], b: Op) -> bool:
+    """True if the merged ops so far end with a merged dense conv (then pointwise ops) and ``b`` is depthwise."""
+    j = len(done) - 1
+    while j >= 0 and isinstance(done[j], Pointwise):
+        j -= 1
+    prev = done[j] if j >= 0 else None
+    return (
+        j < len(done) - 1
+        and isinstance(prev, Conv)
+        and prev.groups == 1
+        and prev.edge is not None
+        and b.in_channels == b.out_channels
+    )
 
 
 def _is_3x3_s2(op: Op) -> bool:
@@ -873,9 +890,10 @@ def convert_to_deploy(
     ``backend`` picks between layouts that are equally exact but fast on different runtimes: ``onnx``
     also turns channel-multiplying depthwise convs into plain ones by repeating channels (ONNX Runtime
     runs those in its blocked layout; PyTorch's oneDNN is slower with the repeated channels).
-    ``merge_pairs`` merges each factorized k x 1 / 1 x k pair into one k x k conv with an exact border
-    correction (``merge_separable``): every pair for ``eager``, the pairs that become dense or depthwise
-    convs for ``onnx``.
+    ``merge_pairs`` merges factorized k x 1 / 1 x k pairs into one k x k conv with an exact border
+    correction (``merge_separable``): every pair for ``eager``; for ``onnx`` only the stem's pair (and, for
+    M0's stem on phases, the depthwise pair after it): a merged k x k depthwise conv does k*k instead of
+    2k multiply-adds and needs its border map added, which made it slower than the two convs in ORT.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -889,7 +907,7 @@ def convert_to_deploy(
     if merge_pairs:
         # ONNX Runtime runs a merged conv fast only in its blocked layout (dense or depthwise); a merged conv
         # with a channel multiplier falls back to its slow per-group path, so those pairs stay two convs there
-        ops = merge_separable(ops, plain_only=backend == "onnx")
+        ops = merge_separable(ops, plain_only=backend == "onnx", stem_only=backend == "onnx")
         if backend == "onnx":
             ops = phase_stem(ops)
     ops = fold_shift_max_scale(ops)
