@@ -905,8 +905,8 @@ def convert_to_deploy(
         # stuck before (M0: the one after the stem) now moves into conv weights: optimize once more
         ops = optimize(expand_multipliers(ops))
     if merge_pairs:
-        # ONNX Runtime runs a merged conv fast only in its blocked layout (dense or depthwise); a merged conv
-        # with a channel multiplier falls back to its slow per-group path, so those pairs stay two convs there
+        # ONNX Runtime: a merged conv with a channel multiplier falls back to its slow per-group path, and a
+        # merged depthwise one costs k*k taps plus a border-map pass: only the stem's pairs are merged there
         ops = merge_separable(ops, plain_only=backend == "onnx", stem_only=backend == "onnx")
         if backend == "onnx":
             ops = phase_stem(ops)
