@@ -405,6 +405,7 @@ def markdown(records: list[Record], env: dict[str, Any]) -> str:
         f"Median of {env.get('runs')} runs (batch > 1: a fifth of that; each setting capped at "
         f"{env.get('max_seconds')} s) after {env.get('warmup')} warm-up runs, {env.get('img_size')}² input; "
         f"batch 1 timed in turns of {env.get('block', 1)} calls per job, the first untimed; "
+        "weights random with trained-like BatchNorm statistics (seeded, every model alike); "
         f"int8 calibration: {env.get('calibration')}; load average at start {env.get('loadavg')}, "
         f"at end {env.get('loadavg_end')}."
     )
