@@ -348,7 +348,12 @@ def _move_forward(ops: list[Op], i: int) -> list[Op]:
     return ops
 
 
-def expand_multipliers(ops: list[Op], max_channels: int = 16, through_shift_max: bool = False) -> list[Op]:
+# ONNX Runtime's blocked (NCHWc) layout: channels in blocks of this many (AVX-512); a depthwise conv runs there
+# only with a multiple of it
+NCHWC_BLOCK = 16
+
+
+def expand_multipliers(ops: list[Op], max_channels: int = NCHWC_BLOCK, through_shift_max: bool = False) -> list[Op]:
     """Make channel-multiplying depthwise convs plain depthwise ones by repeating their input channels.
 
     A conv with one input per group and m outputs per group reads input o // m for output o. If its
@@ -390,20 +395,28 @@ def expand_multipliers(ops: list[Op], max_channels: int = 16, through_shift_max:
     return ops
 
 
+def _is_row_conv(op: Op) -> bool:
+    """A 1 x k conv (stride and padding along the width only) with one input per group and no border map."""
+    return (
+        isinstance(op, Conv)
+        and op.edge is None
+        and op.weight.shape[2] == 1
+        and op.stride[0] == 1
+        and op.padding[0] == 0
+        and op.groups == op.in_channels
+    )
+
+
 def _separable_pair(a: Op, b: Op) -> bool:
     """``a`` a k x 1 conv and ``b`` a 1 x k conv with one input per group reading it (stride along its own axis)."""
     return (
         isinstance(a, Conv)
-        and isinstance(b, Conv)
         and a.edge is None
-        and b.edge is None
         and a.weight.shape[3] == 1
-        and b.weight.shape[2] == 1
         and a.stride[1] == 1
         and a.padding[1] == 0
-        and b.stride[0] == 1
-        and b.padding[0] == 0
-        and b.groups == b.in_channels == a.out_channels
+        and _is_row_conv(b)
+        and b.in_channels == a.out_channels
     )
 
 
@@ -740,20 +753,9 @@ class PhaseStemConv(nn.Module):
         return F.conv2d(F.pad(y, (1, 0, 1, 0)), self.wb, self.bb) + emap_b
 
 
-# ONNX Runtime's blocked layout takes a depthwise conv only with a multiple of this many channels (AVX-512)
-NCHWC_BLOCK = 16
-
-
 def _rows_foldable(op: Conv) -> bool:
-    """A 1 x k conv with one input per group (any multiplier) and no border map: ``RowFoldedConv`` can run it."""
-    return (
-        op.edge is None
-        and op.weight.shape[2] == 1
-        and op.groups == op.in_channels
-        and op.stride[0] == 1
-        and op.padding[0] == 0
-        and not (op.out_channels == op.in_channels and op.in_channels % NCHWC_BLOCK == 0)  # already fast
-    )
+    """A row conv (any multiplier) that ONNX Runtime would not already run in its blocked layout."""
+    return _is_row_conv(op) and not (op.out_channels == op.in_channels and op.in_channels % NCHWC_BLOCK == 0)
 
 
 class RowFoldedConv(nn.Conv2d):
