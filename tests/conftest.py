@@ -66,3 +66,12 @@ def fake_fashion_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr("micronet_torch.data.FASHION_MNIST_DEBIAN", src)
     monkeypatch.setenv("MICRONET_TORCH_HOME", str(tmp_path / "home"))
     return src
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _fused_ops_cache(tmp_path_factory):
+    """Build the fused-operator library (micronet_torch.fused_ops) into a temporary cache, not ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MICRONET_CACHE_DIR", str(tmp_path_factory.mktemp("micronet-cache")))
+    yield
+    mp.undo()

@@ -46,7 +46,7 @@ def test_settings() -> None:
 def test_run_benchmark_tiny() -> None:
     records, env = run_benchmark(
         models=("micronet_m0", "mobilenetv3_small_050"),
-        paths=("eager", "deploy", "ort-plain", "ort-legacy"),
+        paths=("eager", "deploy", "ort-fused", "ort-plain", "ort-legacy"),
         runs=2,
         warmup=1,
         img_size=32,
@@ -58,6 +58,8 @@ def test_run_benchmark_tiny() -> None:
     assert ("micronet_m0", "ort-plain", 1, 1) in keys
     assert ("mobilenetv3_small_050", "ort-plain", 1, 1) not in keys  # plain export only for MicroNet
     assert ("micronet_m0", "ort-legacy", 1, 1) in keys
+    assert ("micronet_m0", "ort-fused", 1, 1) in keys
+    assert ("mobilenetv3_small_050", "ort-fused", 1, 1) not in keys  # the fused operator is MicroNet's
     assert all(r.median_ms > 0 for r in records)
     assert "torch" in env and "cpu" in env
     text = markdown(records, env)
@@ -72,6 +74,10 @@ def test_targets_text() -> None:
     assert lines and "met" in lines[0] and "NOT" not in lines[0]
     lines = targets([rec("micronet_m3", "ort", 1.0), rec("micronet_m3", "ort-legacy", 1.5)])
     assert lines and "plain export" in lines[0] and "1.50x" in lines[0] and "NOT" not in lines[0]
+    ref = rec("mobilenetv3_small_050", "ort", 0.5)
+    lines = targets([rec("micronet_m0", "ort", 0.45), rec("micronet_m0", "ort-fused", 0.3), ref])
+    assert len(lines) == 2 and "0.90x" in lines[0] and "NOT met" in lines[0]
+    assert "M0 ort-fused" in lines[1] and "0.60x" in lines[1] and "NOT" not in lines[1]
 
 
 def test_cli_json(tmp_path, capsys) -> None:

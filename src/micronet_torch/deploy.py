@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import MicroBlock, SwishLinear
+from .fused_ops import shift_max
 from .ops import ChannelShuffle, DynamicShiftMax, invert_permutation
 from .ops.shuffle import compose_permutations
 
@@ -562,10 +563,13 @@ class FusedShiftMax(nn.Module):
     Runtime) and the next convolution's weights carry the factor instead.
     """
 
-    def __init__(self, op: ShiftMax, dtype: torch.dtype = torch.float32, use_matmul: bool = True) -> None:
+    def __init__(
+        self, op: ShiftMax, dtype: torch.dtype = torch.float32, use_matmul: bool = True, fused_op: bool = False
+    ) -> None:
         super().__init__()
         c, k, j = op.channels, op.k, op.j
         self.use_matmul = use_matmul  # ONNX Runtime: yes on large maps; PyTorch eager: never (slow bmm)
+        self.fused_op = fused_op  # one micronet.ShiftMax operator (fused_ops.py) for the gather, products and max
         logical = op.out_perm  # actual output channel a is logical channel out_perm[a] (may repeat)
         self.in_channels, self.out_channels, self.k, self.j = c, logical.numel(), k, j
         self.scaled = op.scaled
@@ -594,6 +598,8 @@ class FusedShiftMax(nn.Module):
             shift_src = op.in_perm[op.shift[logical]]
             self.register_buffer("shift_index", shift_src.long())  # its shift
             self.register_buffer("pair_index", torch.stack([x_src, shift_src], dim=1).reshape(-1).long())
+        # the fused operator's attribute: the input channels each output channel reads, (x, shift) per channel
+        self.fused_index = (self.pair_index if j == 2 else self.x_index).tolist()
 
     def coefficients(self, x: torch.Tensor) -> torch.Tensor:
         """The fused coefficients, (N, C_out * K * J) in (c, k, j) order (divided by the scale if ``scaled``)."""
@@ -606,6 +612,8 @@ class FusedShiftMax(nn.Module):
         h, w = x.shape[2], x.shape[3]
         c, k, j = self.out_channels, self.k, self.j
         coef = self.coefficients(x)
+        if self.fused_op:
+            return shift_max(x, coef, self.fused_index, k, j)
         if j == 2 and self.use_matmul and h * w >= MATMUL_MIN_PIXELS_PER_CHANNEL * c:
             # large maps, few channels: one gather of (x, shift) pairs and one batched product
             u = torch.index_select(x, 1, self.pair_index).reshape(-1, c, 2, h * w)
@@ -628,7 +636,7 @@ class FusedShiftMax(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_channels={self.in_channels}, out_channels={self.out_channels}, K={self.k}, J={self.j}, "
-            f"scaled={self.scaled}"
+            f"scaled={self.scaled}, fused_op={self.fused_op}"
         )
 
 
@@ -816,8 +824,11 @@ def _conv_module(op: Conv, dtype: torch.dtype, full_map: bool = False, fold_rows
     return conv
 
 
-def _build(ops: list[Op], dtype: torch.dtype, use_matmul: bool, full_maps: bool | None = None) -> nn.Sequential:
-    """Modules for ``ops``; ``use_matmul`` and ``full_maps`` (default: ``use_matmul``) pick ONNX Runtime's forms."""
+def _build(
+    ops: list[Op], dtype: torch.dtype, use_matmul: bool, full_maps: bool | None = None, fused_ops: bool = False
+) -> nn.Sequential:
+    """Modules for ``ops``; ``use_matmul`` and ``full_maps`` (default: ``use_matmul``) pick ONNX Runtime's forms,
+    ``fused_ops`` the ``micronet.ShiftMax`` operator for every Dynamic Shift-Max."""
     full_maps = use_matmul if full_maps is None else full_maps
     stack: list[list[nn.Module]] = [[]]
     for op in ops:
@@ -831,7 +842,7 @@ def _build(ops: list[Op], dtype: torch.dtype, use_matmul: bool, full_maps: bool 
         elif isinstance(op, Perm):
             stack[-1].append(ChannelGather(op.index))
         elif isinstance(op, ShiftMax):
-            stack[-1].append(FusedShiftMax(op, dtype, use_matmul))
+            stack[-1].append(FusedShiftMax(op, dtype, use_matmul, fused_ops))
         elif isinstance(op, PhaseStem):
             stack[-1].append(PhaseStemConv(op, dtype, full_maps))
         else:
@@ -885,7 +896,11 @@ BACKENDS = ("eager", "onnx")
 
 
 def convert_to_deploy(
-    model: nn.Module, backend: str = "eager", dtype: torch.dtype = torch.float32, merge_pairs: bool = True
+    model: nn.Module,
+    backend: str = "eager",
+    dtype: torch.dtype = torch.float32,
+    merge_pairs: bool = True,
+    fused_ops: bool = False,
 ) -> DeployMicroNet:
     """An inference-only copy of an eval-mode MicroNet with the same outputs (``docs/deploy.md``).
 
@@ -896,9 +911,13 @@ def convert_to_deploy(
     correction (``merge_separable``): every pair for ``eager``; for ``onnx`` only the stem's pair (and, for
     M0's stem on phases, the depthwise pair after it): a merged k x k depthwise conv does k*k instead of
     2k multiply-adds and needs its border map added, which made it slower than the two convs in ORT.
+    ``fused_ops`` (``onnx`` only) computes every Dynamic Shift-Max's fusion and max with one
+    ``micronet.ShiftMax`` operator, which ONNX Runtime runs from the library in ``fused_ops.py``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if fused_ops and backend != "onnx":
+        raise ValueError("fused_ops=True makes an ONNX Runtime graph; use it with backend='onnx'")
     if not hasattr(model, "features") or not hasattr(model, "classifier"):
         raise TypeError(f"convert_to_deploy expects a MicroNet; got {type(model).__name__}")
     ops = optimize(lower(model))
@@ -913,7 +932,7 @@ def convert_to_deploy(
         if backend == "onnx":
             ops = phase_stem(ops)
     ops = fold_shift_max_scale(ops)
-    features = _build(ops, dtype, use_matmul=backend == "onnx")
+    features = _build(ops, dtype, use_matmul=backend == "onnx", fused_ops=fused_ops)
     pool = list(model.avgpool)
     if not (
         len(pool) == 3

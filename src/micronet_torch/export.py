@@ -21,6 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .fused_ops import FusedOpsUnavailable, library_path, onnx_translation_table, uses_fused_ops
+from .fused_ops import register as register_fused_ops
+
 FORMATS = ("onnx", "torchscript", "exported-program")
 INT8_FORMATS = ("qdq", "qoperator")
 FP32_TOLERANCE = 1e-4  # relative to max|logits|
@@ -153,11 +156,14 @@ def _onnx_dynamo(model: nn.Module, path: Path, example: torch.Tensor, opset: int
             dynamic_shapes=({0: batch},),
             verbose=False,
             optimize=True,
+            custom_translation_table=onnx_translation_table(),
         )
         prog.save(str(path), external_data=False)
 
 
 def _onnx_legacy(model: nn.Module, path: Path, example: torch.Tensor, opset: int) -> None:
+    if any(getattr(m, "fused_op", False) for m in model.modules()):
+        raise RuntimeError("the micronet.ShiftMax operator (--fused-ops) needs the dynamo exporter")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -269,6 +275,8 @@ def ort_session(path: str | os.PathLike, threads: int = 1, optimize: bool = True
     so.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
+    if uses_fused_ops(path):
+        register_fused_ops(so)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
@@ -282,6 +290,8 @@ def ort_nodes_after_optimization(path: str | os.PathLike) -> int:
         so.log_severity_level = 3
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.optimized_model_filepath = str(out)
+        if uses_fused_ops(path):
+            register_fused_ops(so)
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         return count_nodes(out)
 
@@ -414,11 +424,31 @@ def run_export(args: argparse.Namespace) -> int:
         raise CLIError("--int8 needs --format onnx (quantization runs in ONNX Runtime)")
     if args.int8 and not args.calib:
         raise CLIError("--int8 needs --calib DIR (an image folder, or fashion-mnist)")
+    if args.fused_ops:
+        clash = [
+            flag
+            for flag, on in (
+                ("--format " + args.format, args.format != "onnx"),
+                ("--no-deploy", args.no_deploy),
+                ("--int8", args.int8),
+                ("--exporter legacy", args.exporter == "legacy"),
+            )
+            if on
+        ]
+        if clash:
+            raise CLIError(
+                f"--fused-ops writes an fp32 ONNX deploy graph through the dynamo exporter; drop {', '.join(clash)}"
+            )
+        try:
+            library = library_path()
+        except FusedOpsUnavailable as err:
+            raise CLIError(str(err)) from err
     model, meta = load_model(args.model, args.checkpoint, args.num_classes, args.in_chans)
     in_chans = getattr(model, "in_chans", 3)
     cfg = data_config_for(meta, args.img_size, in_chans)
     shape = (1, in_chans, cfg.img_size, cfg.img_size)
-    target = model if args.no_deploy else convert_to_deploy(model, backend="onnx" if args.format == "onnx" else "eager")
+    backend = "onnx" if args.format == "onnx" else "eager"
+    target = model if args.no_deploy else convert_to_deploy(model, backend=backend, fused_ops=args.fused_ops)
     t0 = time.perf_counter()
     out = Path(args.output)
     if args.format == "onnx":
@@ -435,6 +465,11 @@ def run_export(args: argparse.Namespace) -> int:
     )
     for note in res.notes:
         print(f"  note: {note}")
+    if args.fused_ops:
+        print(
+            f"  note: uses the micronet.ShiftMax operator; ONNX Runtime sessions need "
+            f"SessionOptions.register_custom_ops_library('{library}') (micronet_torch.fused_ops.register)"
+        )
     # fp32 parity on a few inputs with batch > 1 (checks the dynamic batch axis as well)
     check_x = torch.randn(3, *shape[1:], generator=torch.Generator().manual_seed(0))
     check_fp32(res, model, check_x)
@@ -486,6 +521,12 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exporter", choices=("auto", "dynamo", "legacy"), default="auto", help="ONNX exporter [auto]")
     p.add_argument("--no-slim", action="store_true", help="skip onnxslim")
     p.add_argument("--no-deploy", action="store_true", help="export the eager model as it is (for comparison)")
+    p.add_argument(
+        "--fused-ops",
+        action="store_true",
+        help="each Dynamic Shift-Max as one micronet.ShiftMax operator (faster; sessions need the library from "
+        "micronet_torch.fused_ops, built with the system C compiler on first use)",
+    )
     p.add_argument("--int8", action="store_true", help="also quantize (ONNX Runtime static int8); writes OUTPUT")
     p.add_argument("--calib", help="calibration images: an image folder, or fashion-mnist")
     p.add_argument("--calib-count", type=int, default=512, help="images used to calibrate [512]")
