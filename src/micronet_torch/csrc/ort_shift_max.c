@@ -15,7 +15,6 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -27,7 +26,8 @@ typedef struct OrtValue OrtValue;
 typedef struct OrtTypeShape OrtTypeShape;
 typedef struct OrtDomain OrtDomain;
 typedef struct OrtSessionOptions OrtSessionOptions;
-typedef void *const *OrtApiTable; /* OrtApi: a table of function pointers */
+typedef void (*OrtFn)(void);
+typedef const OrtFn *OrtApiTable; /* OrtApi: a table of function pointers */
 
 typedef struct {
     OrtApiTable (*get_api)(uint32_t version);
