@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,3 +138,23 @@ def test_trained_like_batchnorm() -> None:
     edges = [m.edge for m in deployed.modules() if isinstance(m, EdgeCorrectedConv)]
     edges += [m.edge_a for m in deployed.modules() if isinstance(m, PhaseStemConv)]
     assert edges and all(e.abs().max() > 0 for e in edges)
+
+
+def test_gpu_script_smoke_on_cpu(tmp_path) -> None:
+    """benchmarks/gpu_bench.py has never had a GPU here: its CPU smoke mode runs every code path."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "gpu.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--device", "cpu", "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["fused_dsm"]["ok"] and result["fused_dsm"]["forward_rel_diff"] < 1e-5
+    assert {r["model"] for r in result["rows"]} == {"micronet_m0", "mobilenetv3_small_100"}
