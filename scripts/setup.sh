@@ -15,6 +15,17 @@ if [ ! -f "$FMNIST" ]; then
     fi
 fi
 
+# a C compiler builds the optional fused ONNX Runtime operator (micronet_torch.fused_ops) on first use
+if ! command -v cc >/dev/null && ! command -v gcc >/dev/null; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        echo "setup: installing gcc (for the fused ONNX Runtime operator)"
+        apt-get update -q >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc >/dev/null
+    else
+        echo "setup: note: no C compiler; 'micronet export --fused-ops' will ask for one" >&2
+    fi
+fi
+
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,7 @@ def test_run_benchmark_tiny() -> None:
     assert ("micronet_m0", "ort-plain", 1, 1) in keys
     assert ("mobilenetv3_small_050", "ort-plain", 1, 1) not in keys  # plain export only for MicroNet
     assert ("micronet_m0", "ort-legacy", 1, 1) in keys
-    assert ("micronet_m0", "ort-fused", 1, 1) in keys
+    assert (("micronet_m0", "ort-fused", 1, 1) in keys) == bool(shutil.which("cc") or shutil.which("gcc"))
     assert ("mobilenetv3_small_050", "ort-fused", 1, 1) not in keys  # the fused operator is MicroNet's
     assert all(r.median_ms > 0 for r in records)
     assert "torch" in env and "cpu" in env
