@@ -154,3 +154,12 @@ def test_official_fixture_through_onnx_runtime(tmp_path) -> None:
     path = tmp_path / "m0.onnx"
     export_onnx(convert_to_deploy(model, backend="onnx", fused_ops=True), path, (1, *ref["input"].shape[1:]))
     assert rel_diff(torch.from_numpy(run_ort(ort_session(path), ref["input"])), ref["logits"]) <= TOL
+
+
+def test_build_without_march_native(tmp_path) -> None:
+    """A compiler that rejects -march=native (some clang targets) still gets a portable build."""
+    wrapper = tmp_path / "cc-no-native"
+    wrapper.write_text('#!/bin/sh\ncase "$*" in *-march=native*) echo "unsupported" >&2; exit 1;; esac\nexec cc "$@"\n')
+    wrapper.chmod(0o755)
+    path = library_path(tmp_path / "lib", compiler=str(wrapper))
+    assert path.is_file() and path.stat().st_size > 0

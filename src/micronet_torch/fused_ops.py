@@ -25,7 +25,8 @@ import torch
 DOMAIN = "micronet"
 OP_TYPE = "ShiftMax"
 SOURCE = Path(__file__).parent / "csrc" / "ort_shift_max.c"
-CFLAGS = ("-O3", "-march=native", "-std=c11", "-shared", "-fPIC", "-fvisibility=hidden")
+CFLAGS = ("-O3", "-std=c11", "-shared", "-fPIC", "-fvisibility=hidden")
+NATIVE_FLAGS = ("-march=native",)  # tried first; some compilers / targets reject it
 
 
 class FusedOpsUnavailable(RuntimeError):
@@ -52,7 +53,8 @@ def library_path(directory: str | os.PathLike | None = None, compiler: str | Non
     The build is atomic (compiled to a temporary name, then renamed), so concurrent first uses are safe.
     """
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(CFLAGS).encode() + _cpu_tag().encode()).hexdigest()[:16]
+    flags = " ".join(CFLAGS + NATIVE_FLAGS).encode()
+    key = hashlib.sha256(source + flags + _cpu_tag().encode()).hexdigest()[:16]
     out_dir = Path(directory) if directory is not None else cache_dir()
     out = out_dir / f"libmicronet_ort_ops-{key}.so"
     if out.exists():
@@ -67,10 +69,12 @@ def library_path(directory: str | os.PathLike | None = None, compiler: str | Non
     with tempfile.NamedTemporaryFile(dir=out_dir, suffix=".so.tmp", delete=False) as tmp:
         tmp_path = Path(tmp.name)
     try:
-        proc = subprocess.run(
-            [cc, *CFLAGS, "-o", str(tmp_path), str(SOURCE)], capture_output=True, text=True, check=False
-        )
-        if proc.returncode != 0:
+        for extra in (NATIVE_FLAGS, ()):
+            cmd = [cc, *CFLAGS, *extra, "-o", str(tmp_path), str(SOURCE)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode == 0:
+                break
+        else:
             raise FusedOpsUnavailable(f"compiling {SOURCE.name} with {cc} failed:\n{proc.stderr.strip()[-2000:]}")
         os.replace(tmp_path, out)
     finally:
