@@ -71,7 +71,10 @@ def fake_fashion_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(autouse=True, scope="session")
 def _fused_ops_cache(tmp_path_factory):
     """Build the fused-operator library (micronet_torch.fused_ops) into a temporary cache, not ~/.cache."""
+    from micronet_torch import fused_ops
+
     mp = pytest.MonkeyPatch()
-    mp.setenv("MICRONET_CACHE_DIR", str(tmp_path_factory.mktemp("micronet-cache")))
+    cache = tmp_path_factory.mktemp("micronet-ort-ops")
+    mp.setattr(fused_ops, "cache_dir", lambda: cache)
     yield
     mp.undo()

@@ -6,7 +6,7 @@ result once. The exported graph then needs this library in every ONNX Runtime se
 (``register(session_options)``), so it is opt-in (``micronet export --fused-ops``); the default export keeps
 to standard operators. The library is compiled from ``csrc/ort_shift_max.c`` with the system C compiler
 on first use and cached; it talks to ONNX Runtime only through the ``OrtApi`` table ONNX Runtime hands it,
-so it links against nothing and works with any ONNX Runtime from 1.16 on.
+so it links against nothing and works with any ONNX Runtime from 1.17 on.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 DOMAIN = "micronet"
-OP_TYPE = "ShiftMax"
 SOURCE = Path(__file__).parent / "csrc" / "ort_shift_max.c"
 CFLAGS = ("-O3", "-std=c11", "-shared", "-fPIC", "-fvisibility=hidden")
 NATIVE_FLAGS = ("-march=native",)  # tried first; some compilers / targets reject it
@@ -34,10 +33,8 @@ class FusedOpsUnavailable(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Where built libraries go: ``$MICRONET_CACHE_DIR``, else ``$XDG_CACHE_HOME/micronet_torch`` (~/.cache)."""
-    if os.environ.get("MICRONET_CACHE_DIR"):
-        return Path(os.environ["MICRONET_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "micronet_torch"
+    """Where built libraries go: ``$MICRONET_TORCH_HOME/ort_ops`` (default ``~/.cache/micronet_torch/ort_ops``)."""
+    return Path(os.environ.get("MICRONET_TORCH_HOME", Path.home() / ".cache" / "micronet_torch")) / "ort_ops"
 
 
 def _cpu_tag() -> str:
