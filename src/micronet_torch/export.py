@@ -264,8 +264,9 @@ def export_program(model: nn.Module, path: str | os.PathLike, input_shape: tuple
 
 
 # ---- ONNX Runtime ---------------------------------------------------------------------------------
-def ort_session(path: str | os.PathLike, threads: int = 1, optimize: bool = True):
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads and all graph optimizations."""
+def _session_options(path: str | os.PathLike, threads: int = 1, optimize: bool = True):
+    """CPU session options: ``threads`` intra-op threads, all graph optimizations (or none), and the
+    ``micronet`` operator library when the file uses it."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -277,6 +278,14 @@ def ort_session(path: str | os.PathLike, threads: int = 1, optimize: bool = True
     )
     if uses_fused_ops(path):
         register_fused_ops(so)
+    return so
+
+
+def ort_session(path: str | os.PathLike, threads: int = 1, optimize: bool = True):
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads and all graph optimizations."""
+    import onnxruntime as ort
+
+    so = _session_options(path, threads, optimize)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
@@ -286,12 +295,8 @@ def ort_nodes_after_optimization(path: str | os.PathLike) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "opt.onnx"
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so = _session_options(path)
         so.optimized_model_filepath = str(out)
-        if uses_fused_ops(path):
-            register_fused_ops(so)
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         return count_nodes(out)
 
