@@ -396,29 +396,25 @@ def expand_multipliers(ops: list[Op], max_channels: int = NCHWC_BLOCK, through_s
     return ops
 
 
-def _is_row_conv(op: Op) -> bool:
-    """A 1 x k conv (stride and padding along the width only) with one input per group and no border map."""
+def _is_1d_conv(op: Op, axis: int) -> bool:
+    """A conv with a 1-tap kernel, stride 1 and no padding along ``axis`` (0: rows, 1: columns), no border map."""
     return (
         isinstance(op, Conv)
         and op.edge is None
-        and op.weight.shape[2] == 1
-        and op.stride[0] == 1
-        and op.padding[0] == 0
-        and op.groups == op.in_channels
+        and op.weight.shape[2 + axis] == 1
+        and op.stride[axis] == 1
+        and op.padding[axis] == 0
     )
+
+
+def _is_row_conv(op: Op) -> bool:
+    """A 1 x k conv (stride and padding along the width only) with one input per group and no border map."""
+    return _is_1d_conv(op, 0) and op.groups == op.in_channels
 
 
 def _separable_pair(a: Op, b: Op) -> bool:
     """``a`` a k x 1 conv and ``b`` a 1 x k conv with one input per group reading it (stride along its own axis)."""
-    return (
-        isinstance(a, Conv)
-        and a.edge is None
-        and a.weight.shape[3] == 1
-        and a.stride[1] == 1
-        and a.padding[1] == 0
-        and _is_row_conv(b)
-        and b.in_channels == a.out_channels
-    )
+    return _is_1d_conv(a, 1) and _is_row_conv(b) and b.in_channels == a.out_channels
 
 
 def merge_separable(ops: list[Op], plain_only: bool = False, stem_only: bool = False) -> list[Op]:
