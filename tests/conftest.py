@@ -63,7 +63,7 @@ def fake_fashion_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         images = np.stack([np.pad(class_image(int(lbl) % 3, rng, 24), 2) for lbl in labels])
         (src / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(images)))
         (src / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx(labels)))
-    monkeypatch.setattr("micronet_torch.data.FASHION_MNIST_DEBIAN", src)
+    monkeypatch.setattr("micronet_torch.data.builtin.FASHION_MNIST_DEBIAN", src)
     monkeypatch.setenv("MICRONET_TORCH_HOME", str(tmp_path / "home"))
     return src
 
@@ -71,10 +71,10 @@ def fake_fashion_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(autouse=True, scope="session")
 def _fused_ops_cache(tmp_path_factory):
     """Build the fused-operator library (micronet_torch.fused_ops) into a temporary cache, not ~/.cache."""
-    from micronet_torch import fused_ops
+    from micronet_torch.deploy.fused import build as fused_build
 
     mp = pytest.MonkeyPatch()
     cache = tmp_path_factory.mktemp("micronet-ort-ops")
-    mp.setattr(fused_ops, "cache_dir", lambda: cache)
+    mp.setattr(fused_build, "cache_dir", lambda: cache)
     yield
     mp.undo()

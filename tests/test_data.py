@@ -190,7 +190,7 @@ def test_fashion_mnist_from_debian_files(fake_fashion_mnist: Path, tmp_path: Pat
 
 
 def test_fashion_mnist_missing_is_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(D, "FASHION_MNIST_DEBIAN", tmp_path / "nowhere")
+    monkeypatch.setattr(D.builtin, "FASHION_MNIST_DEBIAN", tmp_path / "nowhere")
     with pytest.raises(D.DataError, match="dataset-fashion-mnist"):
         D.prepare_fashion_mnist(tmp_path / "root")
 

@@ -119,7 +119,8 @@ def test_shift_max_equivariance_random() -> None:
     with torch.no_grad():
         dsm.fc[2].weight.normal_(0, 1.0)
     pin, pout = torch.randperm(24), torch.randperm(24)
-    from micronet_torch.deploy import _build, _shift_max_op
+    from micronet_torch.deploy import build_modules as _build
+    from micronet_torch.deploy import shift_max_op as _shift_max_op
 
     ops = [Perm(pin), _shift_max_op(dsm), Perm(pout)]
     net = _build(optimize(ops), torch.float32, use_matmul=True)
@@ -132,7 +133,8 @@ def test_shift_max_equivariance_random() -> None:
 
 def test_grouped_conv_permutation_rules() -> None:
     """A block permutation passes through a grouped conv; a shuffle across groups does not."""
-    from micronet_torch.deploy import _conv_input_perm, _conv_output_perm
+    from micronet_torch.deploy import conv_input_perm as _conv_input_perm
+    from micronet_torch.deploy import conv_output_perm as _conv_output_perm
 
     conv = Conv(torch.randn(8, 2, 1, 1, dtype=torch.float64), torch.randn(8, dtype=torch.float64), (1, 1), (0, 0), 4)
     block = torch.tensor([2, 3, 0, 1, 6, 7, 4, 5])  # swaps groups 0<->1 and 2<->3 of the 8 inputs
@@ -149,7 +151,8 @@ def test_grouped_conv_permutation_rules() -> None:
 @pytest.mark.parametrize("stride,k,width", [(2, 3, 57), (2, 5, 30), (1, 5, 13), (1, 3, 8)])
 def test_merge_separable_exact_at_borders(stride: int, k: int, width: int) -> None:
     """k x 1 then 1 x k (channel multipliers, BN biases) equals one k x k conv plus the border correction."""
-    from micronet_torch.deploy import EdgeCorrectedConv, _build, merge_separable
+    from micronet_torch.deploy import EdgeCorrectedConv, merge_separable
+    from micronet_torch.deploy import build_modules as _build
 
     g = torch.Generator().manual_seed(k * 10 + width)
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
@@ -176,7 +179,8 @@ def test_merge_separable_exact_at_borders(stride: int, k: int, width: int) -> No
 )
 def test_row_folded_conv(mult: int, k: int, stride: int, size: tuple[int, int]) -> None:
     """A 1 x k conv with one input per group equals its rows-folded-into-channels form (and its fallback)."""
-    from micronet_torch.deploy import NCHWC_BLOCK, RowFoldedConv, _build
+    from micronet_torch.deploy import NCHWC_BLOCK, RowFoldedConv
+    from micronet_torch.deploy import build_modules as _build
 
     g = torch.Generator().manual_seed(mult * 100 + k)
     c = 4

@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from micronet_torch import checkpoint as ckpt
-from micronet_torch import engine
+from micronet_torch import train as engine
 from micronet_torch.cli import main
+from micronet_torch.train import checkpoint as ckpt
 
 PYTHON = sys.executable
 
@@ -196,7 +196,7 @@ def test_nan_loss_stops_with_step_and_lr(
             loss = super().forward(logits, target)
             return loss * float("nan") if calls["n"] > 4 else loss  # 3 steps per epoch: dies in epoch 2
 
-    monkeypatch.setattr(engine, "build_loss", lambda cfg: NaNAfterEpoch())
+    monkeypatch.setattr("micronet_torch.train.trainer.build_loss", lambda cfg: NaNAfterEpoch())
     out = tmp_path / "o"
     err = fail(capsys, tiny_args(tiny_folder, out, epochs=3))
     assert "nan" in err and "epoch 2, step 2" in err and "lr" in err and "last.pt" in err

@@ -1,22 +1,34 @@
 """micronet-torch: MicroNet (Li et al., ICCV 2021), exact to the published weights.
 
 ``create_model`` builds M0-M3 (and the preprint's family) by name; importing the package registers
-them with timm. ``ops`` holds the paper's two operators for use in other networks.
+them with timm. ``ops`` holds the paper's two operators for use in other networks. The layers, from the
+bottom: ``ops`` → ``models`` → ``deploy`` → ``runtime`` / ``train`` → ``tools`` → ``cli``
+(``docs/architecture.md``).
 """
 
 import torch
 
-from .blocks import MicroBlock, Variant
-from .model import MicroNet
-from .profiler import Profile, profile_model
-from .registry import create_model, list_models, resolve_name
-from .specs import MODEL_SPECS, BlockSpec, MicroNetSpec
+from . import _compat
+from ._env import __version__
+from .models import (
+    MODEL_SPECS,
+    BlockSpec,
+    MicroBlock,
+    MicroNet,
+    MicroNetSpec,
+    Profile,
+    Variant,
+    create_model,
+    list_models,
+    profile_model,
+    resolve_name,
+)
 
-__version__ = "0.1.0"
+_compat.install()
 
 
 def profile(model: torch.nn.Module, img_size: int = 224, in_chans: int | None = None) -> Profile:
-    """Parameters and MAdds of ``model`` by the paper's rule (SPEC section 5); see ``profiler.profile_model``."""
+    """Parameters and MAdds of ``model`` by the paper's rule (SPEC section 5); see ``models.profile_model``."""
     return profile_model(model, img_size=img_size, in_chans=in_chans)
 
 

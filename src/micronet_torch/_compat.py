@@ -1,0 +1,104 @@
+"""Old import paths from the flat layout (0.1): five kept one release as aliases, the rest say where they went.
+
+``micronet_torch.model``, ``.weights``, ``.export``, ``.engine`` and ``.fused_ops`` still import (with a
+``DeprecationWarning`` for the first four; ``fused_ops`` is public surface) as views of the modules that now
+hold their names; any other module of the old layout raises ``ModuleNotFoundError`` naming its new home.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+import types
+import warnings
+from typing import Any
+
+_PKG = __name__.rsplit(".", 1)[0]
+
+# old module -> the modules that now hold its names, searched in order
+ALIASES: dict[str, tuple[str, ...]] = {
+    "model": ("models.micronet",),
+    "weights": ("models.weights", "models.pretrained"),
+    "export": (
+        "runtime.export",
+        "runtime.onnx",
+        "runtime.ort",
+        "runtime.torch_export",
+        "runtime.parity",
+        "runtime.calibration",
+    ),
+    "engine": (
+        "train.trainer",
+        "train.config",
+        "train.distributed",
+        "train.metrics",
+        "train.logs",
+        "train.builders",
+        "train.run_folder",
+        "_env",
+    ),
+    "fused_ops": ("deploy.fused",),
+}
+QUIET = {"fused_ops"}  # public surface: no warning
+MOVED = {
+    "registry": "models.registry",
+    "specs": "models.specs",
+    "blocks": "models.blocks",
+    "baselines": "models.baselines",
+    "profiler": "models.profile",
+    "checkpoint": "train.checkpoint",
+    "evaluate": "tools.evaluate",
+    "predict": "tools.predict",
+    "bench": "tools.bench",
+    "experiment": "tools.experiment",
+    "demo": "tools.demo",
+    "commands": "cli.models",
+    "_onnxscript_ops": "deploy.fused.onnx",
+}
+
+
+class _AliasModule(types.ModuleType):
+    """A module whose attributes are looked up in the modules that now hold them."""
+
+    def __init__(self, name: str, targets: tuple[str, ...]) -> None:
+        super().__init__(name)
+        self.__targets = targets
+
+    def __getattr__(self, attr: str) -> Any:
+        for target in self.__targets:
+            module = importlib.import_module(f"{_PKG}.{target}")
+            if hasattr(module, attr):
+                return getattr(module, attr)
+        raise AttributeError(f"{self.__name__} has no {attr!r} (it moved to {', '.join(self.__targets)})")
+
+
+class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        prefix, _, old = fullname.rpartition(".")
+        if prefix != _PKG:
+            return None
+        if old in ALIASES:
+            return importlib.machinery.ModuleSpec(fullname, self)
+        if old in MOVED:
+            raise ModuleNotFoundError(
+                f"{fullname} moved to {_PKG}.{MOVED[old]} in micronet-torch 0.2 (docs/architecture.md)", name=fullname
+            )
+        return None
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        old = spec.name.rpartition(".")[2]
+        if old not in QUIET:
+            new = ", ".join(f"{_PKG}.{t}" for t in ALIASES[old])
+            warnings.warn(f"{spec.name} is deprecated; import from {new}", DeprecationWarning, stacklevel=2)
+        return _AliasModule(spec.name, ALIASES[old])
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        return None
+
+
+def install() -> None:
+    """Put the finder on ``sys.meta_path`` once."""
+    if not any(isinstance(f, _Finder) for f in sys.meta_path):
+        sys.meta_path.append(_Finder())

@@ -1,0 +1,7 @@
+"""``python -m micronet_torch.cli``: the ``micronet`` command."""
+
+import sys
+
+from .main import main
+
+sys.exit(main())

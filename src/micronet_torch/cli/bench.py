@@ -1,0 +1,75 @@
+"""``micronet bench``: CPU latency and throughput tables (``tools.bench``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from ..data import DataConfig, default_policy
+from ..runtime import calibration_images
+from ..tools.bench import DEFAULT_MODELS, DEFAULT_PATHS, PATHS, environment, run_benchmark
+from ..tools.bench_report import environment_line, markdown, save
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    calib = None
+    if args.calib:
+        cfg = DataConfig(img_size=args.img_size, in_chans=3, policy=default_policy(args.img_size))
+        calib, _ = calibration_images(args.calib, cfg, limit=64, split="train")
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    env0 = environment()
+    log(environment_line(env0))
+    records, env = run_benchmark(
+        models=tuple(args.models),
+        paths=tuple(args.paths),
+        runs=args.runs,
+        warmup=args.warmup,
+        img_size=args.img_size,
+        threads=args.threads,
+        batch=args.batch,
+        calib=calib,
+        log=log,
+        out_dir=args.out_dir,
+        max_seconds=args.max_seconds,
+        block=args.block,
+    )
+    if args.out_dir:
+        js, md = save(records, env, args.out_dir)
+        log(f"saved {js} and {md}")
+    if args.json:
+        print(json.dumps([asdict(r) for r in records], indent=1))
+    else:
+        print(markdown(records, env))
+    return 0
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="CPU latency/throughput: eager, deploy, ONNX Runtime fp32 and int8, vs MobileNetV3",
+        description="Median latency (batch 1; one thread and all threads) and batch throughput of MicroNet and "
+        "timm baselines through eager PyTorch, deploy mode, ONNX Runtime fp32 and int8.",
+    )
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="models to run [M0-M3 + timm baselines]")
+    p.add_argument("--paths", nargs="+", default=list(DEFAULT_PATHS), choices=PATHS, help="inference paths [all]")
+    p.add_argument("--runs", type=int, default=50, help="timed runs per measurement [50]")
+    p.add_argument("--warmup", type=int, default=10, help="warm-up runs [10]")
+    p.add_argument("--img-size", type=int, default=224, help="input size [224]")
+    p.add_argument("--threads", type=int, help="'all threads' setting [os.cpu_count()]")
+    p.add_argument("--batch", type=int, default=32, help="throughput batch size (1 skips it) [32]")
+    p.add_argument("--calib", help="int8 calibration images (folder or fashion-mnist) [synthetic]")
+    p.add_argument(
+        "--block",
+        type=int,
+        default=10,
+        help="batch-1 calls of one job per turn, the first untimed (steady-state latency; 1 = strict alternation) [10]",
+    )
+    p.add_argument("--max-seconds", type=float, default=600.0, help="cap on the timed rounds of one setting [600]")
+    p.add_argument("--out-dir", help="save bench.json and bench.md here")
+    p.add_argument("--json", action="store_true", help="print the records as JSON (progress goes to stderr)")
+    p.set_defaults(func=run_bench)

@@ -1,0 +1,77 @@
+"""``micronet export``: a deploy-mode export to a runtime's format with a printed parity check (``runtime.export``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..models import build_model, load_model, published_data_config
+from ..models.loader import LoadedModel
+from ..runtime import DEFAULT_OPSET, FORMATS, INT8_FORMATS, ExportOptions, export_and_check
+
+
+def _loaded(args: argparse.Namespace) -> LoadedModel:
+    """The model to export: from ``--checkpoint`` (any supported file), else ``--model`` with random weights."""
+    if args.checkpoint is not None:
+        loaded = load_model(args.checkpoint, args.model, args.img_size, num_classes=args.num_classes)
+        if args.in_chans and args.in_chans != loaded.data_config.in_chans:
+            raise ValueError(f"--in-chans {args.in_chans}: {args.checkpoint} takes {loaded.data_config.in_chans}")
+        return loaded
+    if not args.model:
+        raise ValueError("give --model (the checkpoint does not name its model)")
+    in_chans = args.in_chans or 3
+    model = build_model(args.model, num_classes=args.num_classes or 1000, in_chans=in_chans).eval()
+    return LoadedModel(model, args.model, published_data_config(args.img_size, in_chans), [], "name")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    options = ExportOptions(
+        format=args.format,
+        deploy=not args.no_deploy,
+        fused_ops=args.fused_ops,
+        opset=args.opset,
+        exporter=args.exporter,
+        simplify=not args.no_slim,
+        int8=args.int8,
+        calib=args.calib,
+        calib_count=args.calib_count,
+        int8_format=args.int8_format,
+        per_channel=not args.per_tensor,
+        float_convs=args.float_convs,
+    )
+    options.validate()  # before the (slow) model load
+    return 0 if export_and_check(_loaded(args), args.output, options) else 1
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export to ONNX / TorchScript / torch.export (deploy mode, int8), with a parity check",
+        description="Export a MicroNet in deploy mode (BN folded, shuffles folded, fused Dynamic Shift-Max) with a "
+        "dynamic batch axis, then check it against PyTorch.",
+    )
+    p.add_argument("--model", help="model name (micronet models); optional with a training checkpoint")
+    p.add_argument("--checkpoint", "-c", help="weights: published .pth, PaddleClas .pdparams, our .pt/.safetensors")
+    p.add_argument("--format", choices=FORMATS, default="onnx")
+    p.add_argument("--output", "-o", required=True, help="file to write (.onnx, .ts/.pt, .pt2)")
+    p.add_argument("--img-size", type=int, help="input size [checkpoint's, else 224]")
+    p.add_argument("--num-classes", type=int, help="classes [checkpoint's, else 1000]")
+    p.add_argument("--in-chans", type=int, help="input channels [checkpoint's, else 3]")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset [{DEFAULT_OPSET}]")
+    p.add_argument("--exporter", choices=("auto", "dynamo", "legacy"), default="auto", help="ONNX exporter [auto]")
+    p.add_argument("--no-slim", action="store_true", help="skip onnxslim")
+    p.add_argument("--no-deploy", action="store_true", help="export the eager model as it is (for comparison)")
+    p.add_argument(
+        "--fused-ops",
+        action="store_true",
+        help="each Dynamic Shift-Max as one micronet.ShiftMax operator (faster; sessions need the library from "
+        "micronet_torch.fused_ops, built with the system C compiler on first use)",
+    )
+    p.add_argument("--int8", action="store_true", help="also quantize (ONNX Runtime static int8); writes OUTPUT")
+    p.add_argument("--calib", help="calibration images: an image folder, or fashion-mnist")
+    p.add_argument("--calib-count", type=int, default=512, help="images used to calibrate [512]")
+    p.add_argument("--int8-format", choices=INT8_FORMATS, default="qdq", help="ORT quantization format [qdq]")
+    p.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default per-channel)")
+    p.add_argument(
+        "--float-convs", type=int, default=0, help="keep the first N convs and the head linears in float [0]"
+    )
+    p.set_defaults(func=run_export)

@@ -1,0 +1,145 @@
+"""``micronet train`` and ``python -m micronet_torch.train`` (what torchrun launches): argument parsing only.
+
+Flags left out take the recipe's value (``--recipe default`` for small data, ``--recipe paper`` for
+the published ImageNet recipe); the training itself is ``train.train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import torch.distributed as dist
+
+from ..models import resolve_name
+from ..train import RECIPES, Interrupted, TrainConfig, train
+from .common import USER_ERRORS
+
+
+def _float_pair(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected two numbers like 0.08,1.0, got {text!r}") from err
+    return lo, hi
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """The training flags (shared by ``micronet train`` and ``micronet demo``)."""
+    g = p.add_argument_group("what to train")
+    g.add_argument("--model", default="micronet_m0", help="model name (micronet list) [micronet_m0]")
+    g.add_argument(
+        "--data",
+        default="fashion-mnist",
+        help="fashion-mnist, cifar10, cifar100, or a folder with train/ and val/ class subfolders [fashion-mnist]",
+    )
+    g.add_argument("--data-root", help="where built-in datasets live / are unpacked [$MICRONET_TORCH_HOME/data]")
+    g.add_argument("--download", action="store_true", help="allow downloading CIFAR (never done otherwise)")
+    g.add_argument("--output", "-o", help="run folder for checkpoints, metrics, logs [runs/<model>]")
+    g.add_argument("--pretrained", metavar="PATH", help="start from these weights (head replaced if classes differ)")
+    g.add_argument("--resume", nargs="?", const="auto", metavar="PATH", help="continue OUTPUT/last.pt (or PATH)")
+    g.add_argument("--overwrite", action="store_true", help="start a new run in an OUTPUT that holds one")
+    r = p.add_argument_group("recipe (unset flags take the recipe's value)")
+    r.add_argument("--recipe", choices=tuple(RECIPES), default=None, help="default: small data; paper: ImageNet")
+    r.add_argument("--epochs", type=int)
+    r.add_argument("--batch-size", "-b", type=int, help="global batch size (split over torchrun processes)")
+    r.add_argument("--lr", type=float, help="peak learning rate at this batch size")
+    r.add_argument("--min-lr", type=float)
+    r.add_argument("--warmup-epochs", type=float)
+    r.add_argument("--opt", help="any timm optimizer: adamw, momentum (SGD+momentum), sgd (Nesterov), lamb, ...")
+    r.add_argument("--momentum", type=float)
+    r.add_argument("--weight-decay", "--wd", type=float)
+    r.add_argument("--label-smoothing", type=float)
+    r.add_argument("--mixup", type=float, help="mixup alpha (timm Mixup) [0: off]")
+    r.add_argument("--cutmix", type=float, help="cutmix alpha [0: off]")
+    r.add_argument("--reprob", type=float, help="random erasing probability per image (timm RandomErasing) [0: off]")
+    r.add_argument("--clip-grad", type=float, help="clip the gradient norm")
+    r.add_argument("--drop-rate", type=float, help="head dropout [the model's]")
+    r.add_argument("--img-size", type=int, help="input size; <= 64 uses the small-image pipeline")
+    r.add_argument("--in-chans", type=int, choices=(1, 3), help="model input channels (grey data feeds either) [3]")
+    r.add_argument("--hflip", type=float, help="horizontal flip probability [0.5]")
+    r.add_argument("--pad", type=int, help="small images: random translation in px [img_size/8]")
+    r.add_argument("--scale", type=_float_pair, help="RandomResizedCrop area range, e.g. 0.08,1")
+    r.add_argument("--crop-pct", type=float, help="eval centre crop fraction (crop policy) [0.875]")
+    r.add_argument("--seed", type=int, help="[0]")
+    x = p.add_argument_group("execution")
+    x.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps [auto]")
+    x.add_argument("--amp", action="store_true", default=None, help="mixed precision (fp16 on CUDA, bf16 on CPU)")
+    x.add_argument("--ema", action="store_true", default=None, help="keep an EMA of the weights (timm ModelEmaV3)")
+    x.add_argument("--ema-decay", type=float)
+    x.add_argument("--channels-last", action="store_true", default=None)
+    x.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    x.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")
+    x.add_argument("--workers", "-j", type=int, help="DataLoader worker processes")
+    x.add_argument("--threads", type=int, help="torch CPU threads per process [cores / processes]")
+    x.add_argument("--eval-batch-size", type=int)
+    x.add_argument("--cache", choices=("auto", "memory", "none"), help="decode small-image folders into memory [auto]")
+    x.add_argument("--skip-bad-images", action="store_true", default=None, help="skip unreadable images (counted)")
+    x.add_argument("--log-interval", type=int, help="steps between plain log lines [every 30 s]")
+    x.add_argument("--quiet", "-q", action="store_true", default=None)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """A TrainConfig from parsed flags: flags not given keep ``None`` (the recipe's) or the default."""
+    cfg = TrainConfig()
+    for name in cfg.to_dict():
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(cfg, name, value)
+    if not args.output:
+        try:
+            cfg.output = os.path.join("runs", resolve_name(cfg.model)[0].name)
+        except ValueError:
+            cfg.output = os.path.join("runs", cfg.model)
+    return cfg
+
+
+def run_train(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    try:
+        summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except Interrupted as stop:
+        return 128 + stop.signum
+    if summary:
+        print(
+            f"done: {summary['epochs_completed']} epochs, best top-1 {summary['best_top1']:.2f} "
+            f"(epoch {summary['best_epoch']}), final top-1 {summary['final_top1']:.2f}; "
+            f"results in {summary['output']}/ (best.pt, last.pt, summary.json, metrics.csv, curves.png, tensorboard/)"
+        )
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train or fine-tune a model (one CPU to many GPUs under torchrun)",
+        description="Train a MicroNet. Under torchrun --nproc_per_node N it runs DistributedDataParallel.",
+    )
+    add_train_args(p)
+    p.set_defaults(func=run_train)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m micronet_torch.train`` (and of each torchrun process)."""
+    parser = argparse.ArgumentParser(prog="micronet train", description="Train a MicroNet (torchrun-ready).")
+    add_train_args(parser)
+    args = parser.parse_args(argv)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        return run_train(args)
+    except USER_ERRORS as err:
+        where = f" (rank {rank})" if world > 1 else ""
+        print(f"micronet train: error{where}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("micronet train: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Reading single images and the per-image / per-batch pixel transforms shared by every pipeline.
+
+Pipelines yield ``uint8`` batches (N, C, H, W); normalisation, the grey-to-RGB expansion and (for small
+images) the augmentation run on whole batches on the training device, which keeps 2-core CPUs busy with the
+model rather than with per-image Python and moves 4x fewer bytes to a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from .config import DataConfig, DataError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and float greyscale to 8-bit 'L' by scaling (PIL's own convert clips at 255)."""
+    arr = np.asarray(img)
+    if img.mode == "F":
+        arr = arr.astype(np.float32)
+        hi = 1.0 if arr.max(initial=0.0) <= 1.0 else 255.0
+        arr = np.clip(arr / hi * 255.0, 0, 255)
+    else:
+        arr = arr.astype(np.float64)
+        hi = 65535.0 if arr.max(initial=0) > 255 or img.mode.startswith("I;16") else 255.0
+        arr = np.clip(arr / hi * 255.0, 0, 255)
+    return Image.fromarray(np.round(arr).astype(np.uint8), mode="L")
+
+
+def open_image(path: str | os.PathLike, in_chans: int = 3) -> Image.Image:
+    """Read an image fully, as 'L' (greyscale, or ``in_chans == 1``) or 'RGB'; errors name the file.
+
+    Grey, 16-bit, palette, RGBA/LA (alpha dropped) and CMYK images are converted; a truncated or
+    unreadable file raises ``DataError``.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode in ("I", "F") or mode.startswith("I;16"):
+                img = _to_8bit(img)
+            elif mode == "P":
+                img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+            if img.mode in ("1", "LA", "La"):
+                img = img.convert("L")
+            if in_chans == 1:
+                return img.convert("L") if img.mode != "L" else img.copy()
+            if img.mode == "L":
+                return img.copy()
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        raise DataError(f"cannot read image {path}: {err}") from err
+
+
+def image_to_uint8(img: Image.Image) -> torch.Tensor:
+    """A PIL 'L' or 'RGB' image as a (C, H, W) uint8 tensor."""
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def resize_uint8(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Bilinear, antialiased resize of uint8 (C, H, W) or (N, C, H, W) to ``size``; one implementation
+    for the in-memory datasets, the folder pipeline and ``predict``, so their pixels agree exactly."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    single = x.ndim == 3
+    if single:
+        x = x[None]
+    if tuple(x.shape[-2:]) != size:
+        y = F.interpolate(x.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+        x = y.round_().clamp_(0, 255).to(torch.uint8)
+    return x[0] if single else x
+
+
+def eval_pixels(img: Image.Image, cfg: DataConfig) -> torch.Tensor:
+    """The deterministic evaluation transform of one image: uint8 (C, img_size, img_size)."""
+    x = image_to_uint8(img)
+    if cfg.policy == "small":
+        return resize_uint8(x, cfg.img_size)
+    h, w = x.shape[-2:]
+    short = cfg.resize_size
+    size = (short, max(1, round(w * short / h))) if h <= w else (max(1, round(h * short / w)), short)
+    x = resize_uint8(x, size)
+    top, left = (size[0] - cfg.img_size) // 2, (size[1] - cfg.img_size) // 2
+    return x[:, top : top + cfg.img_size, left : left + cfg.img_size].contiguous()
+
+
+def normalize(x: torch.Tensor, cfg: DataConfig, channels_last: bool = False) -> torch.Tensor:
+    """uint8 batch to the model's float input: scale, expand grey to ``in_chans``, mean/std."""
+    x = x.float().div_(255.0)
+    if x.shape[1] != cfg.in_chans:
+        if x.shape[1] == 1:
+            x = x.expand(-1, cfg.in_chans, -1, -1)
+        elif cfg.in_chans == 1:  # RGB data for a 1-channel model: ITU-R 601 luma, as PIL's convert('L')
+            w = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
+            x = (x * w).sum(1, keepdim=True)
+        else:
+            raise DataError(f"images have {x.shape[1]} channels but the model takes {cfg.in_chans}")
+    mean, std = _stats(cfg.mean, cfg.in_chans), _stats(cfg.std, cfg.in_chans)
+    mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+def _stats(values: Sequence[float], chans: int) -> list[float]:
+    values = list(values)
+    if len(values) == chans:
+        return values
+    if chans == 1:
+        return [sum(values) / len(values)]
+    return (values * chans)[:chans] if len(values) == 1 else values[:chans]
+
+
+def augment_batch(x: torch.Tensor, cfg: DataConfig, generator: torch.Generator) -> torch.Tensor:
+    """Small-image training augmentation on a uint8 batch: random translation by up to ``pad`` pixels
+    (zero padding + crop, as for CIFAR) and horizontal flip with probability ``hflip``."""
+    n, _, h, w = x.shape
+    p = cfg.padding
+    dev = x.device
+    if p > 0:
+        xp = F.pad(x, (p, p, p, p))
+        oy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(dev)
+        ox = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(dev)
+        rows = (oy[:, None] + torch.arange(h, device=dev)[None]).view(n, 1, h, 1).expand(-1, xp.shape[1], -1, w + 2 * p)
+        xp = xp.gather(2, rows)
+        cols = (ox[:, None] + torch.arange(w, device=dev)[None]).view(n, 1, 1, w).expand(-1, xp.shape[1], h, -1)
+        x = xp.gather(3, cols)
+    if cfg.hflip > 0:
+        flip = (torch.rand(n, generator=generator) < cfg.hflip).to(dev).view(n, 1, 1, 1)
+        x = torch.where(flip, x.flip(3), x)
+    return x

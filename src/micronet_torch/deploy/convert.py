@@ -1,0 +1,152 @@
+"""``convert_to_deploy``: an inference-only MicroNet with the same outputs and far fewer, cheaper operators.
+
+``convert_to_deploy(model)`` turns an eval-mode ``MicroNet`` into a ``DeployMicroNet``: BatchNorm folded
+into the convolutions and linears, every channel shuffle composed with its neighbours and folded into
+convolution weights or into a Dynamic Shift-Max's single gather, and each Dynamic Shift-Max reduced to
+pool -> Linear -> ReLU -> Linear -> clamp -> one gather -> one batched product (-> one max), and each
+factorized k x 1 / 1 x k convolution pair merged into one k x k convolution with a border correction. Every
+rewrite is exact up to float rounding; ``docs/deploy.md`` says why, rewrite by rewrite.
+
+The conversion goes through a flat list of simple operations (``Conv``, ``Perm``, ``ShiftMax``, ...),
+on which two passes move each channel permutation to where it costs nothing, then builds modules.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.blocks import SwishLinear
+from .fusions import expand_multipliers, fold_shift_max_scale, merge_separable, phase_stem
+from .ir import Add, Conv, Op, Perm, PhaseStem, Save, ShiftMax
+from .lower import _fold_bn, lower
+from .modules import ChannelGather, FusedShiftMax, PhaseStemConv, ResidualSequence, _conv_module
+from .permutations import optimize
+
+
+def build_modules(
+    ops: list[Op], dtype: torch.dtype, use_matmul: bool, full_maps: bool | None = None, fused_ops: bool = False
+) -> nn.Sequential:
+    """Modules for ``ops``; ``use_matmul`` and ``full_maps`` (default: ``use_matmul``) pick ONNX Runtime's forms,
+    ``fused_ops`` the ``micronet.ShiftMax`` operator for every Dynamic Shift-Max."""
+    full_maps = use_matmul if full_maps is None else full_maps
+    stack: list[list[nn.Module]] = [[]]
+    for op in ops:
+        if isinstance(op, Save):
+            stack.append([])
+        elif isinstance(op, Add):
+            layers = stack.pop()
+            stack[-1].append(ResidualSequence(*layers))
+        elif isinstance(op, Conv):
+            stack[-1].append(_conv_module(op, dtype, full_maps, fold_rows=use_matmul))
+        elif isinstance(op, Perm):
+            stack[-1].append(ChannelGather(op.index))
+        elif isinstance(op, ShiftMax):
+            stack[-1].append(FusedShiftMax(op, dtype, use_matmul, fused_ops))
+        elif isinstance(op, PhaseStem):
+            stack[-1].append(PhaseStemConv(op, dtype, full_maps))
+        else:
+            stack[-1].append(op.module)
+    if len(stack) != 1:
+        raise RuntimeError("unbalanced residual markers")
+    return nn.Sequential(*stack[0])
+
+
+def _fold_linear(unit: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """SwishLinear (Linear -> BN1d -> h-swish) as Linear -> h-swish with the BN folded in."""
+    if not isinstance(unit, SwishLinear):
+        return copy.deepcopy(unit)
+    linear, bn, act = unit.linear
+    w, b = _fold_bn(linear.weight, linear.bias, bn)
+    out = nn.Linear(linear.in_features, linear.out_features)
+    with torch.no_grad():
+        out.weight.copy_(w.to(dtype))
+        out.bias.copy_(b.to(dtype))
+    return nn.Sequential(out, copy.deepcopy(act))
+
+
+class DeployMicroNet(nn.Module):
+    """Inference-only MicroNet: ``features`` (fused operations), ``head`` (pool, h-swish, folded linears)."""
+
+    def __init__(self, features: nn.Sequential, head: nn.Sequential, num_classes: int) -> None:
+        super().__init__()
+        self.features = features
+        self.head = head
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        x = F.relu6(x).mean((2, 3))
+        return self.head(x)
+
+    def train(self, mode: bool = True) -> DeployMicroNet:
+        if mode:
+            raise RuntimeError("a deploy-mode MicroNet is inference-only; train the eager model instead")
+        return super().train(False)
+
+
+BACKENDS = ("eager", "onnx")
+
+
+def convert_to_deploy(
+    model: nn.Module,
+    backend: str = "eager",
+    dtype: torch.dtype = torch.float32,
+    merge_pairs: bool = True,
+    fused_ops: bool = False,
+) -> DeployMicroNet:
+    """An inference-only copy of an eval-mode MicroNet with the same outputs (``docs/deploy.md``).
+
+    ``backend`` picks between layouts that are equally exact but fast on different runtimes: ``onnx``
+    also turns channel-multiplying depthwise convs into plain ones by repeating channels (ONNX Runtime
+    runs those in its blocked layout; PyTorch's oneDNN is slower with the repeated channels).
+    ``merge_pairs`` merges factorized k x 1 / 1 x k pairs into one k x k conv with an exact border
+    correction (``merge_separable``): every pair for ``eager``; for ``onnx`` only the stem's pair (and, for
+    M0's stem on phases, the depthwise pair after it): a merged k x k depthwise conv does k*k instead of
+    2k multiply-adds and needs its border map added, which made it slower than the two convs in ORT.
+    ``fused_ops`` (``onnx`` only) computes every Dynamic Shift-Max's fusion and max with one
+    ``micronet.ShiftMax`` operator, which ONNX Runtime runs from the library in ``fused_ops.py``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if fused_ops and backend != "onnx":
+        raise ValueError("fused_ops=True makes an ONNX Runtime graph; use it with backend='onnx'")
+    if not hasattr(model, "features") or not hasattr(model, "classifier"):
+        raise TypeError(f"convert_to_deploy expects a MicroNet; got {type(model).__name__}")
+    ops = optimize(lower(model))
+    if backend == "onnx":
+        # repeating channels turns multiplier convs into depthwise ones, through which a permutation that was
+        # stuck before (M0: the one after the stem) now moves into conv weights: optimize once more
+        ops = optimize(expand_multipliers(ops))
+    if merge_pairs:
+        # ONNX Runtime: a merged conv with a channel multiplier falls back to its slow per-group path, and a
+        # merged depthwise one costs k*k taps plus a border-map pass: only the stem's pairs are merged there
+        ops = merge_separable(ops, plain_only=backend == "onnx", stem_only=backend == "onnx")
+        if backend == "onnx":
+            ops = phase_stem(ops)
+    ops = fold_shift_max_scale(ops)
+    features = build_modules(ops, dtype, use_matmul=backend == "onnx", fused_ops=fused_ops)
+    pool = list(model.avgpool)
+    if not (
+        len(pool) == 3
+        and isinstance(pool[0], nn.ReLU6)
+        and isinstance(pool[1], nn.AdaptiveAvgPool2d)
+        and isinstance(pool[2], nn.Hardswish)
+    ):
+        raise NotImplementedError(f"unexpected head pooling {model.avgpool}")
+    head = nn.Sequential(
+        nn.Hardswish(), *(_fold_linear(m, dtype) for m in model.classifier if not isinstance(m, nn.Dropout))
+    )
+    deployed = DeployMicroNet(features, head, getattr(model, "num_classes", 0))
+    return deployed.eval().requires_grad_(False)
+
+
+def deploy_summary(ops: list[Op]) -> dict[str, int]:
+    """Counts of each operation kind in a flat list (explicit gathers left, convs, shift-max)."""
+    counts: dict[str, int] = {}
+    for op in ops:
+        counts[type(op).__name__] = counts.get(type(op).__name__, 0) + 1
+    return counts

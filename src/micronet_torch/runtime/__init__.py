@@ -1,0 +1,43 @@
+"""Runtimes: export a (deploy-mode) model to each target's file format, run it, and check it against PyTorch.
+
+``targets.TARGETS`` is the table of formats that ``micronet export`` and ``micronet bench`` share; ``ort`` holds
+ONNX Runtime sessions and int8 quantization; ``parity`` the checks every export passes.
+"""
+
+from .calibration import calibration_images, synthetic_images
+from .export import ExportError, ExportOptions, export_and_check, export_model
+from .onnx import DEFAULT_OPSET, count_nodes, export_onnx
+from .ort import INT8_FORMATS, ort_nodes_after_optimization, ort_session, quantize_onnx, run_ort
+from .parity import FP32_TOLERANCE, INT8_MIN_AGREEMENT, check_fp32, check_int8, reference_logits
+from .result import ExportResult
+from .targets import FORMATS, TARGETS, Target, load_exported
+from .torch_export import export_program, export_torchscript
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "FORMATS",
+    "FP32_TOLERANCE",
+    "INT8_FORMATS",
+    "INT8_MIN_AGREEMENT",
+    "TARGETS",
+    "ExportError",
+    "ExportOptions",
+    "ExportResult",
+    "Target",
+    "calibration_images",
+    "check_fp32",
+    "check_int8",
+    "count_nodes",
+    "export_and_check",
+    "export_model",
+    "export_onnx",
+    "export_program",
+    "export_torchscript",
+    "load_exported",
+    "ort_nodes_after_optimization",
+    "ort_session",
+    "quantize_onnx",
+    "reference_logits",
+    "run_ort",
+    "synthetic_images",
+]

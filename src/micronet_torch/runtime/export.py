@@ -1,0 +1,146 @@
+"""Export a model (deploy mode by default) to a target of ``targets.TARGETS``, check it, and optionally quantize.
+
+``export_model`` is the one pipeline from an eval-mode model to a written file (deploy conversion for the
+target's backend, export); ``export_and_check`` adds what ``micronet export`` promises: fp32 parity with
+PyTorch on a batch of 3 (also checks the dynamic batch axis) and, for int8, top-1 agreement on real images.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..deploy import convert_to_deploy
+from ..deploy.fused import FusedOpsUnavailable, library_path
+from ..models import LoadedModel
+from .calibration import calibration_images
+from .onnx import DEFAULT_OPSET
+from .ort import INT8_FORMATS, quantize_onnx
+from .parity import FP32_TOLERANCE, INT8_MIN_AGREEMENT, check_fp32, check_int8
+from .result import ExportResult
+from .targets import TARGETS
+
+
+class ExportError(ValueError):
+    """Export options that cannot work together, or a runtime that is missing; the message says what to do."""
+
+
+@dataclass
+class ExportOptions:
+    """Every ``micronet export`` setting beyond the model and the output file."""
+
+    format: str = "onnx"
+    deploy: bool = True
+    fused_ops: bool = False
+    opset: int = DEFAULT_OPSET
+    exporter: str = "auto"
+    simplify: bool = True
+    int8: bool = False
+    calib: str | None = None
+    calib_count: int = 512
+    int8_format: str = "qdq"
+    per_channel: bool = True
+    float_convs: int = 0
+
+    def validate(self) -> None:
+        """Refuse combinations that cannot work, naming the flags."""
+        if self.format not in TARGETS:
+            raise ExportError(f"--format {self.format}: choose one of {', '.join(TARGETS)}")
+        if self.int8 and self.format != "onnx":
+            raise ExportError("--int8 needs --format onnx (quantization runs in ONNX Runtime)")
+        if self.int8 and not self.calib:
+            raise ExportError("--int8 needs --calib DIR (an image folder, or fashion-mnist)")
+        if self.int8_format not in INT8_FORMATS:
+            raise ExportError(f"--int8-format {self.int8_format}: choose one of {', '.join(INT8_FORMATS)}")
+        if self.fused_ops:
+            clash = [
+                flag
+                for flag, on in (
+                    ("--format " + self.format, self.format != "onnx"),
+                    ("--no-deploy", not self.deploy),
+                    ("--int8", self.int8),
+                    ("--exporter legacy", self.exporter == "legacy"),
+                )
+                if on
+            ]
+            if clash:
+                raise ExportError(
+                    "--fused-ops writes an fp32 ONNX deploy graph through the dynamo exporter; drop " + ", ".join(clash)
+                )
+
+
+def export_model(
+    model: nn.Module, path: str | os.PathLike, input_shape: tuple[int, ...], options: ExportOptions
+) -> ExportResult:
+    """Convert ``model`` for the target's backend (unless ``options.deploy`` is off) and write it to ``path``."""
+    target = TARGETS[options.format]
+    graph = model
+    if options.deploy:
+        graph = convert_to_deploy(model, backend=target.backend, fused_ops=options.fused_ops)
+    kwargs = dict(opset=options.opset, exporter=options.exporter, simplify=options.simplify)
+    return target.export(graph, Path(path), input_shape, **kwargs)
+
+
+def export_and_check(
+    loaded: LoadedModel, output: str | os.PathLike, options: ExportOptions, log: Callable[[str], None] = print
+) -> bool:
+    """``micronet export``: write ``output``, print what was written and its parity; False when a check fails."""
+    options.validate()
+    library = None
+    if options.fused_ops:
+        try:
+            library = library_path()
+        except FusedOpsUnavailable as err:
+            raise ExportError(str(err)) from err
+    model, cfg = loaded.model.eval(), loaded.data_config
+    in_chans = getattr(model, "in_chans", cfg.in_chans)
+    shape = (1, in_chans, cfg.img_size, cfg.img_size)
+    out = Path(output)
+    t0 = time.perf_counter()
+    written = out.with_name(out.stem + "-fp32.onnx") if options.int8 else out
+    res = export_model(model, written, shape, options)
+    log(
+        f"exported {loaded.name} ({'deploy mode' if options.deploy else 'eager'}) to {res.path} "
+        f"[{res.format}, {res.exporter}, {time.perf_counter() - t0:.1f} s]"
+        + (f", {res.nodes} ONNX nodes" if res.nodes else "")
+    )
+    for note in res.notes:
+        log(f"  note: {note}")
+    if library is not None:
+        log(
+            f"  note: uses the micronet.ShiftMax operator; ONNX Runtime sessions need "
+            f"SessionOptions.register_custom_ops_library('{library}') (micronet_torch.fused_ops.register)"
+        )
+    check_x = torch.randn(3, *shape[1:], generator=torch.Generator().manual_seed(0))
+    check_fp32(res, model, check_x)
+    ok = res.rel_diff <= FP32_TOLERANCE
+    log(
+        f"parity vs PyTorch (fp32, batch 3): max|diff| = {res.max_abs_diff:.3g} = {res.rel_diff:.2e} x max|logits| "
+        f"(limit {FP32_TOLERANCE:g}) {'OK' if ok else 'FAIL'}"
+    )
+    if not ok or not options.int8:
+        return ok
+    calib_x, what = calibration_images(options.calib, cfg, options.calib_count, split="train")
+    check_x, check_what = calibration_images(options.calib, cfg, None, split="val")
+    if options.calib != "fashion-mnist":
+        check_what = what + " (the calibration images)"
+    quantize_onnx(
+        res.path, out, calib_x, options.int8_format, per_channel=options.per_channel, float_convs=options.float_convs
+    )
+    q = check_int8(ExportResult(out, "onnx", exporter=f"ORT quantize_static {options.int8_format}"), model, check_x)
+    ok = q.agreement >= INT8_MIN_AGREEMENT
+    scales = "per-channel" if options.per_channel else "per-tensor"
+    if options.float_convs:
+        scales += f", first {options.float_convs} convs and the head linears in float"
+    log(f"int8 ({options.int8_format}, {scales}) calibrated on {what}: {out}")
+    log(
+        f"top-1 agreement int8 vs fp32 PyTorch on {check_what}: {q.agreement * 100:.2f} % "
+        f"(limit {INT8_MIN_AGREEMENT * 100:.0f} %) {'OK' if ok else 'FAIL'}"
+    )
+    return ok

@@ -1,0 +1,135 @@
+"""``micronet bench``'s tables: latency per setting, throughput, ONNX node counts, and the ratio lines."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+PATHS = ("eager", "deploy", "ort", "ort-fused", "ort-int8", "ort-plain", "ort-legacy")
+REFERENCE = "mobilenetv3_small_050"
+
+
+@dataclass
+class Record:
+    """One measurement: a model through one path at one (threads, batch) setting."""
+
+    model: str
+    path: str
+    threads: int
+    batch: int
+    median_ms: float
+    mean_ms: float
+    min_ms: float
+    runs: int
+    images_per_s: float
+    onnx_nodes: int | None = None  # nodes in the file
+    ort_nodes: int | None = None  # nodes after ONNX Runtime's own fusions
+
+
+def environment_line(env: dict[str, Any]) -> str:
+    load = env.get("loadavg")
+    return (
+        f"CPU: {env['cpu']} ({env['cores']} cores), load {load} | torch {env['torch']}, "
+        f"onnxruntime {env['onnxruntime']}, timm {env['timm']}, Python {env['python']}"
+    )
+
+
+def _lookup(records: list[Record], model: str, path: str, threads: int, batch: int) -> Record | None:
+    for r in records:
+        if (r.model, r.path, r.threads, r.batch) == (model, path, threads, batch):
+            return r
+    return None
+
+
+def targets(records: list[Record]) -> list[str]:
+    """The issue's three targets (1 thread, batch 1), when the run has the records they need."""
+    out = []
+    ref = _lookup(records, REFERENCE, "ort", 1, 1)
+    for path in ("ort", "ort-fused"):  # standard operators only, then with the fused Dynamic Shift-Max
+        m0 = _lookup(records, "micronet_m0", path, 1, 1)
+        if ref and m0:
+            ratio = m0.median_ms / ref.median_ms
+            out.append(
+                f"M0 {path} / {REFERENCE} ort = {m0.median_ms:.3f} / {ref.median_ms:.3f} ms = {ratio:.2f}x "
+                f"(target <= 0.75x: {'met' if ratio <= 0.75 else 'NOT met'})"
+            )
+    m3 = _lookup(records, "micronet_m3", "ort", 1, 1)
+    m3l, m3p = _lookup(records, "micronet_m3", "ort-legacy", 1, 1), _lookup(records, "micronet_m3", "ort-plain", 1, 1)
+    for path in ("ort", "ort-fused"):
+        m3x = _lookup(records, "micronet_m3", path, 1, 1)
+        if m3x and m3l:
+            speed = m3l.median_ms / m3x.median_ms
+            out.append(
+                f"M3 ort-legacy (plain export) / {path} = {m3l.median_ms:.3f} / {m3x.median_ms:.3f} ms = "
+                f"{speed:.2f}x faster (target >= 1.4x: {'met' if speed >= 1.4 else 'NOT met'})"
+            )
+    if m3 and m3p:
+        speed = m3p.median_ms / m3.median_ms
+        out.append(
+            f"M3 ort-plain (dynamo + onnxslim) / ort = {m3p.median_ms:.3f} / {m3.median_ms:.3f} ms = {speed:.2f}x "
+            "faster (for comparison: that exporter already optimizes the plain graph)"
+        )
+    e, d = _lookup(records, "micronet_m0", "eager", 1, 1), _lookup(records, "micronet_m0", "deploy", 1, 1)
+    if e and d:
+        speed = e.median_ms / d.median_ms
+        out.append(
+            f"M0 eager / deploy = {e.median_ms:.3f} / {d.median_ms:.3f} ms = {speed:.2f}x faster "
+            f"(target >= 1.5x: {'met' if speed >= 1.5 else 'NOT met'})"
+        )
+    return out
+
+
+def markdown(records: list[Record], env: dict[str, Any]) -> str:
+    """Tables: latency (ms, median) per setting, then throughput, then ONNX node counts and targets."""
+    models = list(dict.fromkeys(r.model for r in records))
+    paths = [p for p in PATHS if any(r.path == p for r in records)]
+    settings = list(dict.fromkeys((r.threads, r.batch) for r in records))
+    lines = [environment_line(env), ""]
+    lines.append(
+        f"Median of {env.get('runs')} runs (batch > 1: a fifth of that; each setting capped at "
+        f"{env.get('max_seconds')} s) after {env.get('warmup')} warm-up runs, {env.get('img_size')}² input; "
+        f"batch 1 timed in turns of {env.get('block', 1)} calls per job, the first untimed; "
+        "weights random with trained-like BatchNorm statistics (seeded, every model alike); "
+        f"int8 calibration: {env.get('calibration')}; load average at start {env.get('loadavg')}, "
+        f"at end {env.get('loadavg_end')}."
+    )
+    for threads, batch in settings:
+        unit = "ms per batch" if batch > 1 else "ms"
+        lines += ["", f"**{threads} thread{'s' if threads > 1 else ''}, batch {batch}** ({unit}, median)", ""]
+        lines.append("| model | " + " | ".join(paths) + " |")
+        lines.append("|---|" + "---:|" * len(paths))
+        for m in models:
+            cells = []
+            for p in paths:
+                r = _lookup(records, m, p, threads, batch)
+                if r is None:
+                    cells.append("–")
+                else:
+                    cells.append(f"{r.median_ms:.3f}" + (f" ({r.images_per_s:.0f}/s)" if batch > 1 else ""))
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    node_rows = [
+        (m, p, r.onnx_nodes, r.ort_nodes)
+        for m in models
+        for p in paths
+        if (r := _lookup(records, m, p, *settings[0])) and r.onnx_nodes
+    ]
+    if node_rows:
+        lines += ["", "**ONNX nodes** (in the file / after ONNX Runtime's fusions at ORT_ENABLE_ALL)", ""]
+        lines += ["| model | path | file | ORT |", "|---|---|---:|---:|"]
+        lines += [f"| {m} | {p} | {a} | {b} |" for m, p, a, b in node_rows]
+    tgt = targets(records)
+    if tgt:
+        lines += ["", "**Targets (1 thread, batch 1)**", ""] + [f"- {t}" for t in tgt]
+    return "\n".join(lines) + "\n"
+
+
+def save(records: list[Record], env: dict[str, Any], out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    js, md = out / "bench.json", out / "bench.md"
+    js.write_text(json.dumps(dict(environment=env, records=[asdict(r) for r in records]), indent=1))
+    md.write_text(markdown(records, env))
+    return js, md

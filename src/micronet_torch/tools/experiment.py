@@ -1,0 +1,227 @@
+"""The experiment runner: named training runs from a TOML file, one results row each, and a report.
+
+A config lists runs (model, ablation variant, input size, epochs, recipe) and seeds. ``run`` trains
+each (run, seed) not yet in the results CSV, resuming a run that was interrupted, and appends one
+row (accuracy, MAdds and parameters at that input size, training time, hardware, the command that
+reproduces it). ``report`` turns the CSV into ``docs/results.md`` and an accuracy-vs-MAdds figure.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._env import cpu_name
+from ..models import build_model, profile_model
+from ..train import TrainConfig, Trainer
+
+RESULT_FIELDS = [
+    "name",
+    "study",
+    "budget",
+    "model",
+    "variant",
+    "img_size",
+    "epochs",
+    "seed",
+    "top1",
+    "top5",
+    "best_top1",
+    "madds",
+    "params",
+    "train_seconds",
+    "train_images_per_second",
+    "hardware",
+    "torch",
+    "finished",
+    "command",
+]
+
+
+@dataclass
+class RunSpec:
+    """One named run of the config (trained once per seed)."""
+
+    name: str
+    model: str
+    study: str = "budget"
+    budget: str = ""
+    variant: dict[str, str] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields: data, img_size, epochs, ...
+    seeds: list[int] = field(default_factory=lambda: [0])
+    note: str = ""  # what sets the run apart, for the report (e.g. "40 epochs, random erasing 0.25")
+
+
+@dataclass
+class ExperimentConfig:
+    path: Path
+    title: str
+    results: Path
+    runs_dir: Path
+    report: Path
+    figure: Path
+    runs: list[RunSpec]
+    notes: str = ""
+    ablation_baseline: str | None = None
+    target_top1: float | None = None  # a reference accuracy the best MicroNet is compared with
+    target_label: str = ""
+
+
+def load_config(path: str | os.PathLike) -> ExperimentConfig:
+    """Read an experiment TOML: top-level paths, ``[defaults]`` for every run, and ``[[run]]`` tables."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"experiment config {str(path)!r} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML ({err})") from err
+    root = path.parent
+    defaults = dict(raw.get("defaults", {}))
+    default_seeds = defaults.pop("seeds", [0])
+    runs = []
+    for i, entry in enumerate(raw.get("run", [])):
+        entry = dict(entry)
+        for key in ("name", "model"):
+            if key not in entry:
+                raise ValueError(f"{path}: run #{i + 1} has no {key!r}")
+        spec = RunSpec(
+            name=entry.pop("name"),
+            model=entry.pop("model"),
+            study=entry.pop("study", "budget"),
+            budget=str(entry.pop("budget", "")),
+            variant=dict(entry.pop("variant", {})),
+            seeds=list(entry.pop("seeds", default_seeds)),
+            note=str(entry.pop("note", "")),
+        )
+        spec.train = {**defaults, **entry}
+        runs.append(spec)
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: run names must be unique; got {names}")
+    return ExperimentConfig(
+        path=path,
+        title=raw.get("title", path.stem),
+        results=(root / raw.get("results", f"{path.stem}.csv")).resolve(),
+        runs_dir=(root / raw.get("runs_dir", f"runs/{path.stem}")).resolve(),
+        report=(root / raw.get("report", f"{path.stem}.md")).resolve(),
+        figure=(root / raw.get("figure", f"{path.stem}_accuracy_vs_madds")).resolve(),
+        runs=runs,
+        notes=raw.get("notes", ""),
+        ablation_baseline=raw.get("ablation_baseline"),
+        target_top1=float(raw["target_top1"]) if "target_top1" in raw else None,
+        target_label=str(raw.get("target_label", "")),
+    )
+
+
+def read_results(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def append_result(path: Path, row: dict[str, Any]) -> None:
+    """Append one row (header first when the file is new), flushed to disk before returning."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.is_file() or path.stat().st_size == 0
+    with path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=RESULT_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in RESULT_FIELDS})
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def hardware() -> str:
+    """A short description of where a run trained: the GPU, or the CPU model and thread count."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA)"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
+
+
+def model_cost(spec: RunSpec, num_classes: int) -> tuple[int, int]:
+    """MAdds (the paper's rule) and parameters of the run's model at its input size."""
+    img = int(spec.train.get("img_size", 224))
+    in_chans = int(spec.train.get("in_chans", 3))
+    model = build_model(spec.model, num_classes=num_classes, in_chans=in_chans, **spec.variant)
+    prof = profile_model(model, img_size=img, in_chans=in_chans)
+    return prof.madds, prof.params
+
+
+def train_one(cfg: ExperimentConfig, spec: RunSpec, seed: int) -> dict[str, Any]:
+    """Train (or resume) one run at one seed and return its results row."""
+    out = cfg.runs_dir / f"{spec.name}-s{seed}"
+    fields = dict(spec.train)
+    train_cfg = TrainConfig(
+        model=spec.model, output=str(out), seed=seed, model_kwargs=dict(spec.variant), quiet=True, **fields
+    )
+    resume = "auto" if (out / "last.pt").is_file() else None
+    start = time.time()
+    summary = Trainer(train_cfg, resume=resume, overwrite=resume is None).run()
+    summary_file = out / "summary.json"
+    if summary_file.is_file():
+        summary = {**json.loads(summary_file.read_text()), **(summary or {})}
+    num_classes = int(summary.get("num_classes", 10))
+    madds, params = model_cost(spec, num_classes)
+    return dict(
+        name=spec.name,
+        study=spec.study,
+        budget=spec.budget,
+        model=spec.model,
+        variant=json.dumps(spec.variant, sort_keys=True) if spec.variant else "",
+        img_size=fields.get("img_size", ""),
+        epochs=summary.get("epochs_completed", fields.get("epochs", "")),
+        seed=seed,
+        top1=round(float(summary["final_top1"]), 3),
+        top5=round(float(summary.get("final_top5", float("nan"))), 3),
+        best_top1=round(float(summary.get("best_top1", float("nan"))), 3),
+        madds=madds,
+        params=params,
+        train_seconds=round(float(summary.get("train_seconds", time.time() - start)), 1),
+        train_images_per_second=round(float(summary.get("train_images_per_second", 0.0)), 1),
+        hardware=hardware(),
+        torch=torch.__version__,
+        finished=time.strftime("%Y-%m-%d %H:%M"),
+        command=f"micronet experiment run {cfg.path.as_posix()} --only {spec.name} --seeds {seed}",
+    )
+
+
+def run_experiments(
+    cfg: ExperimentConfig, only: list[str] | None = None, seeds: list[int] | None = None, dry_run: bool = False
+) -> list[tuple[str, int]]:
+    """Train every (run, seed) missing from the results CSV, in config order; returns what it trained."""
+    done = {(r["name"], int(r["seed"])) for r in read_results(cfg.results)}
+    unknown = set(only or []) - {r.name for r in cfg.runs}
+    if unknown:
+        raise ValueError(f"--only: no run named {sorted(unknown)} in {cfg.path}")
+    todo = [
+        (spec, seed)
+        for spec in cfg.runs
+        if not only or spec.name in only
+        for seed in (seeds if seeds is not None else spec.seeds)
+        if (spec.name, seed) not in done
+    ]
+    trained = []
+    for spec, seed in todo:
+        if not dry_run and (spec.name, seed) in {(r["name"], int(r["seed"])) for r in read_results(cfg.results)}:
+            print(f"experiment: {spec.name} seed {seed} finished meanwhile (another process); skipped", flush=True)
+            continue
+        print(f"experiment: {spec.name} seed {seed} ({spec.model}, {spec.variant or 'published'})", flush=True)
+        if dry_run:
+            trained.append((spec.name, seed))
+            continue
+        row = train_one(cfg, spec, seed)
+        append_result(cfg.results, row)
+        trained.append((spec.name, seed))
+        print(f"experiment: {spec.name} seed {seed}: top-1 {row['top1']:.2f} in {row['train_seconds']} s", flush=True)
+    return trained

@@ -1,0 +1,139 @@
+"""The pieces a training run is made of, each built by one function from the resolved config.
+
+``Trainer`` calls them in order: model, EMA, optimiser and schedule, mixed precision, the distributed /
+compiled wrapper, loss, batch augmentation, TensorBoard. Optimiser, schedule, EMA, mixup and random erasing
+come from timm; DistributedDataParallel from PyTorch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+
+from .._env import available_cores, default_workers
+from ..models import build_model
+from .config import TrainConfig
+from .distributed import DistEnv
+
+
+def build_train_model(cfg: TrainConfig, num_classes: int, env: DistEnv, state: dict[str, Any] | None) -> nn.Module:
+    """The model on its device: from ``--pretrained`` (new runs) or the resumed state; SyncBN under torchrun."""
+    pretrained = cfg.pretrained if state is None else None
+    extra = dict(cfg.model_kwargs or {})
+    if cfg.drop_rate is not None:
+        extra["drop_rate"] = cfg.drop_rate
+    model = build_model(cfg.model, pretrained=pretrained, num_classes=num_classes, in_chans=cfg.in_chans, **extra)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    if cfg.sync_bn and env.distributed:
+        if env.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif env.is_main:
+            print("note: --sync-bn needs CUDA (PyTorch's SyncBatchNorm); each CPU process keeps its own BatchNorm")
+    model.to(env.device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_ema(cfg: TrainConfig, model: nn.Module, state: dict[str, Any] | None) -> Any:
+    """timm's ``ModelEmaV3`` of the weights when ``--ema``, restored from the resumed state."""
+    if not cfg.ema:
+        return None
+    from timm.utils import ModelEmaV3  # timm.utils pulls in extra modules: only with --ema
+
+    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
+    if state is not None and state.get("ema") is not None:
+        ema.module.load_state_dict(state["ema"])
+    return ema
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Any timm optimiser; weight decay on biases and norms too when the recipe says so (``wd_all``)."""
+    return create_optimizer_v2(
+        model,
+        opt=cfg.opt,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        filter_bias_and_bn=not cfg.wd_all,
+    )
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> CosineLRScheduler:
+    """Cosine decay per iteration over the whole run, after a linear warm-up."""
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=cfg.epochs * steps_per_epoch,
+        lr_min=cfg.min_lr,
+        warmup_t=round(cfg.warmup_epochs * steps_per_epoch),
+        warmup_lr_init=cfg.warmup_lr,
+        warmup_prefix=False,
+        t_in_epochs=False,
+    )
+
+
+def build_amp(cfg: TrainConfig, env: DistEnv) -> tuple[torch.dtype, torch.amp.GradScaler]:
+    """Mixed precision: float16 with a gradient scaler on CUDA, bfloat16 (no scaler) on the CPU."""
+    use_fp16 = cfg.amp and env.device.type == "cuda"
+    return (torch.float16 if use_fp16 else torch.bfloat16), torch.amp.GradScaler(env.device.type, enabled=use_fp16)
+
+
+def wrap_model(cfg: TrainConfig, model: nn.Module, env: DistEnv) -> nn.Module:
+    """The module the loop calls: DistributedDataParallel under torchrun, ``torch.compile`` when asked."""
+    forward_model = model
+    if env.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP  # only under torchrun
+
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        forward_model = DDP(model, device_ids=ids)
+    if cfg.compile:
+        forward_model = torch.compile(forward_model)
+    return forward_model
+
+
+def build_loss(cfg: TrainConfig) -> nn.Module:
+    """Training loss: soft-target CE under mixup/cutmix, else CE with label smoothing."""
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        from timm.loss import SoftTargetCrossEntropy
+
+        return SoftTargetCrossEntropy()
+    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+
+def build_augmentation(cfg: TrainConfig, env: DistEnv, num_classes: int) -> tuple[Any, Any]:
+    """Batch augmentation on the device: timm's random erasing and mixup / cutmix, each None when off."""
+    erasing = mixup = None
+    if cfg.reprob > 0:
+        from timm.data.random_erasing import RandomErasing
+
+        # after normalization, so erased pixels are N(0, 1) noise like the rest of the batch's statistics
+        erasing = RandomErasing(probability=cfg.reprob, mode="pixel", device=str(env.device))
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        from timm.data import Mixup
+
+        mixup = Mixup(
+            mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing, num_classes=num_classes
+        )
+    return erasing, mixup
+
+
+def build_writer(out: Path, env: DistEnv) -> Any:
+    """TensorBoard events under ``out/tensorboard`` (rank 0 only)."""
+    if not env.is_main:
+        return None
+    from torch.utils.tensorboard import SummaryWriter  # tensorboard is slow to import: only when training
+
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
+def loader_workers(cfg: TrainConfig, env: DistEnv) -> int:
+    """DataLoader workers per process: ``--workers``, else the spare cores shared by this node's processes."""
+    if cfg.workers is not None:
+        return cfg.workers
+    return max(1, default_workers() // env.local_world) if available_cores() > 2 else 1

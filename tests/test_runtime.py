@@ -1,0 +1,111 @@
+"""``micronet export``: ONNX (dynamo with legacy fallback), TorchScript, torch.export, int8; parity printed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import micronet_torch
+from micronet_torch.cli import main
+from micronet_torch.deploy import convert_to_deploy
+from micronet_torch.runtime import (
+    export_onnx,
+    ort_nodes_after_optimization,
+    ort_session,
+    quantize_onnx,
+    run_ort,
+    synthetic_images,
+)
+
+
+@pytest.fixture(scope="module")
+def m0():
+    torch.manual_seed(0)
+    model = micronet_torch.create_model("micronet_m0", num_classes=10).eval()
+    with torch.no_grad():  # logits of a usable size, so relative parity means something
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.normal_(0, 0.2)
+    return model
+
+
+def test_onnx_dynamic_batch_parity(m0, tmp_path) -> None:
+    res = export_onnx(convert_to_deploy(m0, backend="onnx"), tmp_path / "m0.onnx", (1, 3, 64, 64))
+    assert res.exporter in ("dynamo", "legacy") and res.nodes
+    sess = ort_session(res.path)
+    for n in (1, 4):
+        x = torch.randn(n, 3, 64, 64)
+        ref = m0(x).detach().numpy()
+        out = run_ort(sess, x)
+        assert out.shape == ref.shape
+        assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_deploy_graph_is_smaller(m0, tmp_path) -> None:
+    plain = export_onnx(m0, tmp_path / "plain.onnx", (1, 3, 32, 32))
+    dep = export_onnx(convert_to_deploy(m0, backend="onnx"), tmp_path / "dep.onnx", (1, 3, 32, 32))
+    assert ort_nodes_after_optimization(dep.path) < ort_nodes_after_optimization(plain.path)
+
+
+def test_legacy_exporter(m0, tmp_path) -> None:
+    res = export_onnx(convert_to_deploy(m0, backend="onnx"), tmp_path / "l.onnx", (1, 3, 32, 32), exporter="legacy")
+    x = torch.randn(2, 3, 32, 32)
+    ref = m0(x).detach().numpy()
+    assert np.abs(run_ort(ort_session(res.path), x) - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_int8_runs_and_mostly_agrees(m0, tmp_path) -> None:
+    fp = export_onnx(convert_to_deploy(m0, backend="onnx"), tmp_path / "fp.onnx", (1, 3, 32, 32)).path
+    calib = synthetic_images(16, 3, 32)
+    q = quantize_onnx(fp, tmp_path / "q.onnx", calib)
+    out = run_ort(ort_session(q), calib)
+    assert out.shape == (16, 10) and np.isfinite(out).all()
+    # mixed precision: the first convolutions and the head linears stay float
+    import onnx
+
+    q2 = quantize_onnx(fp, tmp_path / "q2.onnx", calib, float_convs=3)
+    graph = onnx.load(str(q2)).graph
+    produced_by = {o: n for n in graph.node for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    is_float = [getattr(produced_by.get(n.input[1]), "op_type", None) != "DequantizeLinear" for n in convs]
+    assert is_float[0] and not is_float[-1]
+    # float_convs counts layers: a row-folded conv's Conv nodes (one input, one per multiplier) count once
+    layers = list(dict.fromkeys(n.input[0] for n in convs))
+    float_layers = {n.input[0] for n, f in zip(convs, is_float, strict=True) if f}
+    assert len(layers) < len(convs)  # M0 at 32 px has row-folded convs
+    assert float_layers == set(layers[:3])
+    assert run_ort(ort_session(q2), calib).shape == (16, 10)
+
+
+@pytest.mark.parametrize("fmt,suffix", [("onnx", "onnx"), ("torchscript", "ts"), ("exported-program", "pt2")])
+def test_cli_formats(fmt: str, suffix: str, tmp_path, capsys) -> None:
+    out = tmp_path / f"m.{suffix}"
+    rc = main(["export", "--model", "micronet_m0", "--format", fmt, "--img-size", "32", "--output", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert out.is_file() and "parity vs PyTorch" in text and "OK" in text
+
+
+def test_cli_int8_folder(tmp_path, capsys) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "q.onnx"
+    main(
+        ["export", "--model", "micronet_m0", "--img-size", "32", "--int8", "--calib", str(folder), "--output", str(out)]
+    )
+    text = capsys.readouterr().out
+    assert out.is_file() and "top-1 agreement" in text
+
+
+def test_cli_errors(tmp_path, capsys) -> None:
+    assert main(["export", "--model", "micronet_m0", "--int8", "--output", str(tmp_path / "x.onnx")]) == 2
+    assert "--calib" in capsys.readouterr().err
+    rc = main(["export", "--model", "micronet_m0", "--format", "torchscript", "--int8", "--calib", "x", "-o", "y"])
+    assert rc == 2
+    assert main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--output", str(tmp_path / "x.onnx")]) == 2
