@@ -258,9 +258,9 @@ def max_checkpoint_bytes(max_bytes: int | None = None) -> int:
 
 
 def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
+    text = " ".join(str(err).split())
     if not isinstance(err, _Bad):
-        text = f"{type(err).__name__}: {text}"
+        text = f"{type(err).__name__}: {text}" if text else type(err).__name__
     return text[:300]
 
 
@@ -284,6 +284,22 @@ def read_file_bounded(path: str | os.PathLike, max_bytes: int, what: str = "chec
     return data
 
 
+def pdparams_from_bytes(data: bytes, source: str = "<bytes>", max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """``read_pdparams`` for a file already in memory; ``source`` names it in the error message."""
+    limit = max_checkpoint_bytes(max_bytes)
+    try:
+        if len(data) > limit:
+            raise _Bad(f"{len(data)} bytes is more than the size limit ({limit}; see {MAX_BYTES_ENV})")
+        out: dict[str, torch.Tensor] = {}
+        for key, arr in parse_pdparams(data, limit).items():
+            if arr is not None:
+                name, tensor = _paddle_to_torch_name(key, to_tensor(arr))
+                out[name] = tensor
+    except Exception as err:  # _Bad, and whatever the C unpickler raises on a broken stream
+        raise CheckpointError(f"{source}: not a readable PaddlePaddle .pdparams file ({_one_line(err)})") from err
+    return out
+
+
 def read_pdparams(path: str | os.PathLike, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
     """Read a PaddleClas ``.pdparams`` into float32 tensors with this project's (the published code's) names.
 
@@ -291,19 +307,7 @@ def read_pdparams(path: str | os.PathLike, max_bytes: int | None = None) -> dict
     else ``DEFAULT_MAX_BYTES``). Every failure raises ``CheckpointError`` with a one-line reason.
     """
     limit = max_checkpoint_bytes(max_bytes)
-    data = read_file_bounded(path, limit, ".pdparams")
-    try:
-        arrays = parse_pdparams(data, limit)
-        out: dict[str, torch.Tensor] = {}
-        for key, arr in arrays.items():
-            if arr is not None:
-                name, tensor = _paddle_to_torch_name(key, to_tensor(arr))
-                out[name] = tensor
-    except CheckpointError:
-        raise
-    except Exception as err:  # _Bad, and whatever the C unpickler raises on a broken stream
-        raise CheckpointError(f"{Path(path)}: not a readable PaddlePaddle .pdparams file ({_one_line(err)})") from err
-    return out
+    return pdparams_from_bytes(read_file_bounded(path, limit, ".pdparams"), str(Path(path)), limit)
 
 
 __all__ = [
@@ -313,6 +317,7 @@ __all__ = [
     "RawArray",
     "max_checkpoint_bytes",
     "parse_pdparams",
+    "pdparams_from_bytes",
     "read_file_bounded",
     "read_pdparams",
     "to_tensor",
