@@ -131,3 +131,43 @@ def test_fuzz_real_pdparams(real) -> None:
             outcomes[check(mutate(data, positions, rng))] += 1
     # both outcomes happen: mutations of the array data load (different numbers), most structural ones fail
     assert outcomes["loaded"] > 10 and outcomes["refused"] > 100, outcomes
+
+
+# ---- the one loader, once it exists (models/loader.py): .pth and .safetensors mutated the same way --------
+M0_OFFICIAL = Path("/work/shared/fixtures/official/micronet-m0-official-random.pth.tar")
+MUTATIONS_OTHER = 60
+
+
+def _mutated_files(data: bytes, rng: random.Random, count: int) -> list[bytes]:
+    """Mutations biased to the structure: a zip's directory at the end, a safetensors header at the start."""
+    out = []
+    for _ in range(count):
+        start, stop = rng.choice(((0, min(len(data), 4000)), (max(0, len(data) - 4000), len(data)), (0, len(data))))
+        at = rng.randrange(start, stop)
+        out.append(data[:at] + bytes([rng.randrange(256)]) + data[at + 1 :] if rng.random() < 0.9 else data[:at])
+    return out
+
+
+@pytest.mark.parametrize("fmt", [".pth", ".safetensors"])
+def test_fuzz_loader_other_formats(fmt, tmp_path) -> None:
+    """The checkpoint loader returns a dict of tensors or raises CheckpointError for any mutated file."""
+    loader = pytest.importorskip("micronet_torch.models.loader")
+    if not M0_OFFICIAL.is_file():
+        pytest.skip("fixtures not available")
+    from safetensors.torch import save
+
+    state = torch.load(M0_OFFICIAL, map_location="cpu", weights_only=True)["state_dict"]
+    if fmt == ".pth":
+        data = M0_OFFICIAL.read_bytes()
+    else:
+        data = save({k.removeprefix("module."): v.contiguous() for k, v in list(state.items())[:40]})
+    rng = random.Random(SEED)
+    path = tmp_path / f"fuzz{fmt}"
+    for mutated in _mutated_files(data, rng, MUTATIONS_OTHER):
+        path.write_bytes(mutated)
+        try:
+            out = loader.read_state_dict(path)
+        except CheckpointError as err:
+            assert "\n" not in str(err), str(err)
+            continue
+        assert isinstance(out, dict) and all(isinstance(v, torch.Tensor) for v in out.values())

@@ -172,6 +172,10 @@ def crafted_files(marker: Path) -> dict[str, bytes]:
         "numpy_frombuffer": {"w": Call(np.frombuffer, b"\0" * 8, "O")},
         "numpy_core_func": Call(np.dtype, "O"),  # numpy.dtype is allowed, but only our stand-in with plain codes
     }
+    one = arr((1,), f4[:4])
+    files["many_entries"] = {f"k{i}": one for i in range(20_001)}  # one memoized array, 20001 names
+    big = bytes(12_000_000)  # pickled once, referenced by every entry: 12 MB of file, 96 MB of tensors
+    files["memo_amplified"] = {f"k{i}": arr((3_000_000,), big) for i in range(8)}
     out = {name: pdparams(obj) for name, obj in files.items()}
     out["posix_system"] = b"\x80\x02cposix\nsystem\nq\x00X" + struct.pack("<I", len(cmd)) + cmd.encode() + b"\x85R."
     out["inst_opcode"] = b"(S'" + cmd.encode() + b"'\nios\nsystem\n."

@@ -29,6 +29,7 @@ from .errors import CheckpointError
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 MAX_BYTES_ENV = "MICRONET_MAX_CHECKPOINT_BYTES"
 MAX_NDIM = 32
+MAX_ENTRIES = 20_000  # MicroNet M3 has under 600 tensors; a million tiny ones would only cost time and memory
 SKIPPED_KEY = "StructuredToParameterName@@"
 
 # numpy's type code (as numpy's dtype pickles it) -> (torch dtype, item size)
@@ -204,6 +205,8 @@ def parse_pdparams(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str,
     raw = _StandInUnpickler(io.BytesIO(data)).load()
     if type(raw) is not dict:
         raise _Bad(f"expected a dict of arrays, found {type(raw).__name__}")
+    if len(raw) > MAX_ENTRIES:
+        raise _Bad(f"{len(raw)} entries, more than any MicroNet has ({MAX_ENTRIES})")
     budget = [max_bytes]
     out: dict[str, RawArray | None] = {}
     for key, value in raw.items():
