@@ -132,7 +132,8 @@ def _trusted_library(out: Path) -> Path | None:
         elif rec_problem is not None:
             problem = f"has a SHA-256 record that {rec_problem}"
         else:
-            expected = record.read_bytes()[:200].decode("ascii", "replace").strip()
+            with open(record, "rb") as fh:
+                expected = fh.read(200).decode("ascii", "replace").strip()
             got = sha256_file(out)
             if got != expected:
                 problem = f"does not match its recorded SHA-256 (it was replaced after its build: {got[:16]}...)"
