@@ -462,6 +462,27 @@ def test_probe_writable_leaves_planted_links_alone(tmp_path) -> None:
         _fs.probe_writable(tmp_path / "missing")
 
 
+def test_atomic_write_past_the_file_size_limit_names_the_file(tmp_path) -> None:
+    """A write that fails (here: the file size limit) raises OSError naming the file, and leaves nothing."""
+    script = (
+        "import resource, sys\n"
+        "from micronet_torch._fs import atomic_write\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
+        "try:\n"
+        "    atomic_write(sys.argv[1], lambda fh: fh.write(bytes(100_000)))\n"
+        "except OSError as err:\n"
+        "    print(type(err).__name__, err)\n"
+    )
+    target = tmp_path / "big.bin"
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(target)], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"cannot write {target}" in proc.stdout and "File too large" in proc.stdout, proc.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_download_verified_keeps_only_a_matching_file(tmp_path) -> None:
     src = tmp_path / "published.pdparams"
     src.write_bytes(b"weights" * 1000)

@@ -9,6 +9,7 @@ refused, never written through; downloads are checked against their SHA-256 befo
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -17,7 +18,7 @@ import tempfile
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 _EXCLUSIVE_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -27,19 +28,41 @@ class DownloadError(OSError):
     """A download that failed or did not match its SHA-256; nothing was kept, the message says what to do."""
 
 
+# errors of the file system itself (full disk, file size limit, permissions), which deserve the file's name
+_WRITE_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("EFBIG", "ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS", "EIO", "ENAMETOOLONG", "ENOENT", "ENOTDIR")
+    if hasattr(errno, name)
+)
+
+
+def _reraise_named(err: OSError, what: str) -> NoReturn:
+    """Raise ``err`` again, as the same subclass with a message naming the file when the file system failed."""
+    if err.errno not in _WRITE_ERRNOS:
+        raise err
+    raise OSError(err.errno, f"{what} ({err.strerror or err})") from err  # OSError(errno, ...) picks the subclass
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
     """Write a file atomically: ``write(fh)`` into a temporary file in the same folder, fsync, rename.
 
-    The temporary file is removed on failure.
+    The temporary file is removed on failure; a file-system error (full disk, file size limit, no
+    permission) is raised as the same ``OSError`` subclass with a message naming the file.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        _reraise_named(err, f"cannot create files in {path.parent}")
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        _reraise_named(err, f"cannot write {path}")
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
