@@ -503,6 +503,11 @@ def test_download_verified_keeps_only_a_matching_file(tmp_path) -> None:
     with pytest.raises(ValueError, match="not a SHA-256"):
         _fs.download_verified(src.as_uri(), cache / "z", "abc")
     assert sorted(p.name for p in cache.iterdir()) == ["w.pdparams"]
+    assert _fs.verify_or_delete(dest, good) == dest
+    dest.write_bytes(b"truncated")
+    with pytest.raises(_fs.DownloadError, match="was deleted"):
+        _fs.verify_or_delete(dest, good)
+    assert not dest.exists()
 
 
 # ---- data folders -------------------------------------------------------------------------------------

@@ -161,3 +161,23 @@ def download_verified(
         Path(tmp).unlink(missing_ok=True)
         raise
     return dest
+
+
+def verify_or_delete(path: str | os.PathLike, sha256: str, what: str = "file") -> Path:
+    """``path`` if its SHA-256 is ``sha256``; else delete it and raise ``DownloadError`` saying so.
+
+    For a file already in a cache (a finished download, or one the user put there): a truncated or
+    substituted file does not stay there to fail the same way forever.
+    """
+    path = Path(path)
+    expected = str(sha256).strip().lower()
+    if not _HEX64.fullmatch(expected):
+        raise ValueError(f"{sha256!r} is not a SHA-256 (64 hex digits)")
+    got = sha256_file(path)
+    if got != expected:
+        path.unlink(missing_ok=True)
+        raise DownloadError(
+            f"{path}: this {what} has SHA-256 {got}, expected {expected} (truncated or replaced); it was deleted "
+            "and will be downloaded again next time"
+        )
+    return path
