@@ -533,6 +533,20 @@ def test_walk_images_skips_symlink_loops(tmp_path) -> None:
     assert SkipCounts().summary() == ""
 
 
+def test_walk_images_keeps_the_order_of_os_walk(tmp_path) -> None:
+    """Without links, the same files in the same order as the scan it replaces (sample indices stay put)."""
+    for rel in ("b/2.png", "b/1.JPG", "a/z/9.png", "a/3.png", "a/y/x/0.png", "c.png", "a/skip.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        png(tmp_path / rel) if rel.endswith("png") else (tmp_path / rel).write_bytes(b"x")
+    exts = (".png", ".jpg")
+    want = []
+    for dirpath, dirnames, filenames in os.walk(tmp_path, followlinks=True):
+        dirnames.sort()
+        want.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(exts))
+    found, skipped = walk_images(tmp_path, exts)
+    assert found == want and skipped.total() == 0
+
+
 def test_walk_images_never_opens_a_fifo(tmp_path) -> None:
     cls = tmp_path / "cat"
     cls.mkdir()
