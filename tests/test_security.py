@@ -1,0 +1,597 @@
+"""Files from strangers: crafted .pdparams, a tampered operator cache, bad downloads, hostile data folders.
+
+Every attack file is crafted here. The crafted checkpoints are read in a subprocess, so that a crash
+(the segfault numpy's own reconstruction gives) fails the test instead of killing pytest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import warnings
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from micronet_torch import _fs, _native
+from micronet_torch.data_scan import ImageFileError, SkipCounts, open_image_safely, walk_images
+from micronet_torch.models.errors import CheckpointError
+from micronet_torch.models.pdparams import MAX_BYTES_ENV, pdparams_from_bytes, read_pdparams
+
+FIXTURES = Path("/work/shared/fixtures")
+M0_PDPARAMS = FIXTURES / "paddleclas" / "MicroNet_M0_random.pdparams"
+M2_PDPARAMS = FIXTURES / "paddleclas" / "MicroNet_M2_random.pdparams"
+M0_OFFICIAL = FIXTURES / "official" / "micronet-m0-official-random.pth.tar"
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail (instead of hanging forever) when the block takes longer than ``seconds``."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"took longer than {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# ---- crafting .pdparams -----------------------------------------------------------------------------
+PLAIN_F4_STATE = (3, "<", None, None, None, -1, -1, 0)
+
+
+class FakeDType:
+    """Pickles as ``numpy.dtype(*args)`` with BUILD ``state``: any state numpy would trust, never run here."""
+
+    def __init__(self, args=("f4", False, True), state=PLAIN_F4_STATE):
+        self.args, self.state = args, state
+
+    def __reduce__(self):
+        return (np.dtype, self.args, self.state)
+
+
+class FakeArray:
+    """Pickles as numpy's ``_reconstruct(ndarray, (0,), b'b')`` with BUILD ``state``."""
+
+    def __init__(self, state, recon_args=None):
+        self.state, self.recon_args = state, recon_args or (np.ndarray, (0,), b"b")
+
+    def __reduce__(self):
+        return (_reconstruct, self.recon_args, self.state)
+
+
+class Call:
+    """Pickles as ``func(*args)``: what a pickle that runs code looks like."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+def arr(shape, data, dtype=None, fortran=False, version=1):
+    return FakeArray((version, shape, dtype or FakeDType(), fortran, data))
+
+
+def pdparams(entries) -> bytes:
+    return pickle.dumps(entries, protocol=4)
+
+
+def crafted_files(marker: Path) -> dict[str, bytes]:
+    """Every kind of hostile .pdparams this reader must refuse."""
+    f4 = np.arange(4, dtype="<f4").tobytes()
+    obj_field = {"a": (np.dtype("O"), 0)}
+    cmd = f"touch {marker}"
+    files = {
+        # dtype tricks: object fields (numpy dereferences file bytes as pointers), offsets past the item
+        "object_field": {
+            "w": arr((1,), b"A" * 8, FakeDType(("V8", False, True), (3, "|", None, ("a",), obj_field, 8, 1, 0)))
+        },
+        "object_field_f4": {
+            "w": arr((1,), b"A" * 4, FakeDType(("f4", False, True), (3, "<", None, ("a",), obj_field, 4, 1, 0)))
+        },
+        "field_offset_f4": {
+            "w": arr((1,), b"B" * 4, FakeDType(state=(3, "<", None, ("a",), {"a": (FakeDType(), 4096)}, 4, 1, 0)))
+        },
+        "field_offset": {
+            "w": arr(
+                (1,),
+                b"B" * 4,
+                FakeDType(("V4", False, True), (3, "|", None, ("a",), {"a": (np.dtype("f4"), 4096)}, 4, 1, 0)),
+            )
+        },
+        "object_dtype": {
+            "w": arr((1,), b"A" * 8, FakeDType(("O8", False, True), (3, "|", None, None, None, -1, -1, 63)))
+        },
+        "object_flags": {"w": arr((1,), f4[:4], FakeDType(state=(3, "<", None, None, None, -1, -1, 63)))},
+        "string_dtype": {"w": arr((1,), b"abcd", FakeDType(("U1", False, True)))},
+        "subarray": {
+            "w": arr(
+                (1,), f4 * 4, FakeDType(("V16", False, True), (3, "|", (np.dtype("f4"), (4,)), None, None, 16, 4, 0))
+            )
+        },
+        "subarray_f4": {"w": arr((1,), f4, FakeDType(state=(3, "<", (FakeDType(), (4,)), None, None, -1, -1, 0)))},
+        "elsize_lie": {"w": arr((1,), f4, FakeDType(state=(3, "<", None, None, None, 4096, -1, 0)))},
+        "metadata": {"w": arr((1,), f4[:4], FakeDType(state=(4, "<", None, None, None, -1, -1, 0, {"x": 1})))},
+        "bad_order": {"w": arr((1,), f4[:4], FakeDType(state=(3, "|", None, None, None, -1, -1, 0)))},
+        "dtype_args": {"w": arr((1,), f4[:4], FakeDType(("f4", "x", Call(os.getcwd))))},
+        # byte lengths that do not match the shape: stride-0 style broadcasts, short data, huge shapes
+        "stride0_1e8": {"w": arr((100_000_000,), f4[:4])},
+        "short_data": {"w": arr((10,), f4[:4])},
+        "long_data": {"w": arr((1,), f4)},
+        "huge_shape": {"w": arr((2**62,), f4[:4])},
+        "huge_product": {"w": arr((2**31, 2**31, 2**31), b"")},
+        "negative_dim": {"w": arr((-1,), b"")},
+        "bool_dim": {"w": arr((True,), f4[:4])},
+        "float_dim": {"w": arr((1.0,), f4[:4])},
+        "too_many_dims": {"w": arr((1,) * 40, f4[:4])},
+        "zero_dim_with_data": {"w": arr((0,), f4[:4])},
+        # wrong types
+        "data_list": {"w": arr((1,), [1.0])},
+        "data_str": {"w": arr((1,), "abcd")},
+        "shape_list": {"w": arr([1], f4[:4])},
+        "fortran_int": {"w": arr((1,), f4[:4], fortran=1)},
+        "array_version": {"w": arr((1,), f4[:4], version=2)},
+        "array_state_short": {"w": FakeArray((1, (1,)))},
+        "array_state_dict": {"w": FakeArray({"shape": (1,)})},
+        "dtype_is_str": {"w": FakeArray((1, (1,), "f4", False, f4[:4]))},
+        "recon_args": {"w": FakeArray((1, (1,), FakeDType(), False, f4[:4]), (Call(os.getcwd), (0,), b"b"))},
+        "unbuilt_array": {"w": FakeArray(None)},
+        "top_list": [arr((1,), f4[:4])],
+        "key_int": {1: arr((1,), f4[:4])},
+        "value_int": {"w": 3},
+        "value_dict": {"w": {"x": arr((1,), f4[:4])}},
+        # pickles that run code
+        "os_system": {"w": Call(os.system, cmd)},
+        "eval": {"w": Call(eval, f"__import__('os').system({cmd!r})")},
+        "exec": Call(exec, f"import os; os.system({cmd!r})"),
+        "subprocess": {"w": Call(subprocess.Popen, ["touch", str(marker)])},
+        "getattr": Call(getattr, Call(__import__, "os"), "system"),
+        "numpy_frombuffer": {"w": Call(np.frombuffer, b"\0" * 8, "O")},
+        "numpy_core_func": Call(np.dtype, "O"),  # numpy.dtype is allowed, but only our stand-in with plain codes
+    }
+    one = arr((1,), f4[:4])
+    files["many_entries"] = {f"k{i}": one for i in range(20_001)}  # one memoized array, 20001 names
+    big = bytes(12_000_000)  # pickled once, referenced by every entry: 12 MB of file, 96 MB of tensors
+    files["memo_amplified"] = {f"k{i}": arr((3_000_000,), big) for i in range(8)}
+    out = {name: pdparams(obj) for name, obj in files.items()}
+    out["posix_system"] = b"\x80\x02cposix\nsystem\nq\x00X" + struct.pack("<I", len(cmd)) + cmd.encode() + b"\x85R."
+    out["inst_opcode"] = b"(S'" + cmd.encode() + b"'\nios\nsystem\n."
+    out["obj_opcode"] = b"\x80\x02(cos\nsystem\nX" + struct.pack("<I", len(cmd)) + cmd.encode() + b"o."
+    out["persistent_id"] = b"\x80\x02X\x01\x00\x00\x00xQ."
+    out["ext_opcode"] = b"\x80\x02\x82\x01)R."
+    out["binbytes8_huge"] = b"\x80\x04\x8e" + struct.pack("<Q", 2**40) + b"abc."
+    out["memo_index_huge"] = b"\x80\x02}r" + struct.pack("<I", 2**30) + b"."
+    out["frame_huge"] = b"\x80\x04\x95" + struct.pack("<Q", 2**40) + b"}."
+    out["unknown_opcode"] = b"\x80\x04\xff."
+    out["deep_nesting"] = b"\x80\x04" + b"]" * 200_000 + b"a" * 199_999 + b"."
+    out["marks"] = b"\x80\x04" + b"(" * 100_000 + b"."
+    out["empty"] = b""
+    out["garbage"] = bytes(range(256)) * 4
+    if M0_PDPARAMS.is_file():
+        real = M0_PDPARAMS.read_bytes()
+        out["truncated_real"] = real[: len(real) // 3]
+        out["truncated_header"] = real[:200]
+    return out
+
+
+READER = """
+import json, sys
+from micronet_torch.models.pdparams import read_pdparams
+from micronet_torch.models.errors import CheckpointError
+results = {}
+for path in sys.argv[1:]:
+    try:
+        read_pdparams(path)
+        results[path] = ["loaded", ""]
+    except CheckpointError as err:
+        results[path] = ["CheckpointError", str(err)]
+    except BaseException as err:
+        results[path] = [type(err).__name__, str(err)[:300]]
+print(json.dumps(results))
+"""
+
+
+def test_crafted_pdparams_are_refused_without_crash(tmp_path) -> None:
+    """Each crafted file raises CheckpointError with one line naming it; no crash, no code run, nothing loaded."""
+    marker = tmp_path / "code-ran"
+    paths = []
+    for name, data in crafted_files(marker).items():
+        path = tmp_path / f"{name}.pdparams"
+        path.write_bytes(data)
+        paths.append(str(path))
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    proc = subprocess.run(
+        [sys.executable, "-c", READER, *paths], capture_output=True, text=True, timeout=120, env=env, check=False
+    )
+    assert proc.returncode == 0, f"the reader process died ({proc.returncode}): {proc.stderr[-2000:]}"
+    results = json.loads(proc.stdout)
+    wrong = {Path(p).stem: r for p, r in results.items() if r[0] != "CheckpointError"}
+    assert not wrong, wrong
+    for path, (_, message) in results.items():
+        assert "\n" not in message and path in message, message
+    assert not marker.exists(), "a crafted pickle ran code"
+
+
+def test_numpy_free_reader_matches_the_numpy_reader() -> None:
+    """The two real PaddleClas fixtures give exactly the tensors of the numpy-based reader (and the official file)."""
+    from micronet_torch.weights import read_pdparams as numpy_reader
+
+    for path in (M0_PDPARAMS, M2_PDPARAMS):
+        if not path.is_file():
+            pytest.skip("fixtures not available")
+        ours, theirs = read_pdparams(path), numpy_reader(path)
+        assert list(ours) == list(theirs)
+        for key, value in ours.items():
+            assert value.dtype == torch.float32 and value.is_contiguous()
+            assert torch.equal(value, theirs[key]), key
+    official = torch.load(M0_OFFICIAL, map_location="cpu", weights_only=True)["state_dict"]
+    official = {k.removeprefix("module."): v for k, v in official.items() if not k.endswith("num_batches_tracked")}
+    ours = read_pdparams(M0_PDPARAMS)
+    assert ours.keys() == official.keys()
+    assert all(torch.equal(ours[k], official[k]) for k in ours)
+
+
+def test_plain_dtypes_byte_orders_and_fortran_order() -> None:
+    """Every allowed dtype, both byte orders and Fortran-ordered data give the values numpy would give."""
+    rng = np.random.default_rng(0)
+    cases = {}
+    for code in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "b1"):
+        for order in ("<", ">") if code[1] != "1" else ("|",):
+            base = rng.standard_normal((3, 5)) * 50 if code[0] == "f" else rng.integers(0, 100, (3, 5))
+            values = base.astype(np.dtype(order + code) if order != "|" else code)
+            state = (3, order, None, None, None, -1, -1, 0)
+            key = f"blocks.{code}{'be' if order == '>' else ''}.x"
+            cases[key] = (values, arr(values.shape, values.tobytes(), FakeDType((code, False, True), state)))
+    f = np.asfortranarray(rng.standard_normal((4, 6)).astype("<f4"))
+    cases["fortran.x"] = (f, arr(f.shape, f.tobytes(order="A"), fortran=True))
+    cases["scalar.x"] = (np.array(2.5, "<f4"), arr((), np.array(2.5, "<f4").tobytes()))
+    cases["empty.x"] = (np.zeros((0, 3), "<f4"), arr((0, 3), b""))
+    data = pdparams({**{k: v for k, (_, v) in cases.items()}, "StructuredToParameterName@@": {"a": "b"}})
+    out = pdparams_from_bytes(data)
+    assert set(out) == set(cases)
+    for key, (values, _) in cases.items():
+        want = torch.from_numpy(np.array(values, dtype=np.float32, order="C"))
+        assert out[key].dtype == torch.float32 and torch.equal(out[key], want), key
+
+
+def test_paddle_names_become_published_names() -> None:
+    w = np.arange(6, dtype="<f4").reshape(2, 3)
+    data = pdparams(
+        {
+            "bn._mean": arr((2,), w[0, :2].tobytes()),
+            "bn._variance": arr((2,), w[0, :2].tobytes()),
+            "fc.weight": arr((2, 3), w.tobytes()),
+            "StructuredToParameterName@@": {"x": "y"},
+        }
+    )
+    out = pdparams_from_bytes(data)
+    assert set(out) == {"bn.running_mean", "bn.running_var", "fc.weight"}
+    assert torch.equal(out["fc.weight"], torch.from_numpy(w.T.copy()))
+
+
+def test_size_limit_argument_and_environment(tmp_path, monkeypatch) -> None:
+    data = pdparams({"w": arr((1000,), np.zeros(1000, "<f4").tobytes())})
+    path = tmp_path / "w.pdparams"
+    path.write_bytes(data)
+    assert read_pdparams(path)["w"].shape == (1000,)
+    with pytest.raises(CheckpointError, match=r"size limit|more than"):
+        read_pdparams(path, max_bytes=2000)
+    monkeypatch.setenv(MAX_BYTES_ENV, "3000")
+    with pytest.raises(CheckpointError, match=MAX_BYTES_ENV):
+        read_pdparams(path)
+    monkeypatch.setenv(MAX_BYTES_ENV, "lots")
+    with pytest.raises(CheckpointError, match="whole number"):
+        read_pdparams(path)
+
+
+def test_checkpoint_that_is_a_fifo_or_missing(tmp_path) -> None:
+    fifo = tmp_path / "w.pdparams"
+    os.mkfifo(fifo)
+    with deadline(5), pytest.raises(CheckpointError, match="not a regular file"):
+        read_pdparams(fifo)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        read_pdparams(tmp_path / "missing.pdparams")
+
+
+def test_checkpoint_error_is_a_value_error() -> None:
+    """Callers that catch ValueError (and the CLI's exit-2 handler for weights.CheckpointError) still work."""
+    assert issubclass(CheckpointError, ValueError)
+
+
+# ---- the operator cache -------------------------------------------------------------------------------
+C_SOURCE = """
+__attribute__((visibility("default"))) int micronet_test_answer(void) { return 42; }
+"""
+NOBODY = 65534
+
+
+@pytest.fixture
+def c_source(tmp_path) -> Path:
+    if _native.find_compiler() is None:
+        pytest.skip("no C compiler")
+    src = tmp_path / "answer.c"
+    src.write_text(C_SOURCE)
+    return src
+
+
+def build(src: Path, folder: Path) -> Path:
+    return _native.build_library(src, "answer", "test", directory=folder)
+
+
+def loads_and_answers(path: Path) -> bool:
+    import ctypes
+
+    return ctypes.CDLL(str(path)).micronet_test_answer() == 42
+
+
+def test_cache_build_records_sha256_and_reuses(c_source, tmp_path) -> None:
+    folder = tmp_path / "cache"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", _native.NativeCacheWarning)
+        lib = build(c_source, folder)
+        record = lib.with_name(lib.name + ".sha256")
+        assert record.read_text().strip() == hashlib.sha256(lib.read_bytes()).hexdigest()
+        assert (folder.stat().st_mode & 0o777) == 0o700
+        mtime = lib.stat().st_mtime_ns
+        assert build(c_source, folder) == lib and lib.stat().st_mtime_ns == mtime  # trusted: not rebuilt
+    assert loads_and_answers(lib)
+
+
+def _rebuilt(c_source, folder, lib, match) -> None:
+    with pytest.warns(_native.NativeCacheWarning, match=match):
+        assert build(c_source, folder) == lib
+    assert not lib.is_symlink() and lib.stat().st_uid == os.geteuid()
+    assert lib.with_name(lib.name + ".sha256").read_text().strip() == hashlib.sha256(lib.read_bytes()).hexdigest()
+
+
+def test_cache_planted_symlink_is_removed_never_followed(c_source, tmp_path) -> None:
+    folder = tmp_path / "cache"
+    lib = build(c_source, folder)
+    evil = tmp_path / "evil.so"
+    evil.write_bytes(lib.read_bytes())  # even a library whose hash would match is refused through a link
+    lib.unlink()
+    lib.symlink_to(evil)
+    _rebuilt(c_source, folder, lib, "symlink")
+    assert evil.read_bytes()  # the link's target is untouched
+
+
+def test_cache_zero_byte_or_short_file_is_rebuilt(c_source, tmp_path) -> None:
+    folder = tmp_path / "cache"
+    lib = build(c_source, folder)
+    lib.write_bytes(b"")
+    _rebuilt(c_source, folder, lib, "0 bytes")
+    lib.write_bytes(b"\x7fELF")
+    _rebuilt(c_source, folder, lib, "4 bytes")
+
+
+def test_cache_replaced_library_or_missing_record_is_rebuilt(c_source, tmp_path) -> None:
+    folder = tmp_path / "cache"
+    lib = build(c_source, folder)
+    lib.write_bytes(lib.read_bytes() + b"\0planted")
+    _rebuilt(c_source, folder, lib, "does not match")
+    lib.with_name(lib.name + ".sha256").unlink()
+    _rebuilt(c_source, folder, lib, "no SHA-256 record")
+    record = lib.with_name(lib.name + ".sha256")
+    planted = tmp_path / "planted.sha256"
+    planted.write_text(hashlib.sha256(lib.read_bytes()).hexdigest())
+    record.unlink()
+    record.symlink_to(planted)
+    _rebuilt(c_source, folder, lib, "record that is a symlink")
+    lib.chmod(0o666)
+    _rebuilt(c_source, folder, lib, "writable by other users")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a file owned by another user")
+def test_cache_file_of_another_user_is_never_loaded(c_source, tmp_path) -> None:
+    folder = tmp_path / "cache"
+    lib = build(c_source, folder)
+    os.chown(lib, NOBODY, NOBODY)
+    _rebuilt(c_source, folder, lib, "belongs to user id 65534")
+    os.chown(folder, NOBODY, NOBODY)
+    with pytest.raises(_native.NativeCacheError, match="belongs to user id 65534"):
+        build(c_source, folder)
+
+
+def test_cache_folder_symlink_refused_and_open_folder_tightened(c_source, tmp_path) -> None:
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    link = tmp_path / "cache-link"
+    link.symlink_to(real)
+    with pytest.raises(_native.NativeCacheError, match="symlink"):
+        build(c_source, link)
+    assert not list(real.iterdir())
+    folder = tmp_path / "open"
+    folder.mkdir()
+    folder.chmod(0o777)
+    with pytest.warns(_native.NativeCacheWarning, match="writable by other users"):
+        lib = build(c_source, folder)
+    assert (folder.stat().st_mode & 0o777) == 0o700 and loads_and_answers(lib)
+
+
+# ---- writes and downloads -----------------------------------------------------------------------------
+def test_create_exclusive_never_writes_through_a_link(tmp_path) -> None:
+    target = tmp_path / "precious"
+    target.write_text("keep")
+    link = tmp_path / "probe"
+    link.symlink_to(target)
+    with pytest.raises(FileExistsError):
+        _fs.create_exclusive(link)
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "would-be-created")
+    with pytest.raises(FileExistsError):
+        _fs.create_exclusive(dangling)
+    assert target.read_text() == "keep" and not (tmp_path / "would-be-created").exists()
+    with _fs.create_exclusive(tmp_path / "new") as fh:
+        fh.write(b"x")
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o600
+
+
+def test_probe_writable_leaves_planted_links_alone(tmp_path) -> None:
+    target = tmp_path / "precious"
+    target.write_text("keep")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f".write-test-{os.getpid()}").symlink_to(target)
+    _fs.probe_writable(out)
+    assert target.read_text() == "keep"
+    assert [p.name for p in out.iterdir()] == [f".write-test-{os.getpid()}"]
+    with pytest.raises(OSError, match=str(tmp_path / "missing")):
+        _fs.probe_writable(tmp_path / "missing")
+
+
+def test_atomic_write_past_the_file_size_limit_names_the_file(tmp_path) -> None:
+    """A write that fails (here: the file size limit) raises OSError naming the file, and leaves nothing."""
+    script = (
+        "import resource, sys\n"
+        "from micronet_torch._fs import atomic_write\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
+        "try:\n"
+        "    atomic_write(sys.argv[1], lambda fh: fh.write(bytes(100_000)))\n"
+        "except OSError as err:\n"
+        "    print(type(err).__name__, err)\n"
+    )
+    target = tmp_path / "big.bin"
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(target)], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"cannot write {target}" in proc.stdout and "File too large" in proc.stdout, proc.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_verified_keeps_only_a_matching_file(tmp_path) -> None:
+    src = tmp_path / "published.pdparams"
+    src.write_bytes(b"weights" * 1000)
+    good = hashlib.sha256(src.read_bytes()).hexdigest()
+    cache = tmp_path / "cache"
+    dest = _fs.download_verified(src.as_uri(), cache / "w.pdparams", good)
+    assert dest.read_bytes() == src.read_bytes()
+    bad = "0" * 64
+    with pytest.raises(_fs.DownloadError, match=f"SHA-256 {good}, expected {bad}.*deleted"):
+        _fs.download_verified(src.as_uri(), cache / "other.pdparams", bad)
+    assert sorted(p.name for p in cache.iterdir()) == ["w.pdparams"]  # nothing half-written left
+    with pytest.raises(_fs.DownloadError, match="could not download"):
+        _fs.download_verified((tmp_path / "missing").as_uri(), cache / "x", good)
+    with pytest.raises(_fs.DownloadError, match="larger than"):
+        _fs.download_verified(src.as_uri(), cache / "y", good, max_bytes=100)
+    with pytest.raises(_fs.DownloadError, match="only http"):
+        _fs.download_verified("ftp://example.invalid/x", cache / "z", good)
+    with pytest.raises(ValueError, match="not a SHA-256"):
+        _fs.download_verified(src.as_uri(), cache / "z", "abc")
+    assert sorted(p.name for p in cache.iterdir()) == ["w.pdparams"]
+    assert _fs.verify_or_delete(dest, good) == dest
+    dest.write_bytes(b"truncated")
+    with pytest.raises(_fs.DownloadError, match="was deleted"):
+        _fs.verify_or_delete(dest, good)
+    assert not dest.exists()
+
+
+# ---- data folders -------------------------------------------------------------------------------------
+def png(path: Path, size: int = 4) -> None:
+    Image.new("L", (size, size)).save(path)
+
+
+def test_walk_images_skips_symlink_loops(tmp_path) -> None:
+    cls = tmp_path / "cat"
+    (cls / "sub").mkdir(parents=True)
+    for i in range(3):
+        png(cls / f"{i}.png")
+    png(cls / "sub" / "s.png")
+    (cls / "sub" / "loop").symlink_to(cls)  # a cycle back to the class folder
+    (cls / "again").symlink_to(cls / "sub")  # the same folder twice
+    (cls / "broken.png").symlink_to(tmp_path / "nothing.png")
+    (cls / "notes.txt").write_text("x")
+    with deadline(10):
+        found, skipped = walk_images(cls, (".png",))
+    assert [Path(p).relative_to(cls).as_posix() for p in found] == ["0.png", "1.png", "2.png", "again/s.png"]
+    assert (skipped.loops, skipped.broken_links, skipped.non_regular) == (2, 1, 0)
+    assert "2 symlink loops" in skipped.summary() and "1 broken link" in skipped.summary()
+    assert SkipCounts().summary() == ""
+
+
+def test_walk_images_keeps_the_order_of_os_walk(tmp_path) -> None:
+    """Without links, the same files in the same order as the scan it replaces (sample indices stay put)."""
+    for rel in ("b/2.png", "b/1.JPG", "a/z/9.png", "a/3.png", "a/y/x/0.png", "c.png", "a/skip.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        png(tmp_path / rel) if rel.endswith("png") else (tmp_path / rel).write_bytes(b"x")
+    exts = (".png", ".jpg")
+    want = []
+    for dirpath, dirnames, filenames in os.walk(tmp_path, followlinks=True):
+        dirnames.sort()
+        want.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(exts))
+    found, skipped = walk_images(tmp_path, exts)
+    assert found == want and skipped.total() == 0
+
+
+def test_walk_images_never_opens_a_fifo(tmp_path) -> None:
+    cls = tmp_path / "cat"
+    cls.mkdir()
+    png(cls / "a.png")
+    os.mkfifo(cls / "x.png")
+    (cls / "y.png").symlink_to(cls / "x.png")
+    with deadline(1):
+        found, skipped = walk_images(cls, ("png",))
+        with pytest.raises(ImageFileError, match="not a regular file"):
+            open_image_safely(cls / "x.png")
+    assert found == [str(cls / "a.png")] and skipped.non_regular == 2
+
+
+def bomb_png(path: Path, side: int = 20000) -> None:
+    """A valid 1-bit PNG of side x side pixels, all zero, compressed to a few tens of KB."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    row = b"\0" * (1 + (side + 7) // 8)
+    comp = zlib.compressobj(9)
+    data = b"".join(comp.compress(row * 1000) for _ in range(side // 1000)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_refused_naming_the_file(tmp_path) -> None:
+    path = tmp_path / "bomb.png"
+    bomb_png(path)
+    assert path.stat().st_size < 100_000
+    limit_before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageFileError, match=r"bomb\.png.*--max-image-pixels"):
+        open_image_safely(path)
+    with pytest.raises(ImageFileError, match=r"400000000 pixels.*limit of 1000 pixels"):
+        open_image_safely(path, max_pixels=1000)
+    with pytest.raises(ImageFileError, match="20000x20000 image"):
+        open_image_safely(path, max_pixels=300_000_000)
+    with open_image_safely(path, max_pixels=500_000_000) as img:  # allowed: PIL's own limit lifted for it
+        assert img.size == (20000, 20000)
+    with open_image_safely(path, max_pixels=0) as img:
+        assert img.size == (20000, 20000)
+    assert Image.MAX_IMAGE_PIXELS == limit_before
+    assert issubclass(ImageFileError, ValueError)  # data.open_image turns ValueError into DataError (skippable)
+    small = tmp_path / "small.png"
+    png(small, 8)
+    with open_image_safely(small) as img:
+        img.load()
+        assert img.size == (8, 8)
