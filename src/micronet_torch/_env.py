@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # images of at most this many pixels a side take the small-image pipeline (and one CPU thread on 2 cores)
 SMALL_IMAGE_MAX = 64
