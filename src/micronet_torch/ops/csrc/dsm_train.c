@@ -21,6 +21,15 @@
 #define INLINE static inline __attribute__((always_inline))
 #define CAT2(a, b) a##b
 #define CAT(a, b) CAT2(a, b)
+/* Call row kernel f with K and J as literal constants, so that each (K, J) gets its own branch-free loop. This
+ * sits inside the OpenMP loops: constants do not reach the outlined parallel bodies from outside them. */
+#define SPECIALIZE(f, ...)                                                                                             \
+    switch (k * 4 + j) {                                                                                               \
+    case 5: f(__VA_ARGS__, 1, 1); break;                                                                               \
+    case 6: f(__VA_ARGS__, 1, 2); break;                                                                               \
+    case 9: f(__VA_ARGS__, 2, 1); break;                                                                               \
+    default: f(__VA_ARGS__, 2, 2); break;                                                                              \
+    }
 
 #define DSM_T float
 #define DSM_SFX _f32
@@ -101,7 +110,7 @@ INLINE void FN(gather_coef)(const T *coef_n, int64_t c, int64_t C, int kj, T *ou
     for (int q = 0; q < kj; ++q) out[q] = coef_n[q * C + c];
 }
 
-INLINE void FN(fwd_nchw_kj)(const T *x, const T *coef, const int64_t *index, T *y, int64_t N, int64_t C,
+INLINE void FN(fwd_nchw)(const T *x, const T *coef, const int64_t *index, T *y, int64_t N, int64_t C,
                             int64_t HW, int k, int j, int nt) {
     (void)nt;
 #pragma omp parallel for num_threads(nt) schedule(static)
@@ -109,11 +118,11 @@ INLINE void FN(fwd_nchw_kj)(const T *x, const T *coef, const int64_t *index, T *
         int64_t n = r / C, c = r % C;
         T a[4];
         FN(gather_coef)(coef + n * k * j * C, c, C, k * j, a);
-        FN(fwd_row)(x + r * HW, x + (n * C + index[c]) * HW, y + r * HW, HW, a, k, j);
+        SPECIALIZE(FN(fwd_row), x + r * HW, x + (n * C + index[c]) * HW, y + r * HW, HW, a)
     }
 }
 
-INLINE void FN(bwd_nchw_kj)(const T *x, const T *coef, const int64_t *index, const int64_t *inverse, const T *g,
+INLINE void FN(bwd_nchw)(const T *x, const T *coef, const int64_t *index, const int64_t *inverse, const T *g,
                             T *gx, T *gcoef, int64_t N, int64_t C, int64_t HW, int k, int j, int nt) {
     (void)nt;
 #pragma omp parallel for num_threads(nt) schedule(static)
@@ -125,38 +134,74 @@ INLINE void FN(bwd_nchw_kj)(const T *x, const T *coef, const int64_t *index, con
         FN(gather_coef)(cn, c, C, k * j, a);
         FN(gather_coef)(cn, ci, C, k * j, e);
         const T *xn = x + n * C * HW, *gn = g + n * C * HW;
-        FN(bwd_row)(xn + c * HW, xn + index[c] * HW, xn + ci * HW, gn + c * HW, gn + ci * HW, gx + r * HW, HW, a,
-                    e, s, k, j);
+        SPECIALIZE(FN(bwd_row), xn + c * HW, xn + index[c] * HW, xn + ci * HW, gn + c * HW, gn + ci * HW, gx + r * HW,
+                   HW, a, e, s)
         for (int q = 0; q < k * j; ++q) gcoef[n * k * j * C + q * C + c] = (T)s[q];
     }
 }
 
 /* NHWC: one pixel's C channels are contiguous; the loops run over channels (gathers for the shift). */
-INLINE void FN(fwd_nhwc_kj)(const T *x, const T *coef, const int64_t *index, T *y, int64_t N, int64_t C,
-                            int64_t HW, int k, int j, int nt) {
-    (void)nt;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t r = 0; r < N * HW; ++r) {
-        int64_t n = r / HW;
-        const T *xr = x + r * C, *a = coef + n * k * j * C;
-        T *yr = y + r * C;
+INLINE void FN(fwd_pixel)(const T *restrict xr, const T *restrict a, const int64_t *restrict index, T *restrict yr,
+                          int64_t C, int k, int j) {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-            T x0 = xr[c], x1 = j == 2 ? xr[index[c]] : (T)0;
-            T b0 = a[c] * x0;
-            if (j == 2) b0 = b0 + a[C + c] * x1;
-            if (k == 2) {
-                T b1 = a[j * C + c] * x0;
-                if (j == 2) b1 = b1 + a[3 * C + c] * x1;
-                b0 = b1 > b0 ? b1 : b0;
-            }
-            yr[c] = b0;
+    for (int64_t c = 0; c < C; ++c) {
+        T x0 = xr[c], x1 = j == 2 ? xr[index[c]] : (T)0;
+        T b0 = a[c] * x0;
+        if (j == 2) b0 = b0 + a[C + c] * x1;
+        if (k == 2) {
+            T b1 = a[j * C + c] * x0;
+            if (j == 2) b1 = b1 + a[3 * C + c] * x1;
+            b0 = b1 > b0 ? b1 : b0;
         }
+        yr[c] = b0;
     }
 }
 
-INLINE void FN(bwd_nhwc_kj)(const T *x, const T *coef, const int64_t *index, const int64_t *inverse, const T *g,
-                            T *gx, T *gcoef, int64_t N, int64_t C, int64_t HW, int k, int j, int nt) {
+INLINE void FN(fwd_nhwc)(const T *x, const T *coef, const int64_t *index, T *y, int64_t N, int64_t C, int64_t HW,
+                         int k, int j, int nt) {
+    (void)nt;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t r = 0; r < N * HW; ++r) {
+        const T *a = coef + (r / HW) * k * j * C;
+        SPECIALIZE(FN(fwd_pixel), x + r * C, a, index, y + r * C, C)
+    }
+}
+
+INLINE void FN(bwd_pixel)(const T *restrict xr, const T *restrict gr, const T *restrict a,
+                          const int64_t *restrict index, const int64_t *restrict inverse, T *restrict gxr,
+                          double *restrict acc, int64_t C, int k, int j) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+        int64_t cs = index[c], ci = inverse[c];
+        T xc = xr[c], gc = gr[c], xs = j == 2 ? xr[cs] : (T)0;
+        T m0 = 1, m1 = 0;
+        if (k == 2) {
+            T b0 = a[c] * xc, b1 = a[j * C + c] * xc;
+            if (j == 2) b0 = b0 + a[C + c] * xs, b1 = b1 + a[3 * C + c] * xs;
+            m0 = WIN(b0, b1), m1 = WIN(b1, b0);
+        }
+        T g0 = gc * m0, g1 = gc * m1;
+        acc[c] += g0 * xc;
+        T gxv = g0 * a[c];
+        if (k == 2) acc[j * C + c] += g1 * xc, gxv = gxv + g1 * a[j * C + c];
+        if (j == 2) {
+            acc[C + c] += g0 * xs;
+            if (k == 2) acc[3 * C + c] += g1 * xs;
+            T xi = xr[ci], gi = gr[ci];
+            T n0 = 1, n1 = 0;
+            if (k == 2) {
+                T d0 = a[ci] * xi + a[C + ci] * xc, d1 = a[2 * C + ci] * xi + a[3 * C + ci] * xc;
+                n0 = WIN(d0, d1), n1 = WIN(d1, d0);
+            }
+            gxv = gxv + gi * n0 * a[C + ci];
+            if (k == 2) gxv = gxv + gi * n1 * a[3 * C + ci];
+        }
+        gxr[c] = gxv;
+    }
+}
+
+INLINE void FN(bwd_nhwc)(const T *x, const T *coef, const int64_t *index, const int64_t *inverse, const T *g, T *gx,
+                         T *gcoef, int64_t N, int64_t C, int64_t HW, int k, int j, int nt) {
     (void)nt;
     const int64_t KJ = k * j;
 #pragma omp parallel for num_threads(nt) schedule(static)
@@ -164,70 +209,24 @@ INLINE void FN(bwd_nhwc_kj)(const T *x, const T *coef, const int64_t *index, con
         const T *a = coef + n * KJ * C;
         double *acc = calloc((size_t)(KJ * C), sizeof(double));
         for (int64_t p = 0; p < HW; ++p) {
-            const T *xr = x + (n * HW + p) * C, *gr = g + (n * HW + p) * C;
-            T *gxr = gx + (n * HW + p) * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-                int64_t cs = index[c], ci = inverse[c];
-                T xc = xr[c], gc = gr[c], xs = j == 2 ? xr[cs] : (T)0;
-                T m0 = 1, m1 = 0;
-                if (k == 2) {
-                    T b0 = a[c] * xc, b1 = a[j * C + c] * xc;
-                    if (j == 2) b0 = b0 + a[C + c] * xs, b1 = b1 + a[3 * C + c] * xs;
-                    m0 = WIN(b0, b1), m1 = WIN(b1, b0);
-                }
-                T g0 = gc * m0, g1 = gc * m1;
-                acc[c] += g0 * xc;
-                T gxv = g0 * a[c];
-                if (k == 2) acc[j * C + c] += g1 * xc, gxv = gxv + g1 * a[j * C + c];
-                if (j == 2) {
-                    acc[C + c] += g0 * xs;
-                    if (k == 2) acc[3 * C + c] += g1 * xs;
-                    T xi = xr[ci], gi = gr[ci];
-                    T n0 = 1, n1 = 0;
-                    if (k == 2) {
-                        T d0 = a[ci] * xi + a[C + ci] * xc, d1 = a[2 * C + ci] * xi + a[3 * C + ci] * xc;
-                        n0 = WIN(d0, d1), n1 = WIN(d1, d0);
-                    }
-                    gxv = gxv + gi * n0 * a[C + ci];
-                    if (k == 2) gxv = gxv + gi * n1 * a[3 * C + ci];
-                }
-                gxr[c] = gxv;
-            }
+            int64_t o = (n * HW + p) * C;
+            SPECIALIZE(FN(bwd_pixel), x + o, g + o, a, index, inverse, gx + o, acc, C)
         }
         for (int64_t q = 0; q < KJ * C; ++q) gcoef[n * KJ * C + q] = (T)acc[q];
         free(acc);
     }
 }
 
-/* Entry points: layout 0 = NCHW, 1 = NHWC; K and J fixed per call so each (K, J) gets its own loops. */
-#define DISPATCH(body, ...)                                                                                           \
-    switch (k * 4 + j) {                                                                                               \
-    case 5: body(__VA_ARGS__, 1, 1, nt); break;                                                                        \
-    case 6: body(__VA_ARGS__, 1, 2, nt); break;                                                                        \
-    case 9: body(__VA_ARGS__, 2, 1, nt); break;                                                                        \
-    default: body(__VA_ARGS__, 2, 2, nt); break;                                                                       \
-    }
-
 EXPORT void FN(dsm_forward)(const T *x, const T *coef, const int64_t *index, T *y, int64_t N, int64_t C,
                             int64_t HW, int k, int j, int layout, int nt) {
-    if (layout == 0) {
-        DISPATCH(FN(fwd_nchw_kj), x, coef, index, y, N, C, HW)
-    } else {
-        DISPATCH(FN(fwd_nhwc_kj), x, coef, index, y, N, C, HW)
-    }
+    (layout == 0 ? FN(fwd_nchw) : FN(fwd_nhwc))(x, coef, index, y, N, C, HW, k, j, nt);
 }
 
 EXPORT void FN(dsm_backward)(const T *x, const T *coef, const int64_t *index, const int64_t *inverse, const T *g,
                              T *gx, T *gcoef, int64_t N, int64_t C, int64_t HW, int k, int j, int layout, int nt) {
-    if (layout == 0) {
-        DISPATCH(FN(bwd_nchw_kj), x, coef, index, inverse, g, gx, gcoef, N, C, HW)
-    } else {
-        DISPATCH(FN(bwd_nhwc_kj), x, coef, index, inverse, g, gx, gcoef, N, C, HW)
-    }
+    (layout == 0 ? FN(bwd_nchw) : FN(bwd_nhwc))(x, coef, index, inverse, g, gx, gcoef, N, C, HW, k, j, nt);
 }
 
-#undef DISPATCH
 #undef WIN
 #undef FN
 #undef T
