@@ -159,7 +159,7 @@ def shift_max_fusion(x: torch.Tensor, coef: torch.Tensor, index: torch.Tensor, k
 _compiled = None
 
 
-def _compiled_fusion():  # noqa: ANN202
+def _compiled_fusion():
     """``torch.compile`` of ``shift_max_fusion``, made on first use (one graph per (K, J) and shape)."""
     global _compiled
     if _compiled is None:

@@ -169,13 +169,13 @@ def _(
     return torch.empty_like(x), torch.empty_like(coef, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+def _setup_context(ctx, inputs, output) -> None:
     x, coef, index, k, j = inputs
     ctx.save_for_backward(x, coef, index, torch.argsort(index))
     ctx.k, ctx.j = k, j
 
 
-def _backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN202
+def _backward(ctx, grad: torch.Tensor):
     x, coef, index, inverse = ctx.saved_tensors
     gx, gc = dsm_backward(x, coef, index, inverse, grad, ctx.k, ctx.j)
     return gx, gc, None, None, None
