@@ -15,7 +15,21 @@ import micronet_torch
 from micronet_torch.ops import DynamicShiftMax, set_shift_max_impl, shift_index, shift_max_fusion, use_shift_max_impl
 from micronet_torch.ops import shift_max_fused as fused
 
-pytestmark = pytest.mark.skipif(not fused.cpu_available(), reason="no C compiler: the fused CPU kernel cannot build")
+
+@pytest.fixture(autouse=True, scope="module")
+def _kernel_cache(tmp_path_factory):
+    """Build the CPU kernels into a temporary cache, not ~/.cache; skip when they cannot build here."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MICRONET_TORCH_HOME", str(tmp_path_factory.mktemp("micronet-home")))
+    fused._cpu_kernels.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ok = fused.cpu_available()
+    if not ok:
+        pytest.skip("no working C compiler: the fused CPU kernel cannot build (the eager path is used)")
+    yield
+    mp.undo()
+
 
 KJ = [(1, 1), (1, 2), (2, 1), (2, 2)]
 MODES = ["published", "group"]

@@ -119,13 +119,16 @@ class DynamicShiftMax(nn.Module):
         return shift_max_fusion(x, coef, self.index, self.k, self.j)
 
     def resolved_impl(self, x: torch.Tensor) -> str:
-        """The implementation this call uses: "auto" means fused while training (grad on, not exporting or
-        tracing) where the fused kernels run on x's device, eager otherwise; an explicit "fused" that cannot
-        run on x's device falls back to eager with one warning."""
-        impl = _impl_override or self.impl
-        if impl in ("eager", "compile"):
+        """The implementation this call uses. Exporters and tracers always get "eager" (the training kernels
+        have no ONNX form); "auto" means fused while training (grad on) where the fused kernels run on x's
+        device, eager otherwise; an explicit "fused" that cannot run there falls back to eager with one
+        warning."""
+        impl = _impl_override or getattr(self, "impl", "auto")  # modules pickled before impl existed: auto
+        if impl == "eager" or _exporting():
+            return "eager"
+        if impl == "compile":
             return impl
-        if impl == "auto" and not (self.training and torch.is_grad_enabled() and not _exporting()):
+        if impl == "auto" and not (self.training and torch.is_grad_enabled()):
             return "eager"
         from .shift_max_fused import available
 

@@ -9,7 +9,7 @@
  * weights the branches as torch.maximum's backward does: 1 to the larger, 0.5 each on an exact tie. The
  * gradient of x[n, d] gathers the direct term of channel d and the shifted term of channel inverse[d], so
  * every output element is written once by one thread (no scatter, deterministic). Coefficient gradients
- * are per-sample, per-channel sums over H*W, accumulated in double.
+ * are per-sample, per-channel sums over H*W: in the element type over chunks of 256 pixels, then in double.
  *
  * This file includes itself once per element type (float, double) to stamp out the kernels.
  */
@@ -21,6 +21,7 @@
 #define INLINE static inline __attribute__((always_inline))
 #define CAT2(a, b) a##b
 #define CAT(a, b) CAT2(a, b)
+#define CHUNK 256
 /* Call row kernel f with K and J as literal constants, so that each (K, J) gets its own branch-free loop. This
  * sits inside the OpenMP loops: constants do not reach the outlined parallel bodies from outside them. */
 #define SPECIALIZE(f, ...)                                                                                             \
@@ -33,13 +34,13 @@
 
 #define DSM_T float
 #define DSM_SFX _f32
-#include __FILE__
+#include "dsm_train.c" /* this file: relative to its own folder, however it was named */
 #undef DSM_T
 #undef DSM_SFX
 
 #define DSM_T double
 #define DSM_SFX _f64
-#include __FILE__
+#include "dsm_train.c" /* this file: relative to its own folder, however it was named */
 #undef DSM_T
 #undef DSM_SFX
 
@@ -71,33 +72,39 @@ INLINE void FN(bwd_row)(const T *restrict xc_, const T *restrict xs_, const T *r
                         const T *restrict gc_, const T *restrict gi_, T *restrict gx, int64_t hw, const T *a,
                         const T *e, double *s, int k, int j) {
     double s00 = 0, s01 = 0, s10 = 0, s11 = 0;
-#pragma omp simd reduction(+ : s00, s01, s10, s11)
-    for (int64_t p = 0; p < hw; ++p) {
-        T xc = xc_[p], gc = gc_[p];
-        T xs = j == 2 ? xs_[p] : (T)0;
-        T m0 = 1, m1 = 0;
-        if (k == 2) {
-            T b0 = a[0] * xc, b1 = a[j] * xc;
-            if (j == 2) b0 = b0 + a[1] * xs, b1 = b1 + a[3] * xs;
-            m0 = WIN(b0, b1), m1 = WIN(b1, b0);
-        }
-        T g0 = gc * m0, g1 = gc * m1;
-        s00 += g0 * xc;
-        T gxv = g0 * a[0];
-        if (k == 2) s10 += g1 * xc, gxv = gxv + g1 * a[j];
-        if (j == 2) {
-            s01 += g0 * xs;
-            if (k == 2) s11 += g1 * xs;
-            T xi = xi_[p], gi = gi_[p];
-            T n0 = 1, n1 = 0;
+    /* sums in T over chunks of CHUNK pixels (vector lanes of CHUNK / width terms each), chunks summed in double */
+    for (int64_t p0 = 0; p0 < hw; p0 += CHUNK) {
+        int64_t p1 = p0 + CHUNK < hw ? p0 + CHUNK : hw;
+        T t00 = 0, t01 = 0, t10 = 0, t11 = 0;
+#pragma omp simd reduction(+ : t00, t01, t10, t11)
+        for (int64_t p = p0; p < p1; ++p) {
+            T xc = xc_[p], gc = gc_[p];
+            T xs = j == 2 ? xs_[p] : (T)0;
+            T m0 = 1, m1 = 0;
             if (k == 2) {
-                T d0 = e[0] * xi + e[1] * xc, d1 = e[2] * xi + e[3] * xc;
-                n0 = WIN(d0, d1), n1 = WIN(d1, d0);
+                T b0 = a[0] * xc, b1 = a[j] * xc;
+                if (j == 2) b0 = b0 + a[1] * xs, b1 = b1 + a[3] * xs;
+                m0 = WIN(b0, b1), m1 = WIN(b1, b0);
             }
-            gxv = gxv + gi * n0 * e[1];
-            if (k == 2) gxv = gxv + gi * n1 * e[3];
+            T g0 = gc * m0, g1 = gc * m1;
+            t00 += g0 * xc;
+            T gxv = g0 * a[0];
+            if (k == 2) t10 += g1 * xc, gxv = gxv + g1 * a[j];
+            if (j == 2) {
+                t01 += g0 * xs;
+                if (k == 2) t11 += g1 * xs;
+                T xi = xi_[p], gi = gi_[p];
+                T n0 = 1, n1 = 0;
+                if (k == 2) {
+                    T d0 = e[0] * xi + e[1] * xc, d1 = e[2] * xi + e[3] * xc;
+                    n0 = WIN(d0, d1), n1 = WIN(d1, d0);
+                }
+                gxv = gxv + gi * n0 * e[1];
+                if (k == 2) gxv = gxv + gi * n1 * e[3];
+            }
+            gx[p] = gxv;
         }
-        gx[p] = gxv;
+        s00 += t00, s01 += t01, s10 += t10, s11 += t11;
     }
     s[0] = s00;
     if (j == 2) s[1] = s01;
