@@ -58,16 +58,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("k,j", KJ)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_fused_matches_eager_forward_and_gradients(k, j, mode, layout):
+@pytest.mark.parametrize("h,w", [(5, 7), (2, 3), (1, 1)])  # rows of H*W; by pixel (H*W <= 8); both layouts alike
+def test_fused_matches_eager_forward_and_gradients(k, j, mode, layout, h, w):
     eager, fast = _pair(k, j, mode)
     gen = torch.Generator().manual_seed(k * 10 + j)
-    n, h, w = int(torch.randint(1, 4, (1,), generator=gen)), 5, 7
+    n = int(torch.randint(1, 4, (1,), generator=gen))
     x = _layout(torch.randn(n, 12, h, w, generator=gen), layout)
     xe, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
     ye, yf = eager(xe), fast(xf)
     assert fast.resolved_impl(xf) == "fused"
     assert _rel(yf, ye) <= 1e-6
-    assert yf.is_contiguous(memory_format=torch.channels_last) == (layout == "nhwc")
+    assert yf.is_contiguous(memory_format=torch.channels_last if layout == "nhwc" else torch.contiguous_format)
     g = torch.randn(ye.shape, generator=gen)
     ye.backward(g)
     yf.backward(g)
@@ -79,10 +80,11 @@ def test_fused_matches_eager_forward_and_gradients(k, j, mode, layout):
 @pytest.mark.parametrize("k,j", KJ)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_fused_op_gradcheck_float64(k, j, mode, layout):
+@pytest.mark.parametrize("h,w", [(3, 4), (2, 2)])
+def test_fused_op_gradcheck_float64(k, j, mode, layout, h, w):
     c = 6
     index = shift_index(c, 2, mode)
-    x = _layout(torch.randn(2, c, 3, 4, dtype=torch.float64), layout).requires_grad_()
+    x = _layout(torch.randn(2, c, h, w, dtype=torch.float64), layout).requires_grad_()
     coef = torch.randn(2, k * j * c, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: fused.fused_shift_max(a, b, index, k, j), (x, coef))
 

@@ -32,7 +32,8 @@ OPENMP_FLAGS = ("-fopenmp",)
 SERIAL_FLAGS = ("-fopenmp-simd",)  # a compiler without the OpenMP runtime still vectorizes the loops
 MIN_PARALLEL = 1 << 15  # elements below which a call runs on one thread (thread start-up costs more)
 
-_LAYOUT_NCHW, _LAYOUT_NHWC = 0, 1
+_LAYOUT_NCHW, _LAYOUT_NHWC, _LAYOUT_NCHW_BY_PIXEL = 0, 1, 2
+BY_PIXEL_MAX_HW = 8  # NCHW maps of at most this many pixels loop over channels (rows too short to vectorize)
 
 
 class _Kernels:
@@ -93,11 +94,11 @@ def available(device: torch.device) -> bool:
 
 def _layout(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """x as a dense NCHW or NHWC tensor and the layout code the kernels take."""
-    if x.is_contiguous():
-        return x, _LAYOUT_NCHW
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return x, _LAYOUT_NHWC
-    return x.contiguous(), _LAYOUT_NCHW
+    hw = x.shape[2] * x.shape[3]
+    if x.is_contiguous(memory_format=torch.channels_last) and (hw == 1 or not x.is_contiguous()):
+        return x, _LAYOUT_NHWC  # 1x1 maps: both layouts are the same memory
+    x = x.contiguous()
+    return x, _LAYOUT_NCHW_BY_PIXEL if hw <= BY_PIXEL_MAX_HW else _LAYOUT_NCHW
 
 
 def _like(t: torch.Tensor, layout: int) -> torch.Tensor:

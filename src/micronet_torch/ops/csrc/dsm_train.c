@@ -147,12 +147,14 @@ INLINE void FN(bwd_nchw)(const T *x, const T *coef, const int64_t *index, const 
     }
 }
 
-/* NHWC: one pixel's C channels are contiguous; the loops run over channels (gathers for the shift). */
+/* By pixel: the loops run over the C channels of one pixel, channel c at xr[c * cs]: cs = 1 in an NHWC map
+ * (contiguous; gathers only for the shift), cs = H*W in an NCHW map with few pixels, where rows of H*W are
+ * too short for vector loops. Callers pass cs = 1 as a literal so that case compiles to contiguous loads. */
 INLINE void FN(fwd_pixel)(const T *restrict xr, const T *restrict a, const int64_t *restrict index, T *restrict yr,
-                          int64_t C, int k, int j) {
+                          int64_t C, int64_t cs, int k, int j) {
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-        T x0 = xr[c], x1 = j == 2 ? xr[index[c]] : (T)0;
+        T x0 = xr[c * cs], x1 = j == 2 ? xr[index[c] * cs] : (T)0;
         T b0 = a[c] * x0;
         if (j == 2) b0 = b0 + a[C + c] * x1;
         if (k == 2) {
@@ -160,27 +162,34 @@ INLINE void FN(fwd_pixel)(const T *restrict xr, const T *restrict a, const int64
             if (j == 2) b1 = b1 + a[3 * C + c] * x1;
             b0 = b1 > b0 ? b1 : b0;
         }
-        yr[c] = b0;
+        yr[c * cs] = b0;
     }
 }
 
-INLINE void FN(fwd_nhwc)(const T *x, const T *coef, const int64_t *index, T *y, int64_t N, int64_t C, int64_t HW,
-                         int k, int j, int nt) {
+/* nchw: 0 for an NHWC map, 1 for an NCHW one walked by pixel */
+INLINE void FN(fwd_by_pixel)(const T *x, const T *coef, const int64_t *index, T *y, int64_t N, int64_t C,
+                             int64_t HW, int k, int j, int nchw, int nt) {
     (void)nt;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t r = 0; r < N * HW; ++r) {
-        const T *a = coef + (r / HW) * k * j * C;
-        SPECIALIZE(FN(fwd_pixel), x + r * C, a, index, y + r * C, C)
+        int64_t n = r / HW, p = r % HW;
+        const T *a = coef + n * k * j * C;
+        if (nchw) {
+            int64_t o = n * C * HW + p;
+            SPECIALIZE(FN(fwd_pixel), x + o, a, index, y + o, C, HW)
+        } else {
+            SPECIALIZE(FN(fwd_pixel), x + r * C, a, index, y + r * C, C, (int64_t)1)
+        }
     }
 }
 
 INLINE void FN(bwd_pixel)(const T *restrict xr, const T *restrict gr, const T *restrict a,
                           const int64_t *restrict index, const int64_t *restrict inverse, T *restrict gxr,
-                          double *restrict acc, int64_t C, int k, int j) {
+                          double *restrict acc, int64_t C, int64_t cs, int k, int j) {
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-        int64_t cs = index[c], ci = inverse[c];
-        T xc = xr[c], gc = gr[c], xs = j == 2 ? xr[cs] : (T)0;
+        int64_t sc = index[c], ci = inverse[c];
+        T xc = xr[c * cs], gc = gr[c * cs], xs = j == 2 ? xr[sc * cs] : (T)0;
         T m0 = 1, m1 = 0;
         if (k == 2) {
             T b0 = a[c] * xc, b1 = a[j * C + c] * xc;
@@ -194,7 +203,7 @@ INLINE void FN(bwd_pixel)(const T *restrict xr, const T *restrict gr, const T *r
         if (j == 2) {
             acc[C + c] += g0 * xs;
             if (k == 2) acc[3 * C + c] += g1 * xs;
-            T xi = xr[ci], gi = gr[ci];
+            T xi = xr[ci * cs], gi = gr[ci * cs];
             T n0 = 1, n1 = 0;
             if (k == 2) {
                 T d0 = a[ci] * xi + a[C + ci] * xc, d1 = a[2 * C + ci] * xi + a[3 * C + ci] * xc;
@@ -203,12 +212,12 @@ INLINE void FN(bwd_pixel)(const T *restrict xr, const T *restrict gr, const T *r
             gxv = gxv + gi * n0 * a[C + ci];
             if (k == 2) gxv = gxv + gi * n1 * a[3 * C + ci];
         }
-        gxr[c] = gxv;
+        gxr[c * cs] = gxv;
     }
 }
 
-INLINE void FN(bwd_nhwc)(const T *x, const T *coef, const int64_t *index, const int64_t *inverse, const T *g, T *gx,
-                         T *gcoef, int64_t N, int64_t C, int64_t HW, int k, int j, int nt) {
+INLINE void FN(bwd_by_pixel)(const T *x, const T *coef, const int64_t *index, const int64_t *inverse, const T *g,
+                             T *gx, T *gcoef, int64_t N, int64_t C, int64_t HW, int k, int j, int nchw, int nt) {
     (void)nt;
     const int64_t KJ = k * j;
 #pragma omp parallel for num_threads(nt) schedule(static)
@@ -216,22 +225,34 @@ INLINE void FN(bwd_nhwc)(const T *x, const T *coef, const int64_t *index, const 
         const T *a = coef + n * KJ * C;
         double *acc = calloc((size_t)(KJ * C), sizeof(double));
         for (int64_t p = 0; p < HW; ++p) {
-            int64_t o = (n * HW + p) * C;
-            SPECIALIZE(FN(bwd_pixel), x + o, g + o, a, index, inverse, gx + o, acc, C)
+            if (nchw) {
+                int64_t o = n * C * HW + p;
+                SPECIALIZE(FN(bwd_pixel), x + o, g + o, a, index, inverse, gx + o, acc, C, HW)
+            } else {
+                int64_t o = (n * HW + p) * C;
+                SPECIALIZE(FN(bwd_pixel), x + o, g + o, a, index, inverse, gx + o, acc, C, (int64_t)1)
+            }
         }
         for (int64_t q = 0; q < KJ * C; ++q) gcoef[n * KJ * C + q] = (T)acc[q];
         free(acc);
     }
 }
 
+/* Entry points: layout 0 = NCHW by rows, 1 = NHWC, 2 = NCHW by pixel (maps of few pixels). */
 EXPORT void FN(dsm_forward)(const T *x, const T *coef, const int64_t *index, T *y, int64_t N, int64_t C,
                             int64_t HW, int k, int j, int layout, int nt) {
-    (layout == 0 ? FN(fwd_nchw) : FN(fwd_nhwc))(x, coef, index, y, N, C, HW, k, j, nt);
+    if (layout == 0)
+        FN(fwd_nchw)(x, coef, index, y, N, C, HW, k, j, nt);
+    else
+        FN(fwd_by_pixel)(x, coef, index, y, N, C, HW, k, j, layout == 2, nt);
 }
 
 EXPORT void FN(dsm_backward)(const T *x, const T *coef, const int64_t *index, const int64_t *inverse, const T *g,
                              T *gx, T *gcoef, int64_t N, int64_t C, int64_t HW, int k, int j, int layout, int nt) {
-    (layout == 0 ? FN(bwd_nchw) : FN(bwd_nhwc))(x, coef, index, inverse, g, gx, gcoef, N, C, HW, k, j, nt);
+    if (layout == 0)
+        FN(bwd_nchw)(x, coef, index, inverse, g, gx, gcoef, N, C, HW, k, j, nt);
+    else
+        FN(bwd_by_pixel)(x, coef, index, inverse, g, gx, gcoef, N, C, HW, k, j, layout == 2, nt);
 }
 
 #undef WIN
