@@ -265,3 +265,17 @@ def test_triton_kernels_under_the_interpreter():
     if proc.returncode and "ModuleNotFoundError" in proc.stderr:
         pytest.skip(f"triton not importable here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_torch_compile_traces_the_fused_op():
+    """Dynamo and AOTAutograd see the fused op through its fake and autograd registrations (aot_eager: no
+    code generation, so the test stays fast); the compiled module trains like the eager one."""
+    eager, fast = _pair(2, 2, "published")
+    compiled = torch.compile(fast, backend="aot_eager", fullgraph=False)
+    x = torch.randn(2, 12, 4, 5)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ye, yc = eager(xe), compiled(xc)
+    assert _rel(yc, ye) <= 1e-6
+    ye.sum().backward()
+    yc.sum().backward()
+    assert _rel(xc.grad, xe.grad) <= 1e-5
