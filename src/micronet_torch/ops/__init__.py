@@ -7,7 +7,16 @@ from .factorized import (
     MicroFactorizedPointwise,
     group_adaptive_groups,
 )
-from .shift_max import DynamicShiftMax, SqueezeExcite, shift_index, squeeze_channels
+from .shift_max import (
+    IMPLS,
+    DynamicShiftMax,
+    SqueezeExcite,
+    set_shift_max_impl,
+    shift_index,
+    shift_max_fusion,
+    squeeze_channels,
+    use_shift_max_impl,
+)
 from .shuffle import (
     ChannelShuffle,
     channel_shuffle,
@@ -17,6 +26,7 @@ from .shuffle import (
 )
 
 __all__ = [
+    "IMPLS",
     "ChannelShuffle",
     "DepthwiseConvBN",
     "DynamicShiftMax",
@@ -28,7 +38,10 @@ __all__ = [
     "compose_permutations",
     "group_adaptive_groups",
     "invert_permutation",
+    "set_shift_max_impl",
     "shift_index",
+    "shift_max_fusion",
     "shuffle_permutation",
     "squeeze_channels",
+    "use_shift_max_impl",
 ]

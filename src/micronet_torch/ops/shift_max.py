@@ -7,13 +7,19 @@ squeeze-excitation hyper-function of x, so the activation adapts to each input (
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
 
 import torch
 from timm.layers import make_divisible
 from torch import nn
 
 SHIFT_MODES = ("published", "group")
+# How the fusion and max run: "eager" (torch ops), "fused" (one-pass kernels, shift_max_fused), "compile"
+# (torch.compile of the eager ops), "auto" (fused while training where the kernels run, else eager).
+IMPLS = ("auto", "eager", "fused", "compile")
+_impl_override: str | None = None  # set by use_shift_max_impl; wins over every module's own impl
 
 
 def squeeze_channels(channels: int, reduction: int) -> int:
@@ -51,6 +57,8 @@ class DynamicShiftMax(nn.Module):
         shift: ``"published"`` (group and in-group rotation, needed by the released weights) or
             ``"group"`` (the paper's group-only shift).
         act_max: the hyper-function's output range: coefficients are (h_sigmoid - 0.5) * 2 * act_max.
+        impl: how the fusion and max run, one of ``IMPLS``; not part of the state dict (see
+            ``set_shift_max_impl`` and ``use_shift_max_impl`` to change it for a whole model).
     """
 
     def __init__(
@@ -64,8 +72,10 @@ class DynamicShiftMax(nn.Module):
         init_b: Sequence[float] = (0.0, 0.0),
         shift: str = "published",
         act_max: float = 2.0,
+        impl: str = "auto",
     ) -> None:
         super().__init__()
+        self.impl = _check_impl(impl)
         if k not in (1, 2) or j not in (1, 2):
             raise ValueError(f"Dynamic Shift-Max supports K in (1, 2) and J in (1, 2); got K={k}, J={j}")
         self.channels, self.groups, self.k, self.j = channels, groups, k, j
@@ -99,22 +109,105 @@ class DynamicShiftMax(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         coef = self.coefficients(x)
-        if self.j == 2:
-            shifted = torch.index_select(x, 1, self.index)
-            out = x * coef[:, 0, 0] + shifted * coef[:, 0, 1]
-            if self.k == 2:
-                out = torch.maximum(out, x * coef[:, 1, 0] + shifted * coef[:, 1, 1])
-        else:
-            out = x * coef[:, 0, 0]
-            if self.k == 2:
-                out = torch.maximum(out, x * coef[:, 1, 0])
-        return out
+        impl = self.resolved_impl(x)
+        if impl == "fused":
+            from .shift_max_fused import fused_shift_max
+
+            return fused_shift_max(x, coef, self.index, self.k, self.j)
+        if impl == "compile":
+            return _compiled_fusion()(x, coef, self.index, self.k, self.j)
+        return shift_max_fusion(x, coef, self.index, self.k, self.j)
+
+    def resolved_impl(self, x: torch.Tensor) -> str:
+        """The implementation this call uses. Exporters and tracers always get "eager" (the training kernels
+        have no ONNX form); "auto" means fused while training (grad on) where the fused kernels run on x's
+        device, eager otherwise; an explicit "fused" that cannot run there falls back to eager with one
+        warning."""
+        impl = _impl_override or getattr(self, "impl", "auto")  # modules pickled before impl existed: auto
+        if impl == "eager" or _exporting():
+            return "eager"
+        if impl == "compile":
+            return impl
+        if impl == "auto" and not (self.training and torch.is_grad_enabled()):
+            return "eager"
+        from .shift_max_fused import available
+
+        if available(x.device):
+            return "fused"
+        if impl == "fused":
+            _warn_once(f"fused Dynamic Shift-Max does not run on {x.device.type}; using the eager path")
+        return "eager"
 
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, groups={self.groups}, K={self.k}, J={self.j}, "
-            f"init_a={self.init_a}, init_b={self.init_b}, shift={self.shift_mode!r}"
+            f"init_a={self.init_a}, init_b={self.init_b}, shift={self.shift_mode!r}, impl={self.impl!r}"
         )
+
+
+def shift_max_fusion(x: torch.Tensor, coef: torch.Tensor, index: torch.Tensor, k: int, j: int) -> torch.Tensor:
+    """The eager fusion and max: max_k sum_j coef[:, k, j] * x[:, shift_j], coef shaped (N, K, J, C, 1, 1)."""
+    if j == 2:
+        shifted = torch.index_select(x, 1, index)
+        out = x * coef[:, 0, 0] + shifted * coef[:, 0, 1]
+        if k == 2:
+            out = torch.maximum(out, x * coef[:, 1, 0] + shifted * coef[:, 1, 1])
+    else:
+        out = x * coef[:, 0, 0]
+        if k == 2:
+            out = torch.maximum(out, x * coef[:, 1, 0])
+    return out
+
+
+_compiled = None
+
+
+def _compiled_fusion():
+    """``torch.compile`` of ``shift_max_fusion``, made on first use (one graph per (K, J) and shape)."""
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(shift_max_fusion, fullgraph=True)
+    return _compiled
+
+
+def _check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"unknown Dynamic Shift-Max impl {impl!r}; choose one of {IMPLS}")
+    return impl
+
+
+def _exporting() -> bool:
+    """Whether an exporter or tracer is running: they must see the eager ops, not the training kernel."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def set_shift_max_impl(model: nn.Module, impl: str) -> int:
+    """Set ``impl`` on every DynamicShiftMax in ``model``; returns how many there are."""
+    _check_impl(impl)
+    modules = [m for m in model.modules() if isinstance(m, DynamicShiftMax)]
+    for m in modules:
+        m.impl = impl
+    return len(modules)
+
+
+@contextlib.contextmanager
+def use_shift_max_impl(impl: str | None) -> Iterator[None]:
+    """Within the block every DynamicShiftMax runs with ``impl`` (None: each module's own)."""
+    global _impl_override
+    previous, _impl_override = _impl_override, (None if impl is None else _check_impl(impl))
+    try:
+        yield
+    finally:
+        _impl_override = previous
 
 
 class SqueezeExcite(nn.Module):
