@@ -1,9 +1,10 @@
 """GPU training and inference throughput of MicroNet M0-M3 against mobilenetv3_small_100.
 
-For each model: inference and training images/s with AMP and channels-last, eager and ``torch.compile``;
-and a fused Dynamic Shift-Max (``torch.compile`` of its forward) checked against eager, forward and
-backward, within float tolerance. Meant for a CUDA machine; ``--device cpu --quick`` runs every code
-path on tiny settings so the script can be tested anywhere (CPU figures mean nothing here).
+For each model: inference and training images/s with AMP and channels-last, with Dynamic Shift-Max eager,
+fused (the Triton kernels on CUDA) and ``torch.compile`` of the whole model; and the fused Dynamic Shift-Max
+and its ``torch.compile`` form checked against eager, forward and backward, within float tolerance. Meant
+for a CUDA machine; ``--device cpu --quick`` runs every code path on tiny settings so the script can be
+tested anywhere (CPU figures mean nothing here).
 
     python benchmarks/gpu_bench.py                      # CUDA, full settings
     python benchmarks/gpu_bench.py --device cpu --quick # smoke test
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 import micronet_torch
-from micronet_torch.ops import DynamicShiftMax
+from micronet_torch.ops import DynamicShiftMax, set_shift_max_impl
 
 MODELS = ("micronet_m0", "micronet_m1", "micronet_m2", "micronet_m3", "mobilenetv3_small_100")
 
@@ -60,8 +61,11 @@ def autocast(device: torch.device, amp: bool):
 
 def bench_model(name: str, device: torch.device, args: argparse.Namespace) -> list[dict]:
     rows = []
-    for compiled in (False, True):
+    has_dsm = name.startswith("micronet")
+    variants = [("eager", False), ("fused", False), ("fused", True)] if has_dsm else [("eager", False), ("eager", True)]
+    for dsm, compiled in variants:
         model = build(name).to(device).to(memory_format=torch.channels_last)
+        set_shift_max_impl(model, dsm)
         run = torch.compile(model) if compiled else model
         x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device).to(
             memory_format=torch.channels_last
@@ -86,44 +90,59 @@ def bench_model(name: str, device: torch.device, args: argparse.Namespace) -> li
         inf = throughput(infer, device, args.batch, args.iters, args.warmup)
         model.train()
         tr = throughput(train, device, args.batch, args.iters, args.warmup)
-        rows.append(dict(model=name, compiled=compiled, infer_img_s=round(inf, 1), train_img_s=round(tr, 1)))
+        rows.append(dict(model=name, dsm=dsm, compiled=compiled, infer_img_s=round(inf, 1), train_img_s=round(tr, 1)))
         print(
-            f"{name:24s} compile={compiled!s:5s}  inference {inf:10.1f} img/s   training {tr:10.1f} img/s", flush=True
+            f"{name:24s} dsm={dsm:5s} compile={compiled!s:5s}  inference {inf:10.1f} img/s   training {tr:10.1f} img/s",
+            flush=True,
         )
     return rows
 
 
 def check_fused_dsm(device: torch.device, args: argparse.Namespace) -> dict:
-    """torch.compile-fused Dynamic Shift-Max vs eager: forward and input/weight gradients, and speed."""
+    """The fused Dynamic Shift-Max (Triton on CUDA) and its torch.compile form vs eager: forward and input /
+    weight gradients, and forward + backward speed."""
     torch.manual_seed(0)
-    dsm = DynamicShiftMax(96, 8, k=2, init_a=(1.0, 0.5), init_b=(0.0, 0.5)).to(device)
-    fused = torch.compile(dsm)
+    dsm = DynamicShiftMax(96, 8, k=2, init_a=(1.0, 0.5), init_b=(0.0, 0.5), impl="eager").to(device).train()
     size = 8 if args.quick else 28
     x = torch.randn(args.batch, 96, size, size, device=device, requires_grad=True)
     out_e = dsm(x)
     g = torch.randn_like(out_e)
     grads_e = torch.autograd.grad(out_e, [x, *dsm.parameters()], g)
-    out_f = fused(x)
-    grads_f = torch.autograd.grad(out_f, [x, *dsm.parameters()], g)
-    fwd = float((out_f - out_e).abs().max().detach() / out_e.abs().max().detach())
-    bwd = max(
-        float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) for a, b in zip(grads_f, grads_e, strict=True)
-    )
+    result: dict = {}
+    ok = True
+    for impl in ("fused", "compile"):
+        dsm.impl = impl
+        out_f = dsm(x)
+        grads_f = torch.autograd.grad(out_f, [x, *dsm.parameters()], g)
+        fwd = float((out_f - out_e).abs().max().detach() / out_e.abs().max().detach())
+        bwd = max(
+            float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) for a, b in zip(grads_f, grads_e, strict=True)
+        )
+        ok_i = fwd <= 1e-5 and bwd <= 1e-4
+        ok = ok and ok_i
+        result[impl] = dict(forward_rel_diff=fwd, backward_rel_diff=bwd, ok=ok_i)
 
-    def step(mod: nn.Module) -> Callable[[], None]:
+    def step(impl: str) -> Callable[[], None]:
         def run() -> None:
-            torch.autograd.grad(mod(x), [x], g)
+            dsm.impl = impl
+            torch.autograd.grad(dsm(x), [x], g)
 
         return run
 
-    eager_s = throughput(step(dsm), device, args.batch, args.iters, args.warmup)
-    fused_s = throughput(step(fused), device, args.batch, args.iters, args.warmup)
-    ok = fwd <= 1e-5 and bwd <= 1e-4
-    print(
-        f"fused DSM (torch.compile) vs eager: forward rel diff {fwd:.2e}, backward rel diff {bwd:.2e} "
-        f"({'OK' if ok else 'FAIL'}); fwd+bwd {eager_s:.0f} -> {fused_s:.0f} img/s"
-    )
-    return dict(forward_rel_diff=fwd, backward_rel_diff=bwd, ok=ok, eager_img_s=eager_s, fused_img_s=fused_s)
+    speeds = {impl: throughput(step(impl), device, args.batch, args.iters, args.warmup) for impl in IMPLS}
+    for impl in ("fused", "compile"):
+        r = result[impl]
+        print(
+            f"DSM {impl} vs eager: forward rel diff {r['forward_rel_diff']:.2e}, backward rel diff "
+            f"{r['backward_rel_diff']:.2e} ({'OK' if r['ok'] else 'FAIL'}); fwd+bwd {speeds['eager']:.0f} -> "
+            f"{speeds[impl]:.0f} img/s"
+        )
+    fused = result["fused"]  # the headline figures: the fused kernels
+    return dict(result, ok=ok, img_s=speeds, forward_rel_diff=fused["forward_rel_diff"],
+                backward_rel_diff=fused["backward_rel_diff"])  # fmt: skip
+
+
+IMPLS = ("eager", "fused", "compile")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,5 +76,6 @@ def _fused_ops_cache(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     cache = tmp_path_factory.mktemp("micronet-ort-ops")
     mp.setattr(fused_build, "cache_dir", lambda: cache)
+    mp.setenv("MICRONET_TORCH_HOME", str(tmp_path_factory.mktemp("micronet-home")))  # the training kernel's cache
     yield
     mp.undo()

@@ -71,6 +71,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     x.add_argument("--ema-decay", type=float)
     x.add_argument("--channels-last", action="store_true", default=None)
     x.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    x.add_argument(
+        "--dsm",
+        choices=("auto", "eager", "fused", "compile"),
+        help="Dynamic Shift-Max implementation: fused C/Triton kernels (auto: where they run), eager, or "
+        "torch.compile of the eager fusion [auto]",
+    )
     x.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")
     x.add_argument("--workers", "-j", type=int, help="DataLoader worker processes")
     x.add_argument("--threads", type=int, help="torch CPU threads per process [cores / processes]")

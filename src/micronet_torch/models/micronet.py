@@ -8,6 +8,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from ..ops import set_shift_max_impl
 from .blocks import MicroBlock, Stem, SwishLinear, Variant
 from .specs import MicroNetSpec, scale_width
 
@@ -19,7 +20,8 @@ class MicroNet(nn.Module):
     head is ``avgpool`` (ReLU6, global pool, h-swish) then ``classifier`` (SwishLinear, Dropout,
     SwishLinear), exactly as in the published code so that its checkpoints load by name.
     ``width`` scales every block's width (for ablations at matched MAdds); ``variant`` (or its fields
-    as keywords) swaps operators for their ablation baselines.
+    as keywords) swaps operators for their ablation baselines; ``dsm`` picks how every Dynamic Shift-Max runs
+    (``auto``: the fused kernels where they run, ``eager``, ``fused``, ``compile``), not part of the weights.
     """
 
     def __init__(
@@ -30,6 +32,7 @@ class MicroNet(nn.Module):
         drop_rate: float | None = None,
         width: float = 1.0,
         variant: Variant | None = None,
+        dsm: str = "auto",
         **variant_kwargs: str,
     ) -> None:
         super().__init__()
@@ -69,6 +72,7 @@ class MicroNet(nn.Module):
             self._make_classifier(num_classes),
         )
         self.init_weights()
+        set_shift_max_impl(self, dsm)
 
     def _make_classifier(self, num_classes: int) -> nn.Module:
         return SwishLinear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()

@@ -15,6 +15,8 @@ import torch
 from timm.layers import make_divisible
 from torch import nn
 
+from .shift_max_fused import available, fused_shift_max
+
 SHIFT_MODES = ("published", "group")
 # How the fusion and max run: "eager" (torch ops), "fused" (one-pass kernels, shift_max_fused), "compile"
 # (torch.compile of the eager ops), "auto" (fused while training where the kernels run, else eager).
@@ -111,8 +113,6 @@ class DynamicShiftMax(nn.Module):
         coef = self.coefficients(x)
         impl = self.resolved_impl(x)
         if impl == "fused":
-            from .shift_max_fused import fused_shift_max
-
             return fused_shift_max(x, coef, self.index, self.k, self.j)
         if impl == "compile":
             return _compiled_fusion()(x, coef, self.index, self.k, self.j)
@@ -130,8 +130,6 @@ class DynamicShiftMax(nn.Module):
             return impl
         if impl == "auto" and not (self.training and torch.is_grad_enabled()):
             return "eager"
-        from .shift_max_fused import available
-
         if available(x.device):
             return "fused"
         if impl == "fused":

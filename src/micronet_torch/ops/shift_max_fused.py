@@ -77,7 +77,7 @@ def cpu_available() -> bool:
 def cuda_available() -> bool:
     """Whether the Triton kernels can run (Triton importable)."""
     try:
-        from . import shift_max_triton  # noqa: F401
+        from . import shift_max_triton  # noqa: F401  (triton is a heavy optional import: only for CUDA tensors)
     except ImportError:
         return False
     return True
@@ -121,7 +121,7 @@ def _threads(numel: int) -> int:
 def dsm_forward(x: torch.Tensor, coef: torch.Tensor, index: torch.Tensor, k: int, j: int) -> torch.Tensor:
     """y (N, C, H, W) = max_k sum_j coef[n, (k*J + j)*C + c] * x[n, shift_j(c)], in x's memory layout."""
     if x.device.type == "cuda":
-        from .shift_max_triton import triton_forward
+        from .shift_max_triton import triton_forward  # triton: only imported for CUDA tensors
 
         return triton_forward(x, coef, index, k, j)
     out_dtype, work = _work_dtype(x, coef)
@@ -147,7 +147,7 @@ def dsm_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x in x's dtype and layout, grad_coef (N, K*J*C) in coef's dtype) of ``dsm_forward``."""
     if x.device.type == "cuda":
-        from .shift_max_triton import triton_backward
+        from .shift_max_triton import triton_backward  # triton: only imported for CUDA tensors
 
         return triton_backward(x, coef, index, inverse, grad, k, j)
     _, work = _work_dtype(x, coef)

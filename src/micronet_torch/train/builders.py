@@ -17,6 +17,7 @@ from torch import nn
 
 from .._env import available_cores, default_workers
 from ..models import build_model
+from ..ops import set_shift_max_impl
 from .config import TrainConfig
 from .distributed import DistEnv
 
@@ -30,6 +31,7 @@ def build_train_model(cfg: TrainConfig, num_classes: int, env: DistEnv, state: d
     model = build_model(cfg.model, pretrained=pretrained, num_classes=num_classes, in_chans=cfg.in_chans, **extra)
     if state is not None:
         model.load_state_dict(state["model"])
+    set_shift_max_impl(model, cfg.dsm)  # the fused kernels by default ("auto"); no effect on the state dict
     if cfg.sync_bn and env.distributed:
         if env.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

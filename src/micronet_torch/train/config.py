@@ -54,6 +54,7 @@ class TrainConfig:
     ema_decay: float | None = None
     channels_last: bool = False
     compile: bool = False
+    dsm: str = "auto"  # Dynamic Shift-Max: auto (fused where it runs), eager, fused or compile (ops.shift_max)
     sync_bn: bool = False
     workers: int | None = None
     seed: int = 0
@@ -84,7 +85,18 @@ class TrainConfig:
 
 
 # fields a resumed run may change without a warning (they do not change the numbers)
-RUNTIME_FIELDS = {"workers", "device", "log_interval", "threads", "quiet", "output", "data", "data_root", "download"}
+RUNTIME_FIELDS = {
+    "dsm",
+    "workers",
+    "device",
+    "log_interval",
+    "threads",
+    "quiet",
+    "output",
+    "data",
+    "data_root",
+    "download",
+}
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:

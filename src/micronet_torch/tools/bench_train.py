@@ -1,4 +1,4 @@
-"""Training-step benchmark of Dynamic Shift-Max implementations: eager, fused, compile, and the ReLU floor.
+"""``micronet bench-train``: training images/s and peak memory of Dynamic Shift-Max's implementations.
 
 Times forward + backward + SGD step (random data, cross-entropy) of MicroNet models with every
 DynamicShiftMax run eagerly, through the fused kernels, through ``torch.compile`` of the eager fusion, and
@@ -10,25 +10,30 @@ tracemalloc does not see. For that phase (after the timings, so they are unaffec
 serve every block over 64 KiB by mmap and to give freed memory back (mallopt, malloc_trim), so the resident
 set follows the live tensors.
 
-    PYTHONPATH=src python benchmarks/train_step_bench.py --models micronet_m0 micronet_m3 --settings 224x32 \
-        --steps 5 --threads 1
+    micronet bench-train --models micronet_m0 micronet_m3 mobilenetv3_small_100 --settings 224x32 32x128 \
+        --threads 1 2 --out-dir bench-train/
+
+Models without a Dynamic Shift-Max (the MobileNetV3 baselines) run once, as ``eager``.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import ctypes
 import json
+import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-import micronet_torch
-from micronet_torch.ops import DynamicShiftMax, set_shift_max_impl
+from .._env import cpu_name
+from .._fs import atomic_write
+from ..models import build_model
+from ..ops import DynamicShiftMax, set_shift_max_impl
 
 VARIANTS = ("eager", "fused", "compile", "relu")
 
@@ -112,28 +117,42 @@ def peak_step_mib(stepper: Stepper) -> float | None:
     return (_status_kib("VmHWM:") - before) / 1024
 
 
-def run(models: list[str], settings: list[tuple[int, int]], variants: list[str], steps: int, warmup: int) -> list[dict]:
-    """Interleaved timings of every (model, setting, variant); one dict per row."""
+def run(
+    models: list[str],
+    settings: list[tuple[int, int]],
+    variants: list[str],
+    steps: int,
+    warmup: int,
+    threads: int = 1,
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Interleaved timings of every (model, setting, variant) at ``threads`` CPU threads; one dict per row."""
+    torch.set_num_threads(threads)
     rows = []
     for name in models:
-        base = micronet_torch.create_model(name)
-        classes = base.num_classes if hasattr(base, "num_classes") else 1000
+        base = build_model(name)
+        classes = getattr(base, "num_classes", 1000)
+        has_dsm = any(isinstance(m, DynamicShiftMax) for m in base.modules())
+        wanted = variants if has_dsm else [v for v in variants if v == "eager"] or ["eager"]
         for size, batch in settings:
-            steppers = {v: Stepper(make_variant(base, v), batch, size, classes) for v in variants}
+            if log:
+                log(f"  {name} {size}x{size} batch {batch}, {threads} thread(s): {', '.join(wanted)}")
+            steppers = {v: Stepper(make_variant(base, v), batch, size, classes) for v in wanted}
             first = {v: s.step() for v, s in steppers.items()}  # compile happens here
             for _ in range(warmup):
                 for s in steppers.values():
                     s.step()
-            times: dict[str, list[float]] = {v: [] for v in variants}
+            times: dict[str, list[float]] = {v: [] for v in wanted}
             for _ in range(steps):
                 for v, s in steppers.items():
                     times[v].append(s.step())
             peaks = {v: peak_step_mib(s) for v, s in steppers.items()}
             med = {v: statistics.median(t) for v, t in times.items()}
-            for v in variants:
+            for v in wanted:
                 rows.append(
                     {
                         "model": name,
+                        "threads": threads,
                         "size": size,
                         "batch": batch,
                         "variant": v,
@@ -149,38 +168,48 @@ def run(models: list[str], settings: list[tuple[int, int]], variants: list[str],
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    """The rows as a Markdown table."""
-    head = "| model | setting | variant | step ms | img/s | × eager | time / ReLU | first step s | peak MiB |"
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+def environment(steps: int, warmup: int) -> dict:
+    """The line above every table: CPU, cores, load, versions and the timing settings."""
+    return dict(
+        cpu=cpu_name(),
+        cores=os.cpu_count() or 1,
+        loadavg=[round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        torch=torch.__version__,
+        steps=steps,
+        warmup=warmup,
+    )
+
+
+def markdown(rows: list[dict], env: dict | None = None) -> str:
+    """The rows as a Markdown table (per thread count), under the environment line."""
+    lines = []
+    if env:
+        lines += [
+            f"CPU: {env['cpu']} ({env['cores']} cores), load at start {env['loadavg']} | torch {env['torch']} | "
+            f"median of {env['steps']} interleaved steps after {env['warmup']} warm-up; forward + backward + SGD "
+            "step, random data; peak MiB: resident-set rise over one step",
+            "",
+        ]
+    head = "| model | threads | setting | variant | step ms | img/s | × eager | time / ReLU | first step s | peak MiB |"
+    lines += [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['speed_vs_eager']:.2f}" if r["speed_vs_eager"] else "–"
         floor = f"{r['time_vs_relu']:.2f}" if r["time_vs_relu"] else "–"
         peak = f"{r['peak_step_mib']:.0f}" if r["peak_step_mib"] is not None else "–"
         lines.append(
-            f"| {r['model']} | {r['size']}², batch {r['batch']} | {r['variant']} | {r['step_ms']:.1f} | "
-            f"{r['images_per_s']:.1f} | {ratio} | {floor} | {r['first_step_s']:.2f} | {peak} |"
+            f"| {r['model']} | {r['threads']} | {r['size']}², batch {r['batch']} | {r['variant']} | "
+            f"{r['step_ms']:.1f} | {r['images_per_s']:.1f} | {ratio} | {floor} | {r['first_step_s']:.2f} | {peak} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["micronet_m0", "micronet_m3"])
-    p.add_argument("--settings", nargs="+", default=["224x32", "32x128"], help="SIZExBATCH")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per variant (interleaved)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", type=Path, help="also write the rows here")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    settings = [tuple(int(v) for v in s.split("x")) for s in args.settings]
-    rows = run(args.models, settings, args.variants, args.steps, args.warmup)
-    print(markdown(rows))
-    if args.json:
-        args.json.write_text(json.dumps({"threads": args.threads, "steps": args.steps, "rows": rows}, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+def save(rows: list[dict], env: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """``bench_train.json`` and ``bench_train.md`` in ``out_dir`` (written atomically)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    js, md = out / "bench_train.json", out / "bench_train.md"
+    payload = json.dumps(dict(environment=env, rows=rows), indent=1).encode()
+    atomic_write(js, lambda fh: fh.write(payload))
+    table = markdown(rows, env).encode()
+    atomic_write(md, lambda fh: fh.write(table))
+    return js, md
