@@ -34,7 +34,7 @@ from .deploy import (
 )
 from .ops.shuffle import compose_permutations, shuffle_permutation
 
-__all__ = ["PortableMicroNet", "PortableShiftMax", "ChannelSlices", "convert_to_portable", "channel_runs"]
+__all__ = ["ChannelSlices", "PortableMicroNet", "PortableShiftMax", "channel_runs", "convert_to_portable"]
 
 
 def channel_runs(index: torch.Tensor) -> list[tuple[int, int]]:
@@ -126,8 +126,9 @@ class PortableShiftMax(nn.Module):
             masks = torch.stack([(d == r).double() for r in self.rolls])  # (R, C)
             kj = torch.arange(k * j * c).view(k, j, c)
             rows = torch.cat([kj[kk, 0] for kk in range(k)] + [kj[kk, 1] for kk in range(k) for _ in self.rolls])
-            mult = torch.cat([torch.ones(k * c, dtype=torch.float64)] + [masks[r] for _ in range(k) for r in
-                                                                           range(len(self.rolls))])
+            mult = torch.cat(
+                [torch.ones(k * c, dtype=torch.float64)] + [masks[r] for _ in range(k) for r in range(len(self.rolls))]
+            )
             w2, b2, offset = w2[rows], b2[rows], offset[rows]  # a_k0 for each k, then a_k1 once per roll
             self.register_buffer("mask", mult.to(dtype).view(1, -1, 1, 1).clone())
         else:

@@ -34,7 +34,7 @@ def export_ncnn(
     with tempfile.TemporaryDirectory() as tmp:
         pt = Path(tmp) / "model.pt"
         with torch.no_grad():
-            pnnx.export(model.eval(), str(pt), (torch.randn(*input_shape),))
+            pnnx.export(model.eval(), str(pt), (torch.randn(*input_shape),), fp16=False)  # fp32 weights
         shutil.copy(Path(tmp) / "model.ncnn.param", path)
         shutil.copy(Path(tmp) / "model.ncnn.bin", path.with_suffix(".bin"))
     if metadata:
@@ -50,9 +50,12 @@ def load_ncnn(path: str | os.PathLike, threads: int = 1) -> Callable[[np.ndarray
         raise ImportError(f"running ncnn models needs the ncnn package: {EXTRA}") from err
     path = Path(path).with_suffix(".param")
     net = ncnn.Net()
-    net.opt.num_threads = threads
-    net.opt.use_fp16_packed = net.opt.use_fp16_storage = net.opt.use_fp16_arithmetic = False
-    net.opt.use_bf16_storage = False
+    opt = ncnn.Option()  # fp32 throughout: ncnn otherwise stores and computes in fp16 where the CPU has it
+    opt.num_threads = threads
+    opt.use_fp16_packed = opt.use_fp16_storage = opt.use_fp16_arithmetic = False
+    opt.use_bf16_storage = False
+    opt.use_vulkan_compute = False
+    net.opt = opt
     net.load_param(str(path))
     net.load_model(str(path.with_suffix(".bin")))
 
