@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--seconds", type=float, default=40.0)
     ap.add_argument("--out", default="/tmp/rt_bench")
+    ap.add_argument("--variants", default="", help="portable options to time side by side: 'merge=all/expand=16'")
     args = ap.parse_args()
     torch.set_num_threads(1)
     shape = (1, 3, 224, 224)
@@ -67,13 +68,18 @@ def main() -> None:
             else:
                 form = eager
             models[name] = (eager, form)
+            if name.startswith("micronet"):
+                for v in filter(None, args.variants.split("/")):
+                    kw = {k: (int(val) if val.isdigit() else val) for k, val in (p.split("=") for p in v.split(","))}
+                    models[f"{name}[{v}]"] = (eager, convert_to_portable(eager, **kw))
     results = {}
     for rt in args.runtimes.split(","):
         export, load = exporter(rt)
         jobs, info = {}, {}
         for name, (eager, form) in models.items():
             t0 = time.time()
-            path = export(form, Path(args.out) / rt / name, shape, {"model": name})
+            fname = name.replace("[", "_").replace("]", "").replace("=", "").replace(",", "_").replace("/", "_")
+            path = export(form, Path(args.out) / rt / fname, shape, {"model": name})
             run = load(path, 1)
             with torch.no_grad():
                 ref = eager(x).numpy()
@@ -86,7 +92,8 @@ def main() -> None:
             info[name]["ms"] = round(statistics.median(ts) * 1e3, 4)
         for pair in args.pairs.split(","):
             a, b = PAIRS[pair]
-            info[f"{pair}_ratio"] = round(info[a]["ms"] / info[b]["ms"], 3)
+            for key in [k for k in info if k.startswith(a)]:
+                info[f"ratio {key}"] = round(info[key]["ms"] / info[b]["ms"], 3)
         results[rt] = info
         print(rt, json.dumps(info), flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -29,8 +29,10 @@ from .deploy import (
     _conv_output_perm,
     _fold_linear,
     _is_identity,
+    expand_multipliers,
     fold_shift_max_scale,
     lower,
+    merge_separable,
 )
 from .ops.shuffle import compose_permutations, shuffle_permutation
 
@@ -257,14 +259,84 @@ class PortableMicroNet(nn.Module):
         return super().train(False)
 
 
-def portable_ops(model: nn.Module, scale_into_conv: bool = True) -> list[Op]:
-    """The flat operation list of the portable form (BN folded, permutations in convs where exact)."""
-    ops = _fold_perms_into_convs(lower(model))
+def _dense(conv: Conv) -> Conv:
+    """A grouped conv as a dense one with a block-diagonal weight (exact: the added products are zeros)."""
+    g = conv.groups
+    so, si = conv.out_channels // g, conv.in_channels // g
+    w = conv.weight.new_zeros(conv.out_channels, conv.in_channels, *conv.weight.shape[2:])
+    for gi in range(g):
+        w[gi * so : (gi + 1) * so, gi * si : (gi + 1) * si] = conv.weight[gi * so : (gi + 1) * so]
+    return Conv(w, conv.bias, conv.stride, conv.padding, 1, conv.edge)
+
+
+def _densifiable(op: Op, max_groups: int) -> bool:
+    return isinstance(op, Conv) and 1 < op.groups <= max_groups and op.groups < op.in_channels
+
+
+def densify_shuffles(ops: list[Op], max_groups: int = 8) -> list[Op]:
+    """Absorb each channel shuffle into the grouped (not depthwise) conv next to it by making that conv dense.
+
+    A shuffle next to a grouped conv mixes its groups, so it cannot move into the grouped weights; the dense
+    conv with the block-diagonal weight (g times the multiply-adds of a small pointwise conv) takes any
+    permutation of its inputs or outputs exactly, and removes a transpose and its layout conversions.
+    """
+    ops = list(ops)
+    i = 0
+    while i < len(ops):
+        if not isinstance(ops[i], Perm):
+            i += 1
+            continue
+        q = ops[i].index
+        k = i + 1
+        while k < len(ops) and isinstance(ops[k], Pointwise | Perm):
+            if isinstance(ops[k], Perm):
+                break
+            k += 1
+        j = i - 1
+        while j >= 0 and isinstance(ops[j], Pointwise):
+            j -= 1
+        if k < len(ops) and _densifiable(ops[k], max_groups):
+            dense = _dense(ops[k])
+            ops[k] = Conv(dense.weight[:, torch.argsort(q)], dense.bias, dense.stride, dense.padding, 1, dense.edge)
+            del ops[i]
+            continue
+        if j >= 0 and _densifiable(ops[j], max_groups):
+            dense = _dense(ops[j])
+            ops[j] = Conv(dense.weight[q], dense.bias[q], dense.stride, dense.padding, 1, dense.edge)
+            del ops[i]
+            continue
+        i += 1
+    return ops
+
+
+def portable_ops(
+    model: nn.Module, scale_into_conv: bool = True, densify: int = 8, merge: str = "none", expand: int = 0
+) -> list[Op]:
+    """The flat operation list of the portable form (BN folded, permutations in convs where exact, and shuffles
+    next to grouped convs of at most ``densify`` groups absorbed by making those convs dense; 0: never).
+
+    ``merge`` merges factorized k x 1 / 1 x k pairs (``deploy.merge_separable``): "none", "stem", "plain" or
+    "all"; ``expand`` turns channel-multiplier depthwise convs whose producer has at most that many outputs into
+    plain depthwise ones (``deploy.expand_multipliers``).
+    """
+    ops = lower(model)
+    if densify:
+        ops = densify_shuffles(ops, densify)
+    ops = _fold_perms_into_convs(ops)
+    if expand:
+        ops = _fold_perms_into_convs(expand_multipliers(ops, expand))
+    if merge != "none":
+        ops = merge_separable(ops, plain_only=merge in ("stem", "plain"), stem_only=merge == "stem")
     return fold_shift_max_scale(ops) if scale_into_conv else ops
 
 
 def convert_to_portable(
-    model: nn.Module, dtype: torch.dtype = torch.float32, scale_into_conv: bool = True
+    model: nn.Module,
+    dtype: torch.dtype = torch.float32,
+    scale_into_conv: bool = True,
+    densify: int = 8,
+    merge: str = "none",
+    expand: int = 0,
 ) -> PortableMicroNet:
     """An inference-only copy of an eval-mode MicroNet, exact to it, in operators every runtime runs fast.
 
@@ -273,7 +345,7 @@ def convert_to_portable(
     """
     if not hasattr(model, "features") or not hasattr(model, "classifier"):
         raise TypeError(f"convert_to_portable expects a MicroNet; got {type(model).__name__}")
-    features = _build(portable_ops(model, scale_into_conv), dtype)
+    features = _build(portable_ops(model, scale_into_conv, densify, merge, expand), dtype)
     pool = list(model.avgpool)
     if not (len(pool) == 3 and isinstance(pool[0], nn.ReLU6) and isinstance(pool[2], nn.Hardswish)):
         raise NotImplementedError(f"unexpected head pooling {model.avgpool}")
