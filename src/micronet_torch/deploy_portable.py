@@ -354,3 +354,14 @@ def convert_to_portable(
     )
     out = PortableMicroNet(features, copy.deepcopy(head), getattr(model, "num_classes", 0))
     return out.eval().requires_grad_(False)
+
+
+# the portable options each runtime measured fastest with (benchmarks/runtimes_scratch.py, M0 and M3 at 224^2,
+# 1 thread, shared 2-core machine): merging the factorized pairs helps OpenVINO, LiteRT and ncnn, not ORT/ExecuTorch
+RUNTIME_OPTIONS: dict[str, dict[str, object]] = {
+    "onnx": {},
+    "openvino": {"merge": "all"},
+    "executorch": {},
+    "litert": {"merge": "all"},
+    "ncnn": {"merge": "all"},
+}

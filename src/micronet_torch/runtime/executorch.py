@@ -28,6 +28,7 @@ def lower_xnnpack(model: nn.Module, input_shape: tuple[int, int, int, int], meta
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
+    _warm(model, input_shape)  # per-input-size constants (border maps) exist before tracing
     with torch.no_grad():
         program = torch.export.export(model.eval(), (torch.randn(*input_shape),))
     constants = {k: v for k, v in (metadata or {}).items() if isinstance(v, int | float | list | tuple)}
@@ -91,3 +92,10 @@ def _set_threads(threads: int) -> None:
         portable_lib._unsafe_reset_threadpool(threads)
     except (ImportError, AttributeError):
         pass
+
+
+def _warm(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """One eval-mode forward pass: deploy modules build their per-size constants on first use, which a tracer
+    would otherwise record as float64 arithmetic (LiteRT then fails to legalize it)."""
+    with torch.no_grad():
+        model.eval()(torch.zeros(*input_shape))

@@ -33,6 +33,7 @@ def export_ncnn(
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         pt = Path(tmp) / "model.pt"
+        _warm(model, input_shape)  # per-input-size constants (border maps) exist before tracing
         with torch.no_grad():
             pnnx.export(model.eval(), str(pt), (torch.randn(*input_shape),), fp16=False)  # fp32 weights
         shutil.copy(Path(tmp) / "model.ncnn.param", path)
@@ -69,3 +70,10 @@ def load_ncnn(path: str | os.PathLike, threads: int = 1) -> Callable[[np.ndarray
         return np.stack(outs)
 
     return run
+
+
+def _warm(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """One eval-mode forward pass: deploy modules build their per-size constants on first use, which a tracer
+    would otherwise record as float64 arithmetic (LiteRT then fails to legalize it)."""
+    with torch.no_grad():
+        model.eval()(torch.zeros(*input_shape))

@@ -37,6 +37,7 @@ def export_openvino(
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.randn(*input_shape)
     shape = [-1, *input_shape[1:]] if dynamic_batch else list(input_shape)
+    _warm(model, input_shape)  # per-input-size constants (border maps) exist before tracing
     with torch.no_grad():
         ov_model = ov.convert_model(model.eval(), example_input=(example,), input=[shape])
     ov_model.inputs[0].get_tensor().set_names({"input"})
@@ -60,3 +61,10 @@ def load_openvino(path: str | os.PathLike, threads: int = 1) -> Callable[[np.nda
         return request.get_output_tensor(0).data.copy()
 
     return run
+
+
+def _warm(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """One eval-mode forward pass: deploy modules build their per-size constants on first use, which a tracer
+    would otherwise record as float64 arithmetic (LiteRT then fails to legalize it)."""
+    with torch.no_grad():
+        model.eval()(torch.zeros(*input_shape))
