@@ -1,0 +1,367 @@
+"""The portable deploy form: a MicroNet graph built only from operators every deployment runtime runs fast.
+
+``convert_to_portable(model)`` reuses the deploy IR (``deploy.lower``: BatchNorm folded into the convs) but keeps
+each Dynamic Shift-Max in its logical channel order, so its group-circular shift is a few channel-range slices and
+one concatenation instead of a gather (``index_select`` / ONNX ``Gather``, which XNNPACK, LiteRT and ncnn cannot
+run in-graph). Channel shuffles are moved into convolution weights where that is exact and otherwise kept as the
+4-D reshape -> transpose -> reshape every runtime knows. Means keep their dimensions, the max over the K fusions
+is an elementwise maximum, and no tensor has more than 4 dimensions. Exact up to float rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .deploy import (
+    Add,
+    Conv,
+    Op,
+    Perm,
+    Pointwise,
+    Save,
+    ShiftMax,
+    _conv_input_perm,
+    _conv_module,
+    _conv_output_perm,
+    _fold_linear,
+    _is_identity,
+    expand_multipliers,
+    fold_shift_max_scale,
+    lower,
+    merge_separable,
+)
+from .ops.shuffle import compose_permutations, shuffle_permutation
+
+__all__ = ["ChannelSlices", "PortableMicroNet", "PortableShiftMax", "channel_runs", "convert_to_portable"]
+
+
+def channel_runs(index: torch.Tensor) -> list[tuple[int, int]]:
+    """``x[:, index]`` as maximal ranges of consecutive source channels: [(start, stop), ...]."""
+    idx = [int(i) for i in index]
+    runs: list[tuple[int, int]] = []
+    start = prev = idx[0]
+    for i in idx[1:]:
+        if i != prev + 1:
+            runs.append((start, prev + 1))
+            start = i
+        prev = i
+    runs.append((start, prev + 1))
+    return runs
+
+
+def _shuffle_groups(index: torch.Tensor) -> int | None:
+    """The g for which ``index`` is the channel shuffle of g groups, or None."""
+    c = index.numel()
+    for g in range(2, c):
+        if c % g == 0 and torch.equal(index, shuffle_permutation(c, g)):
+            return g
+    return None
+
+
+class ChannelSlices(nn.Module):
+    """A fixed channel selection as slices of channel ranges and one concatenation (no gather)."""
+
+    def __init__(self, index: torch.Tensor) -> None:
+        super().__init__()
+        self.runs = channel_runs(index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.runs) == 1:
+            a, b = self.runs[0]
+            return x if (a, b) == (0, x.shape[1]) else x[:, a:b]
+        return torch.cat([x[:, a:b] for a, b in self.runs], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"runs={len(self.runs)}"
+
+
+class ChannelShuffle4d(nn.Module):
+    """A channel shuffle of ``groups`` groups as reshape (N, g, C/g, H*W) -> transpose -> reshape: 4-D only."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        return x.reshape(n, self.groups, c // self.groups, h * w).transpose(1, 2).reshape(n, c, h, w)
+
+
+def _perm_module(index: torch.Tensor) -> nn.Module:
+    """The cheaper gather-free form of a fixed permutation: a 4-D shuffle if it is one, else channel slices."""
+    g = _shuffle_groups(index)
+    if g is not None and len(channel_runs(index)) > 2:
+        return ChannelShuffle4d(g)
+    return ChannelSlices(index)
+
+
+class PortableShiftMax(nn.Module):
+    """Dynamic Shift-Max from standard operators: mean (keepdim) -> 1x1 conv -> ReLU -> 1x1 conv -> clamp/h-sigmoid
+    (+ offset) -> per-(k, j) coefficient slices -> multiply-adds with the sliced shift -> elementwise maximum."""
+
+    def __init__(self, op: ShiftMax, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if not (_is_identity(op.in_perm) and _is_identity(op.out_perm)):
+            raise ValueError("the portable form keeps Dynamic Shift-Max in its logical channel order")
+        c, k, j = op.channels, op.k, op.j
+        self.channels, self.k, self.j, self.scaled = c, k, j, op.scaled
+        self.lo, self.hi = op.lo, op.hi
+        w2, b2, offset = op.w2, op.b2, op.offset  # rows in the published (k, j, c) order: contiguous C blocks
+        if self.scaled:  # coef / s = hsig(v) - 0.5 + offset / s (the next conv carries s)
+            w2, b2 = w2 * (6.0 / op.scale), b2 * (6.0 / op.scale)
+            offset = offset / op.scale - 0.5
+        self.fc1 = nn.Conv2d(c, op.w1.shape[0], 1)
+        with torch.no_grad():
+            self.fc1.weight.copy_(op.w1.to(dtype).view(*op.w1.shape, 1, 1))
+            self.fc1.bias.copy_(op.b1.to(dtype))
+        self.rolls: list[int] = []
+        if j == 2:
+            # shift(x)[i] = x[i + d_i mod C] takes only a few distinct d (published shift: S + 1, and 1 at each
+            # group's last channel): the shift is sum_d roll_d(x) * mask_d, and each 0/1 mask is folded into the
+            # shift's coefficients, so no channel is gathered and every term but one per channel is an exact 0
+            d = (op.shift - torch.arange(c)) % c
+            self.rolls = sorted(set(d.tolist()))
+            masks = torch.stack([(d == r).double() for r in self.rolls])  # (R, C)
+            kj = torch.arange(k * j * c).view(k, j, c)
+            rows = torch.cat([kj[kk, 0] for kk in range(k)] + [kj[kk, 1] for kk in range(k) for _ in self.rolls])
+            mult = torch.cat(
+                [torch.ones(k * c, dtype=torch.float64)] + [masks[r] for _ in range(k) for r in range(len(self.rolls))]
+            )
+            w2, b2, offset = w2[rows], b2[rows], offset[rows]  # a_k0 for each k, then a_k1 once per roll
+            self.register_buffer("mask", mult.to(dtype).view(1, -1, 1, 1).clone())
+        else:
+            self.mask = None
+        self.fc2 = nn.Conv2d(op.w1.shape[0], w2.shape[0], 1)
+        with torch.no_grad():
+            self.fc2.weight.copy_(w2.to(dtype).view(*w2.shape, 1, 1))
+            self.fc2.bias.copy_(b2.to(dtype))
+        self.register_buffer("offset", offset.to(dtype).view(1, -1, 1, 1).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c, k = self.channels, self.k
+        z = self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True))))
+        coef = (F.hardsigmoid(z) if self.scaled else torch.clamp(z, self.lo, self.hi)) + self.offset
+        if self.mask is not None:
+            coef = coef * self.mask
+        a = [coef[:, i * c : (i + 1) * c] for i in range(coef.shape[1] // c)]  # each (N, C, 1, 1)
+        rolled = [x if d == 0 else torch.cat([x[:, d:], x[:, :d]], dim=1) for d in self.rolls]
+        out = None
+        for kk in range(k):
+            y = x * a[kk]
+            for r, xr in enumerate(rolled):
+                y = y + xr * a[k + kk * len(rolled) + r]
+            out = y if out is None else torch.maximum(out, y)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, K={self.k}, J={self.j}, scaled={self.scaled}"
+
+
+def _fold_perms_into_convs(ops: list[Op]) -> list[Op]:
+    """Move each channel permutation into a neighbouring convolution's weights where that is exact.
+
+    Unlike ``deploy.optimize`` a permutation never enters a Dynamic Shift-Max (that would scatter its channel
+    ranges into single channels); it moves back through activations into the producing conv's output rows, or
+    forward into the consuming conv's input columns, and stays an explicit (gather-free) permutation otherwise.
+    """
+    ops = list(ops)
+    i = 0
+    while i < len(ops):
+        op = ops[i]
+        if not isinstance(op, Perm):
+            i += 1
+            continue
+        j = i - 1
+        while j >= 0 and isinstance(ops[j], Pointwise):
+            j -= 1
+        if j >= 0 and isinstance(ops[j], Conv):
+            moved = _conv_output_perm(ops[j], op.index)
+            if moved is not None and _is_identity(moved[1]):
+                ops[j] = moved[0]
+                del ops[i]
+                continue
+        k = i + 1
+        while k < len(ops) and isinstance(ops[k], Pointwise):
+            k += 1
+        if k < len(ops) and isinstance(ops[k], Conv):
+            moved = _conv_input_perm(ops[k], op.index)
+            if moved is not None:
+                ops[k], q = moved
+                if _is_identity(q):
+                    del ops[i]
+                    continue
+                ops[i] = Perm(q)  # the conv's outputs now come out block-permuted: carry that on
+                ops.insert(k, ops.pop(i))  # the permutation now follows the conv
+                i = k
+                continue
+        if i + 1 < len(ops) and isinstance(ops[i + 1], Perm):  # compose adjacent permutations
+            ops[i] = Perm(compose_permutations(op.index, ops[i + 1].index))
+            del ops[i + 1]
+            continue
+        if _is_identity(op.index):
+            del ops[i]
+            continue
+        i += 1
+    return ops
+
+
+def _build(ops: list[Op], dtype: torch.dtype) -> nn.Sequential:
+    stack: list[list[nn.Module]] = [[]]
+    for op in ops:
+        if isinstance(op, Save):
+            stack.append([])
+        elif isinstance(op, Add):
+            layers = stack.pop()
+            stack[-1].append(_Residual(*layers))
+        elif isinstance(op, Conv):
+            stack[-1].append(_conv_module(op, dtype))
+        elif isinstance(op, Perm):
+            stack[-1].append(_perm_module(op.index))
+        elif isinstance(op, ShiftMax):
+            stack[-1].append(PortableShiftMax(op, dtype))
+        else:
+            stack[-1].append(op.module)
+    if len(stack) != 1:
+        raise RuntimeError("unbalanced residual markers")
+    return nn.Sequential(*stack[0])
+
+
+class _Residual(nn.Sequential):
+    """``x + layers(x)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        for layer in self:
+            out = layer(out)
+        return out + x
+
+
+class PortableMicroNet(nn.Module):
+    """Inference-only MicroNet in portable operators: ``features``, then a keepdim mean, flatten and the head."""
+
+    def __init__(self, features: nn.Sequential, head: nn.Sequential, num_classes: int) -> None:
+        super().__init__()
+        self.features = features
+        self.head = head
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self.features(x)).mean((2, 3), keepdim=True)
+        return self.head(torch.flatten(x, 1))
+
+    def train(self, mode: bool = True) -> PortableMicroNet:
+        if mode:
+            raise RuntimeError("a deploy-mode MicroNet is inference-only; train the eager model instead")
+        return super().train(False)
+
+
+def _dense(conv: Conv) -> Conv:
+    """A grouped conv as a dense one with a block-diagonal weight (exact: the added products are zeros)."""
+    g = conv.groups
+    so, si = conv.out_channels // g, conv.in_channels // g
+    w = conv.weight.new_zeros(conv.out_channels, conv.in_channels, *conv.weight.shape[2:])
+    for gi in range(g):
+        w[gi * so : (gi + 1) * so, gi * si : (gi + 1) * si] = conv.weight[gi * so : (gi + 1) * so]
+    return Conv(w, conv.bias, conv.stride, conv.padding, 1, conv.edge)
+
+
+def _densifiable(op: Op, max_groups: int) -> bool:
+    return isinstance(op, Conv) and 1 < op.groups <= max_groups and op.groups < op.in_channels
+
+
+def densify_shuffles(ops: list[Op], max_groups: int = 8) -> list[Op]:
+    """Absorb each channel shuffle into the grouped (not depthwise) conv next to it by making that conv dense.
+
+    A shuffle next to a grouped conv mixes its groups, so it cannot move into the grouped weights; the dense
+    conv with the block-diagonal weight (g times the multiply-adds of a small pointwise conv) takes any
+    permutation of its inputs or outputs exactly, and removes a transpose and its layout conversions.
+    """
+    ops = list(ops)
+    i = 0
+    while i < len(ops):
+        if not isinstance(ops[i], Perm):
+            i += 1
+            continue
+        q = ops[i].index
+        k = i + 1
+        while k < len(ops) and isinstance(ops[k], Pointwise | Perm):
+            if isinstance(ops[k], Perm):
+                break
+            k += 1
+        j = i - 1
+        while j >= 0 and isinstance(ops[j], Pointwise):
+            j -= 1
+        if k < len(ops) and _densifiable(ops[k], max_groups):
+            dense = _dense(ops[k])
+            ops[k] = Conv(dense.weight[:, torch.argsort(q)], dense.bias, dense.stride, dense.padding, 1, dense.edge)
+            del ops[i]
+            continue
+        if j >= 0 and _densifiable(ops[j], max_groups):
+            dense = _dense(ops[j])
+            ops[j] = Conv(dense.weight[q], dense.bias[q], dense.stride, dense.padding, 1, dense.edge)
+            del ops[i]
+            continue
+        i += 1
+    return ops
+
+
+def portable_ops(
+    model: nn.Module, scale_into_conv: bool = True, densify: int = 8, merge: str = "none", expand: int = 0
+) -> list[Op]:
+    """The flat operation list of the portable form (BN folded, permutations in convs where exact, and shuffles
+    next to grouped convs of at most ``densify`` groups absorbed by making those convs dense; 0: never).
+
+    ``merge`` merges factorized k x 1 / 1 x k pairs (``deploy.merge_separable``): "none", "stem", "plain" or
+    "all"; ``expand`` turns channel-multiplier depthwise convs whose producer has at most that many outputs into
+    plain depthwise ones (``deploy.expand_multipliers``).
+    """
+    ops = lower(model)
+    if densify:
+        ops = densify_shuffles(ops, densify)
+    ops = _fold_perms_into_convs(ops)
+    if expand:
+        ops = _fold_perms_into_convs(expand_multipliers(ops, expand))
+    if merge != "none":
+        ops = merge_separable(ops, plain_only=merge in ("stem", "plain"), stem_only=merge == "stem")
+    return fold_shift_max_scale(ops) if scale_into_conv else ops
+
+
+def convert_to_portable(
+    model: nn.Module,
+    dtype: torch.dtype = torch.float32,
+    scale_into_conv: bool = True,
+    densify: int = 8,
+    merge: str = "none",
+    expand: int = 0,
+) -> PortableMicroNet:
+    """An inference-only copy of an eval-mode MicroNet, exact to it, in operators every runtime runs fast.
+
+    ``scale_into_conv`` lets the convolution after each Dynamic Shift-Max carry the hyper-function's scale
+    (``deploy.fold_shift_max_scale``), so the coefficients are one h-sigmoid plus an offset.
+    """
+    if not hasattr(model, "features") or not hasattr(model, "classifier"):
+        raise TypeError(f"convert_to_portable expects a MicroNet; got {type(model).__name__}")
+    features = _build(portable_ops(model, scale_into_conv, densify, merge, expand), dtype)
+    pool = list(model.avgpool)
+    if not (len(pool) == 3 and isinstance(pool[0], nn.ReLU6) and isinstance(pool[2], nn.Hardswish)):
+        raise NotImplementedError(f"unexpected head pooling {model.avgpool}")
+    head = nn.Sequential(
+        nn.Hardswish(), *(_fold_linear(m, dtype) for m in model.classifier if not isinstance(m, nn.Dropout))
+    )
+    out = PortableMicroNet(features, copy.deepcopy(head), getattr(model, "num_classes", 0))
+    return out.eval().requires_grad_(False)
+
+
+# the portable options each runtime measured fastest with (benchmarks/runtimes_scratch.py, M0 and M3 at 224^2,
+# 1 thread, shared 2-core machine): merging the factorized pairs helps OpenVINO, LiteRT and ncnn, not ORT/ExecuTorch
+RUNTIME_OPTIONS: dict[str, dict[str, object]] = {
+    "onnx": {},
+    "openvino": {"merge": "all"},
+    "executorch": {},
+    "litert": {"merge": "all"},
+    "ncnn": {"merge": "all"},
+}

@@ -1,0 +1,101 @@
+"""ExecuTorch export (``.pte`` lowered to XNNPACK), the operators left outside the delegate, and a loader."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+EXTRA = "pip install micronet-torch[executorch]"
+
+
+def _require() -> None:
+    try:
+        import executorch  # noqa: F401
+    except ImportError as err:
+        raise ImportError(f"ExecuTorch export needs the executorch package: {EXTRA}") from err
+
+
+def lower_xnnpack(model: nn.Module, input_shape: tuple[int, int, int, int], metadata: dict[str, Any] | None = None):
+    """``torch.export`` at a static shape, then ``to_edge_transform_and_lower`` with the XNNPACK partitioner;
+    numeric or list metadata become constant methods of the program (read with ``load_method(name)``)."""
+    _require()
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    _warm(model, input_shape)  # per-input-size constants (border maps) exist before tracing
+    with torch.no_grad():
+        program = torch.export.export(model.eval(), (torch.randn(*input_shape),))
+    constants = {k: v for k, v in (metadata or {}).items() if isinstance(v, int | float | list | tuple)}
+    constants = {k: (list(v) if isinstance(v, tuple) else v) for k, v in constants.items()}
+    return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=constants)
+
+
+def ops_outside_delegate(edge: Any) -> list[str]:
+    """Every operator the XNNPACK partitioner left to ExecuTorch's portable kernels (one entry per node)."""
+    graph = edge.exported_program().graph_module.graph
+    out = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "__name__", str(node.target))
+        if "executorch_call_delegate" in name or name == "getitem":
+            continue
+        out.append(name)
+    return out
+
+
+def delegate_count(edge: Any) -> int:
+    """The number of XNNPACK partitions (delegate calls) in the lowered program."""
+    graph = edge.exported_program().graph_module.graph
+    return sum(1 for n in graph.nodes if "executorch_call_delegate" in str(n.target))
+
+
+def export_executorch(
+    model: nn.Module,
+    path: str | os.PathLike,
+    input_shape: tuple[int, int, int, int],
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write the XNNPACK-lowered ``.pte`` program of ``model`` for a fixed ``input_shape``."""
+    path = Path(path).with_suffix(".pte")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    edge = lower_xnnpack(model, input_shape, metadata)
+    path.write_bytes(edge.to_executorch().buffer)
+    return path
+
+
+def load_executorch(path: str | os.PathLike, threads: int = 1) -> Callable[[np.ndarray], np.ndarray]:
+    """A function running the ``.pte`` program's ``forward`` with ExecuTorch's Python runtime."""
+    _require()
+    from executorch.runtime import Runtime
+
+    _set_threads(threads)
+    method = Runtime.get().load_program(Path(path)).load_method("forward")
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return method.execute([torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))])[0].numpy()
+
+    return run
+
+
+def _set_threads(threads: int) -> None:
+    """Size the threadpool XNNPACK uses (the Python runtime's default is every core)."""
+    try:
+        from executorch.extension.pybindings import portable_lib
+
+        portable_lib._unsafe_reset_threadpool(threads)
+    except (ImportError, AttributeError):
+        pass
+
+
+def _warm(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """One eval-mode forward pass: deploy modules build their per-size constants on first use, which a tracer
+    would otherwise record as float64 arithmetic (LiteRT then fails to legalize it)."""
+    with torch.no_grad():
+        model.eval()(torch.zeros(*input_shape))

@@ -1,0 +1,63 @@
+"""LiteRT export (``.tflite`` through ``litert_torch.convert``) and a loader on the XNNPACK delegate."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+EXTRA = "pip install micronet-torch[litert]"
+
+
+def export_litert(
+    model: nn.Module,
+    path: str | os.PathLike,
+    input_shape: tuple[int, int, int, int],
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Convert ``model`` at a fixed ``input_shape`` (NCHW input kept) to a ``.tflite`` flatbuffer; ``metadata``
+    goes into a ``.json`` next to it (the flatbuffer's metadata table needs the TFLite support tooling)."""
+    try:
+        import litert_torch
+    except ImportError as err:
+        raise ImportError(f"LiteRT export needs the litert-torch package: {EXTRA}") from err
+    path = Path(path).with_suffix(".tflite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _warm(model, input_shape)  # per-input-size constants (border maps) exist before tracing
+    with torch.no_grad():
+        edge_model = litert_torch.convert(model.eval(), (torch.randn(*input_shape),))
+    edge_model.export(str(path))
+    if metadata:
+        path.with_suffix(".json").write_text(json.dumps(metadata, indent=1))
+    return path
+
+
+def load_litert(path: str | os.PathLike, threads: int = 1) -> Callable[[np.ndarray], np.ndarray]:
+    """A function running the ``.tflite`` file with ai_edge_litert's Interpreter (XNNPACK is its default)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError as err:
+        raise ImportError(f"running LiteRT models needs the ai-edge-litert package: {EXTRA}") from err
+    interp = Interpreter(model_path=str(path), num_threads=threads)
+    interp.allocate_tensors()
+    inp, out = interp.get_input_details()[0]["index"], interp.get_output_details()[0]["index"]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        interp.set_tensor(inp, np.ascontiguousarray(x, dtype=np.float32))
+        interp.invoke()
+        return interp.get_tensor(out).copy()
+
+    return run
+
+
+def _warm(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """One eval-mode forward pass: deploy modules build their per-size constants on first use, which a tracer
+    would otherwise record as float64 arithmetic (LiteRT then fails to legalize it)."""
+    with torch.no_grad():
+        model.eval()(torch.zeros(*input_shape))

@@ -1,0 +1,79 @@
+"""ncnn export (``.param``/``.bin`` through pnnx) and a loader with the ncnn Python package."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+EXTRA = "pip install micronet-torch[ncnn]"
+
+
+def export_ncnn(
+    model: nn.Module,
+    path: str | os.PathLike,
+    input_shape: tuple[int, int, int, int],
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Convert ``model`` with pnnx at a fixed ``input_shape``; writes ``<path>.param`` and ``<path>.bin`` (and a
+    ``.json`` with ``metadata``: ncnn's param format has no place for it). Returns the ``.param`` path."""
+    try:
+        import pnnx
+    except ImportError as err:
+        raise ImportError(f"ncnn export needs the pnnx package: {EXTRA}") from err
+    path = Path(path).with_suffix(".param")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        pt = Path(tmp) / "model.pt"
+        _warm(model, input_shape)  # per-input-size constants (border maps) exist before tracing
+        with torch.no_grad():
+            pnnx.export(model.eval(), str(pt), (torch.randn(*input_shape),), fp16=False)  # fp32 weights
+        shutil.copy(Path(tmp) / "model.ncnn.param", path)
+        shutil.copy(Path(tmp) / "model.ncnn.bin", path.with_suffix(".bin"))
+    if metadata:
+        path.with_suffix(".json").write_text(json.dumps(metadata, indent=1))
+    return path
+
+
+def load_ncnn(path: str | os.PathLike, threads: int = 1) -> Callable[[np.ndarray], np.ndarray]:
+    """A function running the ncnn model on batch-1 NCHW input (ncnn's blobs have no batch axis)."""
+    try:
+        import ncnn
+    except ImportError as err:
+        raise ImportError(f"running ncnn models needs the ncnn package: {EXTRA}") from err
+    path = Path(path).with_suffix(".param")
+    net = ncnn.Net()
+    opt = ncnn.Option()  # fp32 throughout: ncnn otherwise stores and computes in fp16 where the CPU has it
+    opt.num_threads = threads
+    opt.use_fp16_packed = opt.use_fp16_storage = opt.use_fp16_arithmetic = False
+    opt.use_bf16_storage = False
+    opt.use_vulkan_compute = False
+    net.opt = opt
+    net.load_param(str(path))
+    net.load_model(str(path.with_suffix(".bin")))
+
+    def run(x: np.ndarray) -> np.ndarray:
+        outs = []
+        for sample in np.ascontiguousarray(x, dtype=np.float32):
+            with net.create_extractor() as ex:
+                ex.input("in0", ncnn.Mat(sample))
+                _, out = ex.extract("out0")
+                outs.append(np.array(out).reshape(-1))
+        return np.stack(outs)
+
+    return run
+
+
+def _warm(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """One eval-mode forward pass: deploy modules build their per-size constants on first use, which a tracer
+    would otherwise record as float64 arithmetic (LiteRT then fails to legalize it)."""
+    with torch.no_grad():
+        model.eval()(torch.zeros(*input_shape))

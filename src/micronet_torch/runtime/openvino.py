@@ -1,0 +1,70 @@
+"""OpenVINO IR export (``.xml``/``.bin``, fp32) and a loader for parity checks and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+EXTRA = "pip install micronet-torch[openvino]"
+
+
+def _openvino() -> Any:
+    try:
+        import openvino
+    except ImportError as err:
+        raise ImportError(f"OpenVINO export needs the openvino package: {EXTRA}") from err
+    return openvino
+
+
+def export_openvino(
+    model: nn.Module,
+    path: str | os.PathLike,
+    input_shape: tuple[int, int, int, int],
+    metadata: dict[str, Any] | None = None,
+    dynamic_batch: bool = False,
+) -> Path:
+    """Convert ``model`` to an fp32 OpenVINO IR with its input shape fixed (OpenVINO fuses the Dynamic Shift-Max
+    elementwise chains only with static shapes); ``metadata`` goes into the IR's ``rt_info`` under ``micronet``."""
+    ov = _openvino()
+    path = Path(path).with_suffix(".xml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.randn(*input_shape)
+    shape = [-1, *input_shape[1:]] if dynamic_batch else list(input_shape)
+    _warm(model, input_shape)  # per-input-size constants (border maps) exist before tracing
+    with torch.no_grad():
+        ov_model = ov.convert_model(model.eval(), example_input=(example,), input=[shape])
+    ov_model.inputs[0].get_tensor().set_names({"input"})
+    ov_model.outputs[0].get_tensor().set_names({"logits"})
+    for key, value in (metadata or {}).items():
+        ov_model.set_rt_info(value if isinstance(value, str) else json.dumps(value), ["micronet", key])
+    ov.save_model(ov_model, str(path), compress_to_fp16=False)
+    return path
+
+
+def load_openvino(path: str | os.PathLike, threads: int = 1) -> Callable[[np.ndarray], np.ndarray]:
+    """A function running the IR on OpenVINO's CPU plugin in fp32 with ``threads`` threads."""
+    ov = _openvino()
+    core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    compiled = core.compile_model(str(Path(path).with_suffix(".xml")), "CPU", config)
+    request = compiled.create_infer_request()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
+        return request.get_output_tensor(0).data.copy()
+
+    return run
+
+
+def _warm(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """One eval-mode forward pass: deploy modules build their per-size constants on first use, which a tracer
+    would otherwise record as float64 arithmetic (LiteRT then fails to legalize it)."""
+    with torch.no_grad():
+        model.eval()(torch.zeros(*input_shape))
