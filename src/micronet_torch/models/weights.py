@@ -86,7 +86,9 @@ def _read_torch(data: bytes, source: str) -> dict[str, Any]:
     except Exception as err:  # the unpickler, zip reader and storage code raise many types; all mean unreadable
         what = describe(data) if data.startswith(b"PK") and b"data.pkl" not in data[:4096] else None
         if what:
-            raise CheckpointError(f"{source}: not a checkpoint this package reads: {what}") from err
+            raise CheckpointError(
+                f"{source}: not a checkpoint this package reads: {what} (not readable as a PyTorch checkpoint)"
+            ) from err
         raise CheckpointError(
             f"{source}: not a readable PyTorch checkpoint (truncated, or it holds objects other than tensors and "
             f"plain containers, which this package refuses to unpickle): {_torch_reason(err)}"
