@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import signal
 import struct
 import subprocess
@@ -748,3 +749,20 @@ def test_native_record_stays_private_under_a_group_umask(c_source, tmp_path) -> 
     finally:
         os.umask(old)
     assert lib.with_name(lib.name + ".sha256").stat().st_mode & 0o077 == 0
+
+
+def test_untrusted_operator_cache_surfaces_as_fused_ops_unavailable(tmp_path) -> None:
+    """deploy.fused: a cache folder that is a symlink loads nothing and says why, in one line."""
+    from micronet_torch.deploy.fused.build import FusedOpsUnavailable, library_path
+
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    link = tmp_path / "ort_ops"
+    link.symlink_to(real)
+    with pytest.raises(FusedOpsUnavailable, match="symlink") as err:
+        library_path(directory=link)
+    assert "\n" not in str(err.value) and not list(real.iterdir())
+    if shutil.which("false"):
+        with pytest.raises(FusedOpsUnavailable, match="failed") as err:  # a compiler that fails
+            library_path(directory=tmp_path / "cache", compiler=shutil.which("false"))
+        assert "\n" not in str(err.value)

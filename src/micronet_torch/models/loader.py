@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..data.config import DataConfig, default_policy
-from .choices import check_model_choice
+from .choices import check_model_choice, is_buildable_name
 from .errors import CheckpointError, CheckpointNotFound, one_line
 from .formats import parse_plain_json
 from .registry import build_model, create_model, pretrained_cfg, resolve_name
@@ -175,11 +175,12 @@ def _from_training_checkpoint(path: Path, obj: dict[str, Any], wanted: str | Non
 
 
 def _name_from_metadata(meta: dict[str, Any]) -> str | None:
+    """The model a file's metadata names, when it is one this package builds (else None: guessed instead)."""
     for key in ("model_name", "model", "arch"):
-        if key in meta:
+        if key in meta and is_buildable_name(meta[key]):
             try:
-                return canonical_name(str(meta[key]))
-            except ValueError:
+                return canonical_name(meta[key])
+            except (TypeError, ValueError):
                 continue
     return None
 
@@ -188,11 +189,12 @@ def _from_weights(ck: CheckpointFile, wanted: str | None, img_size: int | None) 
     path = ck.path
     sd = state_dict_of(ck)
     meta = metadata_of(ck)
-    name = wanted or _name_from_metadata(meta) or guess_model(sd)
+    recorded = _name_from_metadata(meta)
+    name = wanted or recorded or guess_model(sd)
     if name is None:
         raise CheckpointError(f"cannot tell which model {path} holds; pass --model (one of: micronet models)")
     kwargs: dict[str, Any] = {}
-    if "model_kwargs" in meta and canonical_name(str(meta.get("model"))) == name:
+    if "model_kwargs" in meta and recorded == name:
         kwargs = check_model_choice(name, parse_plain_json(str(meta["model_kwargs"])), str(path))[1]
     head = sd.get(CLASSIFIER_PREFIX + "linear.0.weight")
     n_cls = int(head.shape[0]) if head is not None else 1000
