@@ -670,6 +670,7 @@ def crafted_checkpoints(tmp_path: Path, marker: Path) -> dict[str, bytes]:
         "model_hf_hub.pt": {"model_name": "hf-hub:someone/model"},
         "config_hf_hub.pt": {"config": {"model": "hf-hub:someone/model", "model_kwargs": {}}},
         "data_config_huge.pt": {"data_config": {"img_size": 10**9}},
+        "optimizer_stride0.pt": {"optimizer": {"state": {0: {"momentum_buffer": torch.zeros(1).expand(10**9)}}}},
     }.items():
         buf = io.BytesIO()
         torch.save({**training, **extra}, buf)

@@ -95,7 +95,34 @@ def _read_torch(data: bytes, source: str) -> dict[str, Any]:
         ) from err
     if not isinstance(obj, dict):
         raise CheckpointError(f"{source}: holds a {type(obj).__name__}, not a dict of tensors")
+    _bound_tensors(obj, source)
     return obj
+
+
+def _bound_tensors(obj: Any, source: str) -> None:
+    """Refuse a PyTorch file whose tensors (model, EMA, optimiser state alike) claim more than the size limit.
+
+    A stored tensor's logical size is its storage's in any real file; a stride-0 view of a billion elements
+    costs a few bytes of file and gigabytes once an optimiser or ``contiguous()`` copies it.
+    """
+    budget = _file_limit()
+    stack, seen = [obj], 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > 1_000_000:
+            raise CheckpointError(f"{source}: holds more than a million objects; no checkpoint of this package does")
+        if isinstance(item, torch.Tensor):
+            budget -= item.numel() * item.element_size()
+            if budget < 0:
+                raise CheckpointError(
+                    f"{source}: its tensors (one of shape {list(item.shape)[:8]}) claim more than the size limit "
+                    f"(see {MAX_BYTES_ENV})"
+                )
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
 
 
 def _read_safetensors(data: bytes, source: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
