@@ -250,3 +250,29 @@ def test_decompression_bomb_is_a_data_error_naming_the_file(tmp_path: Path) -> N
     with pytest.raises(D.DataError, match="img_size"):
         D.DataConfig.from_dict({"img_size": 10**9})
     assert D.DataConfig.from_dict({"img_size": 20, "max_image_pixels": 0}).max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS
+
+
+def test_decompression_bomb_in_a_folder_is_skippable(tmp_path: Path) -> None:
+    """A bomb (past PIL's limit) in a class folder comes back as an unreadable sample, so --skip-bad-images skips it."""
+    import struct
+    import zlib
+
+    side = 10_000  # 100 M pixels, past PIL's default limit; a few KB of file
+    row = b"\0" * (1 + side // 8)
+    comp = zlib.compressobj(9)
+    idat = b"".join(comp.compress(row * 1000) for _ in range(side // 1000)) + comp.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    cls = tmp_path / "a"
+    cls.mkdir()
+    head = chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+    (cls / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + head + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    Image.new("L", (8, 8)).save(cls / "ok.png")
+    split = D.scan_folder(tmp_path)
+    ds = D.FolderDataset(split.samples, D.DataConfig(img_size=8), train=False)
+    results = {Path(split.samples[i][0]).name: ds[i] for i in range(len(ds))}
+    assert results["ok.png"][0] is not None
+    x, _, err = results["bomb.png"]
+    assert x is None and "bomb.png" in err and "decompression bomb" in err
