@@ -198,3 +198,81 @@ def test_fashion_mnist_missing_is_explained(tmp_path: Path, monkeypatch: pytest.
 def test_cifar_never_downloads_unasked(tmp_path: Path) -> None:
     with pytest.raises(D.DataError, match="--download"):
         D.load_builtin("cifar10", tmp_path, download=False)
+
+
+# ---- hostile folders and images (issue 15) and EXIF orientation (issue 14, item 8) ----------------------
+def test_exif_rotated_jpeg_reads_as_its_upright_copy(tmp_path: Path) -> None:
+    """A phone photo stored sideways with EXIF orientation 6 gives the pixels of the upright image."""
+    rng = np.random.default_rng(0)
+    upright = Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8))
+    upright.save(tmp_path / "upright.png")
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # how the camera wrote it; orientation 6 undoes it
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "phone.png", exif=exif)
+    got, want = D.open_image(tmp_path / "phone.png"), D.open_image(tmp_path / "upright.png")
+    assert got.size == want.size == (40, 24)
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+    stored.convert("RGB").save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    upright.convert("RGB").transpose(Image.Transpose.ROTATE_90).save(tmp_path / "plain.jpg", quality=95)
+    jpeg, plain = D.open_image(tmp_path / "phone.jpg"), D.open_image(tmp_path / "plain.jpg")
+    assert jpeg.size == (40, 24) and plain.size == (24, 40)
+    # the same JPEG data, rotated on reading: exactly the stored pixels turned upright
+    assert np.array_equal(np.asarray(jpeg), np.asarray(plain.transpose(Image.Transpose.ROTATE_270)))
+
+
+def test_scan_folder_skips_links_loops_and_fifos_with_a_count(tmp_path: Path, capsys) -> None:
+    import os
+
+    cls = tmp_path / "root" / "a"
+    cls.mkdir(parents=True)
+    for i in range(3):
+        Image.new("L", (4, 4)).save(cls / f"{i}.png")
+    (cls / "loop").symlink_to(cls)
+    os.mkfifo(cls / "x.png")
+    split = D.scan_folder(tmp_path / "root")
+    assert len(split.samples) == 3
+    assert (split.skipped.loops, split.skipped.non_regular) == (1, 1)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 symlink loop" in err and "1 special file" in err
+
+
+def test_decompression_bomb_is_a_data_error_naming_the_file(tmp_path: Path) -> None:
+    from micronet_torch.data.config import DEFAULT_MAX_IMAGE_PIXELS
+
+    path = tmp_path / "big.png"
+    Image.new("L", (300, 200)).save(path)
+    with pytest.raises(D.DataError, match=r"big\.png.*60000 pixels.*--max-image-pixels"):
+        D.open_image(path, max_pixels=1000)
+    assert D.open_image(path, max_pixels=0).size == (300, 200)
+    assert D.DataConfig().max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS == Image.MAX_IMAGE_PIXELS
+    assert "max_image_pixels" not in D.DataConfig().to_dict()  # a reading limit, never recorded in a file
+    with pytest.raises(D.DataError, match="img_size"):
+        D.DataConfig.from_dict({"img_size": 10**9})
+    assert D.DataConfig.from_dict({"img_size": 20, "max_image_pixels": 0}).max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS
+
+
+def test_decompression_bomb_in_a_folder_is_skippable(tmp_path: Path) -> None:
+    """A bomb (past PIL's limit) in a class folder comes back as an unreadable sample, so --skip-bad-images skips it."""
+    import struct
+    import zlib
+
+    side = 10_000  # 100 M pixels, past PIL's default limit; a few KB of file
+    row = b"\0" * (1 + side // 8)
+    comp = zlib.compressobj(9)
+    idat = b"".join(comp.compress(row * 1000) for _ in range(side // 1000)) + comp.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    cls = tmp_path / "a"
+    cls.mkdir()
+    head = chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+    (cls / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + head + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    Image.new("L", (8, 8)).save(cls / "ok.png")
+    split = D.scan_folder(tmp_path)
+    ds = D.FolderDataset(split.samples, D.DataConfig(img_size=8), train=False)
+    results = {Path(split.samples[i][0]).name: ds[i] for i in range(len(ds))}
+    assert results["ok.png"][0] is not None
+    x, _, err = results["bomb.png"]
+    assert x is None and "bomb.png" in err and "decompression bomb" in err

@@ -1,7 +1,12 @@
 """Checkpoints: the shared fixtures (published and PaddleClas formats), other sources, strictness, cache."""
 
+import hashlib
+import json
+import os
 import pickle
 import re
+import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,7 +115,7 @@ def test_pdparams_unpickler_refuses_code(tmp_path):
     path = tmp_path / "evil.pdparams"
     with open(path, "wb") as fh:
         pickle.dump({"x": print}, fh)
-    with pytest.raises(CheckpointError, match=r"refusing to load builtins\.print"):
+    with pytest.raises(CheckpointError, match=r"refusing builtins\.print"):
         read_pdparams(path)
 
 
@@ -135,7 +140,7 @@ def test_missing_and_unexpected_tensors_are_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         create_model("micronet_m0", pretrained=tmp_path / "nope.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable"):
+    with pytest.raises(CheckpointError, match="not a checkpoint this package reads: a text file"):
         create_model("micronet_m0", pretrained=tmp_path / "junk.pt")
 
 
@@ -180,8 +185,9 @@ def test_pretrained_true_downloads_converts_and_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("MICRONET_TORCH_HOME", str(tmp_path / "cache"))
     from micronet_torch.models import pretrained as registry
 
-    url = (FIXTURES / "paddleclas/MicroNet_M0_random.pdparams").as_uri()
-    monkeypatch.setitem(registry.PADDLECLAS_URLS, "micronet_m0", url)
+    src = FIXTURES / "paddleclas/MicroNet_M0_random.pdparams"
+    monkeypatch.setitem(registry.PADDLECLAS_URLS, "micronet_m0", src.as_uri())
+    monkeypatch.setitem(registry.PADDLECLAS_SHA256, "micronet_m0", hashlib.sha256(src.read_bytes()).hexdigest())
     model = create_model("micronet_m0", pretrained=True).eval()
     cached = tmp_path / "cache" / "micronet_m0.safetensors"
     assert cached.is_file() and (tmp_path / "cache" / "MicroNet_M0_pretrained.pdparams").is_file()
@@ -196,6 +202,7 @@ def test_pretrained_true_offline_says_where_to_put_the_file(tmp_path, monkeypatc
     from micronet_torch.models import pretrained as registry
 
     monkeypatch.setitem(registry.PADDLECLAS_URLS, "micronet_m1", (tmp_path / "absent.pdparams").as_uri())
+    monkeypatch.setitem(registry.PADDLECLAS_SHA256, "micronet_m1", "0" * 64)
     with pytest.raises(CheckpointError) as err:
         create_model("micronet_m1", pretrained=True)
     assert str(tmp_path / "cache" / "MicroNet_M1_pretrained.pdparams") in str(err.value)
@@ -214,3 +221,179 @@ def test_timm_pretrained_with_local_file_and_features_only():
     assert model.num_classes == 5
     feats = timm.create_model("micronet_m0", pretrained=True, pretrained_cfg_overlay={"file": path}, features_only=True)
     assert len(feats(torch.randn(1, 3, 64, 64))) == 5
+
+
+# ---- verified downloads ---------------------------------------------------------------------------------
+def test_download_needs_a_known_sha256_and_keeps_only_a_match(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MICRONET_TORCH_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("MICRONET_TRUST_UNVERIFIED_DOWNLOAD", raising=False)
+    from micronet_torch.models import pretrained as registry
+
+    src = FIXTURES / "paddleclas/MicroNet_M0_random.pdparams"
+    good = hashlib.sha256(src.read_bytes()).hexdigest()
+    monkeypatch.setitem(registry.PADDLECLAS_URLS, "micronet_m0", src.as_uri())
+    monkeypatch.setitem(registry.PADDLECLAS_SHA256, "micronet_m0", None)
+    with pytest.raises(CheckpointError, match=r"no SHA-256 is recorded.*MICRONET_TRUST_UNVERIFIED_DOWNLOAD=1"):
+        fetch_pretrained("micronet_m0")
+    cache = tmp_path / "cache"
+    assert not cache.exists() or not list(cache.iterdir())
+    with pytest.raises(CheckpointError, match=f"SHA-256 {good}, expected {'1' * 64}.*deleted"):
+        fetch_pretrained("micronet_m0", sha256="1" * 64)
+    assert not list(cache.iterdir())  # a substituted download never enters the cache
+    monkeypatch.setenv("MICRONET_TRUST_UNVERIFIED_DOWNLOAD", "1")
+    assert fetch_pretrained("micronet_m0").is_file()
+    assert "without a SHA-256 check" in capsys.readouterr().err
+
+
+def test_cached_file_that_fails_its_check_or_does_not_parse_is_deleted(tmp_path, monkeypatch):
+    monkeypatch.setenv("MICRONET_TORCH_HOME", str(tmp_path / "cache"))
+    from micronet_torch.models import pretrained as registry
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    paddle = cache / "MicroNet_M0_pretrained.pdparams"
+    paddle.write_bytes(b"truncated")
+    monkeypatch.setitem(registry.PADDLECLAS_SHA256, "micronet_m0", "2" * 64)
+    with pytest.raises(CheckpointError, match="was deleted"):
+        fetch_pretrained("micronet_m0")
+    assert not paddle.exists()
+    paddle.write_bytes(b"truncated")
+    monkeypatch.setitem(registry.PADDLECLAS_SHA256, "micronet_m0", None)  # no hash: it is parsed, and fails
+    with pytest.raises(CheckpointError, match=r"was in the cache but is not micronet_m0's weights.*deleted"):
+        fetch_pretrained("micronet_m0")
+    assert not paddle.exists()
+    (cache / "micronet_m0.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken")
+    with pytest.raises(CheckpointError, match="deleted from the cache"):
+        create_model("micronet_m0", pretrained=True)
+    assert not (cache / "micronet_m0.safetensors").exists()
+
+
+# ---- crafted files: one-line errors -------------------------------------------------------------------
+def _safetensors(header: dict, body: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + body
+
+
+@pytest.mark.parametrize(
+    ("header", "body", "reason"),
+    [
+        ({"w": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 8]}}, bytes(8), "needs 4000"),
+        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 80]}}, bytes(8), "outside the file"),
+        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(16), "bytes after the last"),
+        ({"w": {"dtype": "X9", "shape": [2], "data_offsets": [0, 8]}}, bytes(8), "not a plain numeric"),
+        ({"__metadata__": {"a": 1}}, b"", "metadata is not a map of strings"),
+    ],
+)
+def test_lying_safetensors_header_is_one_line(tmp_path, header, body, reason):
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(_safetensors(header, body))
+    with pytest.raises(CheckpointError, match=reason) as err:
+        read_state_dict(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+    path.write_bytes(struct.pack("<Q", 2**50) + b"{}")
+    with pytest.raises(CheckpointError, match="the header claims"):
+        read_state_dict(path)
+
+
+def test_rank1_stem_and_chosen_code_are_refused(tmp_path):
+    from micronet_torch.models import load_model
+
+    sd = _random_model("micronet_m0").state_dict()
+    torch.save({**sd, "features.0.stem.0.conv.0.weight": torch.zeros(6)}, tmp_path / "rank1.pt")
+    with pytest.raises(CheckpointError, match="has 1 dimensions, a MicroNet's has 4"):
+        load_model(tmp_path / "rank1.pt")
+    base = {"model": sd, "model_name": "micronet_m0", "num_classes": 1000, "in_chans": 3, "img_size": 224}
+    base["class_names"] = [str(i) for i in range(1000)]
+    cases = {
+        "path.pt": ({"model_kwargs": {"checkpoint_path": "/etc/passwd"}}, "checkpoint_path, which this package"),
+        "hub.pt": ({"model_name": "hf-hub:x/y"}, "does not build"),
+        "obj.pt": ({"model_kwargs": {"activation": ["dsm"]}}, "not plain values"),
+        "config.pt": ({"config": {"model": "micronet_m0", "model_kwargs": {"pretrained_cfg": "x"}}}, "saved config"),
+    }
+    for name, (extra, reason) in cases.items():
+        torch.save({**base, **extra}, tmp_path / name)
+        with pytest.raises(CheckpointError, match=reason):
+            load_model(tmp_path / name)
+    from micronet_torch.train.checkpoint import load as resume_load  # --resume reads through the same reader
+
+    with pytest.raises(CheckpointError, match="saved config"):
+        resume_load(tmp_path / "config.pt")
+
+
+def test_convert_refuses_other_outputs_and_non_checkpoints(tmp_path, capsys):
+    src = FIXTURES / "paddleclas/MicroNet_M0_random.pdparams"
+    assert cli_main(["convert", str(src), str(tmp_path / "b.onnx")]) == 2
+    assert ".safetensors" in capsys.readouterr().err and not (tmp_path / "b.onnx").exists()
+    (tmp_path / "notes.txt").write_text("meeting notes\n")
+    assert cli_main(["convert", str(tmp_path / "notes.txt"), str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a checkpoint this package reads: a text file" in err
+
+
+def test_convert_output_follows_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "m0.safetensors"
+        assert cli_main(["convert", str(FIXTURES / "paddleclas/MicroNet_M0_random.pdparams"), str(out)]) == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644
+
+
+# ---- the head and the model named -----------------------------------------------------------------------
+def test_reset_classifier_keeps_the_models_mode():
+    model = create_model("micronet_m0").eval()
+    model.reset_classifier(5)
+    assert not model.get_classifier().training
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5)  # BatchNorm1d in eval mode: batch 1 works
+    model.train().reset_classifier(4)
+    assert model.get_classifier().training
+
+
+def test_pretrained_file_of_another_model_names_the_flag():
+    with pytest.raises(CheckpointError) as err:
+        create_model("micronet_m1", pretrained=FIXTURES / "official/micronet-m0-official-random.pth.tar")
+    assert "looks like a micronet_m0" in str(err.value) and "--model micronet_m0" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+# ---- convert keeps what evaluation needs (issue 14, item 4) -------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_folder: Path) -> Path:
+    out = tmp_path_factory.mktemp("cv") / "out"
+    args = ["train", "--data", str(tiny_folder), "--img-size", "20", "--epochs", "2", "--batch-size", "6"]
+    assert cli_main([*args, "--workers", "0", "--output", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_converted_file_evaluates_and_predicts_like_the_checkpoint(tmp_path, capsys, trained, tiny_folder):
+    from micronet_torch.models import load_model
+
+    conv = tmp_path / "b.safetensors"
+    assert cli_main(["convert", str(trained / "best.pt"), str(conv)]) == 0
+    assert "20 px" in capsys.readouterr().out
+    results = []
+    for ck in (trained / "best.pt", conv):
+        assert cli_main(["eval", "-c", str(ck), "--data", str(tiny_folder), "--json", "--workers", "0"]) == 0
+        captured = capsys.readouterr()
+        assert "records no preprocessing" not in captured.err
+        results.append(json.loads(captured.out))
+    assert results[1]["top1"] == results[0]["top1"] and results[1]["n"] == results[0]["n"] == 12
+    a, b = load_model(trained / "best.pt"), load_model(conv)
+    assert b.class_names == a.class_names == ["circle", "cross", "stripes"]
+    assert b.data_config.to_dict() == a.data_config.to_dict() and b.data_config.img_size == 20
+    image = str(sorted((tiny_folder / "val" / "cross").glob("*.png"))[0])
+    assert cli_main(["predict", "-c", str(conv), image, "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["top"]
+    assert {t["class"] for t in top} == {"circle", "cross", "stripes"}
+
+
+def test_load_model_says_when_preprocessing_was_assumed(tmp_path, capsys):
+    from micronet_torch.models import load_model
+
+    save_safetensors(create_model("micronet_m0", num_classes=3), tmp_path / "bare.safetensors", "micronet_m0")
+    loaded = load_model(tmp_path / "bare.safetensors")
+    err = capsys.readouterr().err
+    assert loaded.data_config.img_size == 224
+    assert err.count("\n") == 1 and "records no preprocessing" in err and "224 px" in err

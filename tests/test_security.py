@@ -7,9 +7,11 @@ Every attack file is crafted here. The crafted checkpoints are read in a subproc
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
+import shutil
 import signal
 import struct
 import subprocess
@@ -25,7 +27,7 @@ import torch
 from PIL import Image
 
 from micronet_torch import _fs, _native
-from micronet_torch.data_scan import ImageFileError, SkipCounts, open_image_safely, walk_images
+from micronet_torch.data.scan import ImageFileError, SkipCounts, open_image_safely, walk_images
 from micronet_torch.models.errors import CheckpointError
 from micronet_torch.models.pdparams import MAX_BYTES_ENV, pdparams_from_bytes, read_pdparams
 
@@ -237,7 +239,24 @@ def test_crafted_pdparams_are_refused_without_crash(tmp_path) -> None:
 
 def test_numpy_free_reader_matches_the_numpy_reader() -> None:
     """The two real PaddleClas fixtures give exactly the tensors of the numpy-based reader (and the official file)."""
-    from micronet_torch.weights import read_pdparams as numpy_reader
+
+    def numpy_reader(path: Path) -> dict[str, torch.Tensor]:
+        """numpy's own unpickling, for the two trusted fixtures only, renamed as the published code names them."""
+        with open(path, "rb") as fh:
+            raw = pickle.load(fh)  # the shared fixtures are ours: numpy may rebuild them
+        out = {}
+        for key, value in raw.items():
+            if key == "StructuredToParameterName@@":
+                continue
+            tensor = torch.from_numpy(np.array(value, dtype=np.float32))
+            if key.endswith("._mean"):
+                key = key[: -len("_mean")] + "running_mean"
+            elif key.endswith("._variance"):
+                key = key[: -len("_variance")] + "running_var"
+            elif key.endswith(".weight") and tensor.ndim == 2:
+                tensor = tensor.t().contiguous()
+            out[key] = tensor
+        return out
 
     for path in (M0_PDPARAMS, M2_PDPARAMS):
         if not path.is_file():
@@ -595,3 +614,156 @@ def test_decompression_bomb_is_refused_naming_the_file(tmp_path) -> None:
     with open_image_safely(small) as img:
         img.load()
         assert img.size == (8, 8)
+
+
+# ---- every reader, through the command line: eval and convert ---------------------------------------
+def _safetensors_bytes(header: dict, body: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + body
+
+
+def crafted_checkpoints(tmp_path: Path, marker: Path) -> dict[str, bytes]:
+    """Hostile files of every format (name -> bytes; the suffix is the name's)."""
+    from safetensors.torch import save
+
+    from micronet_torch import create_model
+
+    pd = crafted_files(marker)
+    out = {
+        f"{k}.pdparams": pd[k]
+        for k in ("object_field", "field_offset", "stride0_1e8", "huge_shape", "os_system", "posix_system")
+    }
+    stem = "features.0.stem.0.conv.0.weight"
+    f4 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    out["header_too_long.safetensors"] = struct.pack("<Q", 2**40) + b"{}"
+    out["header_lies_size.safetensors"] = _safetensors_bytes({"w": {**f4, "shape": [1000]}}, bytes(8))
+    out["offsets_past_end.safetensors"] = _safetensors_bytes({"w": {**f4, "data_offsets": [0, 8000]}}, bytes(8))
+    out["overlap.safetensors"] = _safetensors_bytes({"w": f4, "v": f4}, bytes(8))
+    out["object_dtype.safetensors"] = _safetensors_bytes({"w": {**f4, "dtype": "O"}}, bytes(8))
+    out["huge_shape.safetensors"] = _safetensors_bytes({"w": {**f4, "shape": [2**62, 2**62]}}, bytes(8))
+    out["not_json.safetensors"] = struct.pack("<Q", 4) + b"{{{{"
+    rank1 = {stem: torch.zeros(6)}
+    out["rank1_stem.safetensors"] = save(rank1)
+    buf = io.BytesIO()
+    torch.save(rank1, buf)
+    out["rank1_stem.pth"] = buf.getvalue()
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    for name, obj in {
+        "runs_code.pth": {"state_dict": {"a": torch.zeros(1)}, "x": RunsCode()},
+        "stride0_huge.pth": {stem: torch.zeros(1).expand(10**9)},
+        "scalar_head.pth": {"classifier.2.linear.0.weight": torch.tensor(1.0)},
+        "complex.pth": {stem: torch.zeros(2, 3, 3, 1, dtype=torch.complex64)},
+    }.items():
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        out[name] = buf.getvalue()
+    sd = create_model("micronet_m0", num_classes=3).state_dict()
+    training = {"model": sd, "model_name": "micronet_m0", "num_classes": 3, "in_chans": 3, "img_size": 32}
+    training["class_names"] = ["a", "b", "c"]
+    for name, extra in {
+        "kwargs_checkpoint_path.pt": {"model_kwargs": {"checkpoint_path": str(marker)}},
+        "kwargs_object.pt": {"model_kwargs": {"width": [1.0]}},
+        "model_hf_hub.pt": {"model_name": "hf-hub:someone/model"},
+        "config_hf_hub.pt": {"config": {"model": "hf-hub:someone/model", "model_kwargs": {}}},
+        "data_config_huge.pt": {"data_config": {"img_size": 10**9}},
+        "optimizer_stride0.pt": {"optimizer": {"state": {0: {"momentum_buffer": torch.zeros(1).expand(10**9)}}}},
+    }.items():
+        buf = io.BytesIO()
+        torch.save({**training, **extra}, buf)
+        out[name] = buf.getvalue()
+    out["notes.txt"] = b"remember to buy milk\n"
+    out["photo.png"] = b"\x89PNG\r\n\x1a\n" + bytes(40)
+    out["model.onnx"] = b"\x08\x08\x12\x07pytorch" + bytes(20)
+    out["empty.pt"] = b""
+    return out
+
+
+CLI_RUNNER = """
+import contextlib, io, json, sys
+from micronet_torch.cli.main import main
+data, out_dir, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
+results = {}
+for path in paths:
+    for argv in (["eval", "-c", path, "--data", data], ["convert", path, out_dir + "/out.safetensors"]):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            try:
+                rc = main(argv)
+            except BaseException as exc:
+                rc = f"{type(exc).__name__}: {exc}"[:300]
+        results[argv[0] + " " + path] = [rc, err.getvalue()]
+print(json.dumps(results))
+"""
+
+
+def test_crafted_checkpoints_exit_2_with_one_line_from_eval_and_convert(tmp_path) -> None:
+    """Every crafted file, of every format: exit 2 and one line naming it, from eval and convert; no code runs."""
+    marker = tmp_path / "code-ran"
+    files = tmp_path / "files"
+    files.mkdir()
+    paths = []
+    for name, data in crafted_checkpoints(tmp_path, marker).items():
+        (files / name).write_bytes(data)
+        paths.append(str(files / name))
+    data_dir = tmp_path / "data" / "a"
+    data_dir.mkdir(parents=True)
+    png(data_dir / "0.png", 8)
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    cmd = [sys.executable, "-c", CLI_RUNNER, str(tmp_path / "data"), str(tmp_path), *paths]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert proc.returncode == 0, f"the process died ({proc.returncode}): {proc.stderr[-2000:]}"
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    wrong = {k: v for k, v in results.items() if v[0] != 2 or len(v[1].strip().splitlines()) != 1}
+    assert not wrong, wrong
+    for key, (_, err) in results.items():
+        path = key.split(" ", 1)[1]
+        assert path in err and "Traceback" not in err, (key, err)
+    assert not marker.exists(), "a crafted file ran code"
+    assert not (tmp_path / "out.safetensors").exists(), "convert wrote something from a crafted file"
+
+
+def test_atomic_write_applies_the_umask(tmp_path) -> None:
+    old = os.umask(0o027)
+    try:
+        assert _fs.current_umask() == 0o027
+        path = _fs.atomic_write(tmp_path / "result.json", lambda fh: fh.write(b"{}"))
+        assert path.stat().st_mode & 0o777 == 0o640
+        os.umask(0o002)
+        assert _fs.atomic_write(tmp_path / "b", lambda fh: fh.write(b"x")).stat().st_mode & 0o777 == 0o664
+        assert _fs.atomic_write(tmp_path / "c", lambda fh: fh.write(b"x"), mode=0o600).stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_native_record_stays_private_under_a_group_umask(c_source, tmp_path) -> None:
+    """A group-writable umask must not make the SHA-256 record untrusted (a rebuild on every use)."""
+    old = os.umask(0o002)
+    try:
+        lib = build(c_source, tmp_path / "cache")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", _native.NativeCacheWarning)
+            assert build(c_source, tmp_path / "cache") == lib
+    finally:
+        os.umask(old)
+    assert lib.with_name(lib.name + ".sha256").stat().st_mode & 0o077 == 0
+
+
+def test_untrusted_operator_cache_surfaces_as_fused_ops_unavailable(tmp_path) -> None:
+    """deploy.fused: a cache folder that is a symlink loads nothing and says why, in one line."""
+    from micronet_torch.deploy.fused.build import FusedOpsUnavailable, library_path
+
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    link = tmp_path / "ort_ops"
+    link.symlink_to(real)
+    with pytest.raises(FusedOpsUnavailable, match="symlink") as err:
+        library_path(directory=link)
+    assert "\n" not in str(err.value) and not list(real.iterdir())
+    if shutil.which("false"):
+        with pytest.raises(FusedOpsUnavailable, match="failed") as err:  # a compiler that fails
+            library_path(directory=tmp_path / "cache", compiler=shutil.which("false"))
+        assert "\n" not in str(err.value)

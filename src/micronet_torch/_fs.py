@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import tempfile
+import threading
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -43,9 +44,29 @@ def _reraise_named(err: OSError, what: str) -> NoReturn:
     raise OSError(err.errno, f"{what} ({err.strerror or err})") from err  # OSError(errno, ...) picks the subclass
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system tells it (Linux ``/proc``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:  # elsewhere: set and restore it at once (a thread creating files meanwhile is rare)
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any], mode: int | None = None) -> Path:
     """Write a file atomically: ``write(fh)`` into a temporary file in the same folder, fsync, rename.
 
+    The file gets ``mode``, by default what ``open()`` would give a new file (0666 less the umask): the
+    temporary file ``mkstemp`` makes is 0600, which would leave every result readable by its owner only.
     The temporary file is removed on failure; a file-system error (full disk, file size limit, no
     permission) is raised as the same ``OSError`` subclass with a message naming the file.
     """
@@ -56,6 +77,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
         _reraise_named(err, f"cannot create files in {path.parent}")
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~current_umask() if mode is None else mode)
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
@@ -135,6 +157,7 @@ def download_verified(
     digest, size = hashlib.sha256(), 0
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            os.fchmod(out.fileno(), 0o666 & ~current_umask())  # a cache file like any other, not mkstemp's 0600
             while block := resp.read(1 << 20):
                 size += len(block)
                 if max_bytes is not None and size > max_bytes:

@@ -193,7 +193,8 @@ def build_library(
         os.chmod(tmp_path, 0o700)
         digest = sha256_file(tmp_path)
         # the record first: a reader then sees no library, or a library and the record of its build
-        atomic_write(out.with_name(out.name + RECORD_SUFFIX), lambda fh: fh.write(digest.encode() + b"\n"))
+        record = out.with_name(out.name + RECORD_SUFFIX)
+        atomic_write(record, lambda fh: fh.write(digest.encode() + b"\n"), mode=0o600)  # writable by no one else
         os.replace(tmp_path, out)
     finally:
         tmp_path.unlink(missing_ok=True)

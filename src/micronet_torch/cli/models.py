@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from ..models import (
     create_model,
@@ -14,6 +15,7 @@ from ..models import (
     resolve_name,
     save_safetensors,
 )
+from .common import CLIError
 
 
 def run_models(args: argparse.Namespace) -> int:
@@ -43,13 +45,27 @@ def run_profile(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    """Read any supported checkpoint, load it strictly into its model, write a clean .safetensors."""
+    """Read any supported checkpoint, load it strictly into its model, write a clean .safetensors.
+
+    The output keeps what evaluating the weights needs besides them (input size, preprocessing, class
+    names, model arguments) in its metadata, so ``eval`` / ``predict`` of it match the original file.
+    """
+    out_path = Path(args.output)
+    if out_path.suffix != ".safetensors":
+        raise CLIError(f"{args.output}: convert writes .safetensors files; name the output <name>.safetensors")
     loaded = load_model(args.input, args.model, num_classes=args.num_classes)
     model = loaded.model
     if not hasattr(model, "spec"):
-        raise ValueError(f"{args.input}: holds a {loaded.name}; only MicroNets convert to .safetensors")
-    out = save_safetensors(model, args.output, model.spec.name)
-    print(f"wrote {out} ({model.spec.name}, {model.num_classes} classes)")
+        raise CLIError(f"{args.input}: holds a {loaded.name}; only MicroNets convert to .safetensors")
+    out = save_safetensors(
+        model,
+        out_path,
+        model.spec.name,
+        data_config=loaded.data_config.to_dict(),
+        class_names=loaded.class_names,
+        model_kwargs=loaded.model_kwargs,
+    )
+    print(f"wrote {out} ({model.spec.name}, {model.num_classes} classes, {loaded.data_config.img_size} px)")
     return 0
 
 

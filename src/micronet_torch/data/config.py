@@ -20,6 +20,9 @@ from .._env import SMALL_IMAGE_MAX
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SMALL_MAX = SMALL_IMAGE_MAX  # img sizes up to this use the small-image pipeline
+MAX_IMG_SIZE = 4096  # a recorded input size beyond this is not a MicroNet's
+# PIL's default limit (~89 M pixels, a 9459 x 9459 image): far above any photo a classifier is trained on
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
 class DataError(ValueError):
@@ -40,19 +43,55 @@ class DataConfig:
     hflip: float = 0.5
     pad: int = -1  # small policy: translation in px (-1: img_size // 8)
     scale: tuple[float, float] = (0.08, 1.0)  # crop policy: RandomResizedCrop area range
+    # reading: images with more pixels are refused as decompression bombs (0: no limit); PIL's default.
+    # A limit of the machine that reads, not of the model: never taken from a file (see from_dict)
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     def to_dict(self) -> dict[str, Any]:
+        """What a checkpoint records: the preprocessing (not the reading limit, which is the reader's)."""
         d = asdict(self)
         d["mean"], d["std"], d["scale"] = list(self.mean), list(self.std), list(self.scale)
+        d.pop("max_image_pixels")
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataConfig:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        """The config a checkpoint or file metadata records, checked (``DataError`` names the bad field).
+
+        The values come from files other people made: each must be of its type and in a sane range, so a
+        file cannot make evaluation allocate a 10^9-pixel input. ``max_image_pixels`` is never read from a file.
+        """
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "max_image_pixels"}
         for key in ("mean", "std", "scale"):
             if key in known:
+                if not isinstance(known[key], (list, tuple)):
+                    raise DataError(f"data config {key} is not a list of numbers")
                 known[key] = tuple(known[key])
-        return cls(**known)
+        cfg = cls(**known)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise ``DataError`` naming the first field that is of the wrong type or out of range."""
+
+        def num(v: Any) -> bool:
+            return type(v) in (int, float) and math.isfinite(v)
+
+        checks = (
+            ("img_size", type(self.img_size) is int and 1 <= self.img_size <= MAX_IMG_SIZE),
+            ("in_chans", type(self.in_chans) is int and 1 <= self.in_chans <= 64),
+            ("policy", self.policy in ("small", "crop")),
+            ("crop_pct", num(self.crop_pct) and 0.05 <= self.crop_pct <= 1.0),
+            ("mean", 1 <= len(self.mean) <= 64 and all(num(v) for v in self.mean)),
+            ("std", 1 <= len(self.std) <= 64 and all(num(v) and v > 0 for v in self.std)),
+            ("hflip", num(self.hflip) and 0.0 <= self.hflip <= 1.0),
+            ("pad", type(self.pad) is int and -1 <= self.pad <= MAX_IMG_SIZE),
+            ("scale", len(self.scale) == 2 and all(num(v) and 0 < v <= 1 for v in self.scale)),
+            ("max_image_pixels", type(self.max_image_pixels) is int and self.max_image_pixels >= 0),
+        )
+        for name, ok in checks:
+            if not ok:
+                raise DataError(f"data config {name}={str(getattr(self, name))[:60]} is not valid")
 
     @property
     def padding(self) -> int:

@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import DataError
 from .images import IMG_EXTENSIONS
+from .scan import SkipCounts, walk_images
 
 
 @dataclass
 class ImageFolderSplit:
-    """One class-folder tree: sorted class names and (path, label) samples."""
+    """One class-folder tree: sorted class names, (path, label) samples and what the scan left out."""
 
     root: Path
     class_names: list[str]
     samples: list[tuple[str, int]] = field(repr=False)
+    skipped: SkipCounts = field(default_factory=SkipCounts)
 
 
-def scan_folder(root: str | os.PathLike, what: str = "data folder") -> ImageFolderSplit:
-    """Class subfolders of ``root`` and their images (any depth), with clear errors when empty."""
+def scan_folder(root: str | os.PathLike, what: str = "data folder", quiet: bool = False) -> ImageFolderSplit:
+    """Class subfolders of ``root`` and their images (any depth), with clear errors when empty.
+
+    Directory links are followed, but each real folder is entered once (a symlink loop cannot multiply the
+    samples), and only regular files are taken (a FIFO named ``x.png`` would block the scan forever); what
+    was left out is counted in ``skipped`` and, unless ``quiet``, said in one line on stderr.
+    """
     root = Path(root)
     if not root.exists():
         raise DataError(f"{what} {root} does not exist")
@@ -36,11 +44,10 @@ def scan_folder(root: str | os.PathLike, what: str = "data folder") -> ImageFold
         )
     samples: list[tuple[str, int]] = []
     empty = []
+    skipped = SkipCounts()
     for label, name in enumerate(classes):
-        found = []
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            dirnames.sort()
-            found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS))
+        found, counts = walk_images(root / name, IMG_EXTENSIONS)
+        skipped.add(counts)
         if not found:
             empty.append(name)
         samples.extend((p, label) for p in found)
@@ -53,7 +60,9 @@ def scan_folder(root: str | os.PathLike, what: str = "data folder") -> ImageFold
         raise DataError(
             f"{what} {root}: class folder(s) {', '.join(empty[:5])} hold no images; add images or remove them"
         )
-    return ImageFolderSplit(root, classes, samples)
+    if skipped.total() and not quiet:
+        print(f"warning: {what} {root}: {skipped.summary()}", file=sys.stderr)
+    return ImageFolderSplit(root, classes, samples, skipped)
 
 
 def find_splits(root: str | os.PathLike) -> tuple[ImageFolderSplit, ImageFolderSplit]:

@@ -13,9 +13,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import DataConfig, DataError
+from .scan import ImageFileError, open_image_safely
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -34,15 +35,19 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(arr).astype(np.uint8), mode="L")
 
 
-def open_image(path: str | os.PathLike, in_chans: int = 3) -> Image.Image:
-    """Read an image fully, as 'L' (greyscale, or ``in_chans == 1``) or 'RGB'; errors name the file.
+def open_image(path: str | os.PathLike, in_chans: int = 3, max_pixels: int | None = None) -> Image.Image:
+    """Read an image fully, upright, as 'L' (greyscale, or ``in_chans == 1``) or 'RGB'; errors name the file.
 
-    Grey, 16-bit, palette, RGBA/LA (alpha dropped) and CMYK images are converted; a truncated or
-    unreadable file raises ``DataError``.
+    The EXIF orientation is applied (a phone photo is seen as every viewer shows it, not as stored).
+    Grey, 16-bit, palette, RGBA/LA (alpha dropped) and CMYK images are converted. A truncated or
+    unreadable file, a FIFO or device, or an image of more than ``max_pixels`` pixels (a decompression
+    bomb; default PIL's limit, ``DataConfig.max_image_pixels``; 0 for none) raises ``DataError``, which
+    ``--skip-bad-images`` skips.
     """
     try:
-        with Image.open(path) as img:
-            img.load()
+        with open_image_safely(path, max_pixels) as opened:
+            opened.load()
+            img = ImageOps.exif_transpose(opened) or opened
             mode = img.mode
             if mode in ("I", "F") or mode.startswith("I;16"):
                 img = _to_8bit(img)
@@ -55,7 +60,9 @@ def open_image(path: str | os.PathLike, in_chans: int = 3) -> Image.Image:
             if img.mode == "L":
                 return img.copy()
             return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+    except ImageFileError as err:
+        raise DataError(str(err)) from err
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot read image {path}: {err}") from err
 
 

@@ -4,7 +4,21 @@ from __future__ import annotations
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message says which and why."""
+    """A checkpoint that cannot be read or does not fit the model; the message says which and why (one line)."""
 
 
-__all__ = ["CheckpointError"]
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """A checkpoint path that does not exist (both a checkpoint error and a ``FileNotFoundError``)."""
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """``text`` with every run of whitespace (newlines included) made one space, cut to ``limit`` characters.
+
+    Library errors (torch's unpickler, safetensors, timm) span lines and suggest unsafe retries; the part
+    quoted in a ``CheckpointError`` is always a single line.
+    """
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+__all__ = ["CheckpointError", "CheckpointNotFound", "one_line"]

@@ -1,14 +1,17 @@
 """The one way to load a checkpoint: any supported file in, the model plus what the file knows out.
 
 Training checkpoints (``best.pt`` / ``last.pt``) carry their model, classes and evaluation transform, so a
-model loaded from one sees images exactly as its training evaluation did. Published weights (``.pth.tar``,
-PaddleClas ``.pdparams``) and ``.safetensors`` files get their metadata where they record it, else the
-published evaluation transform (resize 256, centre crop 224, bilinear, ImageNet mean/std) at 224 px.
+model loaded from one sees images exactly as its training evaluation did; so do the ``.safetensors`` files
+``micronet convert`` writes (the same facts in their metadata). Published weights (``.pth.tar``, PaddleClas
+``.pdparams``) and other ``.safetensors`` files get the published evaluation transform (resize 256, centre
+crop 224, bilinear, ImageNet mean/std), with a one-line note saying it was assumed.
+
+Every file goes through ``weights.open_checkpoint`` (bounded, by content, no pickled code), and everything a
+file says that chooses code or sizes (model name, arguments, preprocessing) is checked before it is used.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -19,19 +22,34 @@ import torch
 from torch import nn
 
 from ..data.config import DataConfig, default_policy
+from .choices import check_model_choice, is_buildable_name
+from .errors import CheckpointError, CheckpointNotFound, one_line
+from .formats import parse_plain_json
 from .registry import build_model, create_model, pretrained_cfg, resolve_name
 from .weights import (
     CLASSIFIER_PREFIX,
     STEM_CONV_KEY,
-    CheckpointError,
-    CheckpointNotFound,
-    checkpoint_metadata,
+    CheckpointFile,
+    check_tensors,
     guess_model,
     is_training_checkpoint,
     load_into,
-    read_checkpoint,
+    metadata_of,
+    open_checkpoint,
     read_state_dict,
+    state_dict_of,
 )
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFound",
+    "LoadedModel",
+    "canonical_name",
+    "imagenet_class_names",
+    "load_model",
+    "published_data_config",
+    "read_state_dict",
+]
 
 
 @dataclass
@@ -44,6 +62,7 @@ class LoadedModel:
     class_names: list[str]
     source: str  # 'training' (this project's last.pt/best.pt) or 'weights' (published/converted)
     info: dict[str, Any] = field(default_factory=dict)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def imagenet_class_names() -> list[str]:
@@ -92,14 +111,12 @@ def load_model(
     the head (fine-tuning, conversion); the default keeps the file's.
     """
     path = Path(checkpoint)
-    if not path.is_file():
-        raise CheckpointNotFound(f"checkpoint {path} does not exist")
+    ck = open_checkpoint(path)
     wanted = canonical_name(model_name)
-    obj = read_checkpoint(path) if path.suffix not in (".pdparams", ".safetensors") else None
-    if obj is not None and is_training_checkpoint(obj):
-        loaded = _from_training_checkpoint(path, obj, wanted, img_size)
+    if ck.format == "torch" and is_training_checkpoint(ck.content):
+        loaded = _from_training_checkpoint(path, ck.content, wanted, img_size)
     else:
-        loaded = _from_weights(path, wanted, img_size)
+        loaded = _from_weights(ck, wanted, img_size)
     if num_classes is not None and getattr(loaded.model, "num_classes", num_classes) != num_classes:
         loaded.model.reset_classifier(num_classes)
         loaded.class_names = [f"class_{i}" for i in range(num_classes)]
@@ -107,62 +124,113 @@ def load_model(
     return loaded
 
 
+def _data_config(raw: Any, path: Path) -> DataConfig:
+    """A recorded preprocessing dict as a checked ``DataConfig``; a bad one is the file's fault."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: its recorded preprocessing is a {type(raw).__name__}, not a dict")
+    try:
+        return DataConfig.from_dict(raw)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its recorded preprocessing is not usable ({one_line(err, 200)})") from err
+
+
+def _build(name: str, path: Path, **kwargs: Any) -> nn.Module:
+    try:
+        return build_model(name, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot build the {name} it names ({one_line(err, 200)})") from err
+
+
 def _from_training_checkpoint(path: Path, obj: dict[str, Any], wanted: str | None, img_size: int | None) -> LoadedModel:
-    name = str(obj["model_name"])
+    name, kwargs = check_model_choice(obj["model_name"], obj.get("model_kwargs"), str(path))
     if wanted and wanted != name:
         raise CheckpointError(
             f"--checkpoint {path} holds a {name} (trained by micronet train), not {wanted}; use --model {name}"
         )
-    dcfg = DataConfig.from_dict(obj.get("data_config") or {"img_size": obj["img_size"], "in_chans": obj["in_chans"]})
+    try:
+        n_cls, in_chans = int(obj["num_classes"]), int(obj["in_chans"])
+        class_names = [str(c) for c in obj["class_names"]]
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its class count, channels or class names are not valid") from err
+    if not 0 < n_cls <= 1_000_000 or not 0 < in_chans <= 64 or len(class_names) != n_cls:
+        raise CheckpointError(f"{path}: records {n_cls} classes ({len(class_names)} names) and {in_chans} channels")
+    dcfg = _data_config(obj.get("data_config") or {"img_size": obj["img_size"], "in_chans": in_chans}, path)
     if img_size and img_size != dcfg.img_size:
         print(
             f"note: {path} was trained and evaluated at {dcfg.img_size} px; evaluating at {img_size} px",
             file=sys.stderr,
         )
         dcfg.img_size, dcfg.policy = img_size, default_policy(img_size)
-    model = build_model(
-        name, num_classes=int(obj["num_classes"]), in_chans=int(obj["in_chans"]), **(obj.get("model_kwargs") or {})
-    )
+    state = obj["model"]
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: its 'model' entry is not a dict of tensors")
+    check_tensors(state, str(path))
+    model = _build(name, path, num_classes=n_cls, in_chans=in_chans, **kwargs)
     try:
-        model.load_state_dict(obj["model"])
-    except RuntimeError as err:
-        raise CheckpointError(f"--checkpoint {path}: its weights do not fit {name}: {str(err)[:500]}") from err
-    class_names = [str(c) for c in obj["class_names"]]
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise CheckpointError(f"--checkpoint {path}: its weights do not fit {name}: {one_line(err, 500)}") from err
     info = {k: obj.get(k) for k in ("epoch", "best_top1", "model_source") if k in obj}
-    return LoadedModel(model, name, dcfg, class_names, "training", info)
+    return LoadedModel(model, name, dcfg, class_names, "training", info, kwargs)
 
 
-def _from_weights(path: Path, wanted: str | None, img_size: int | None) -> LoadedModel:
-    sd = read_state_dict(path)
-    meta = checkpoint_metadata(path)
-    name = wanted
-    if name is None:
-        for key in ("model_name", "model", "arch"):
+def _name_from_metadata(meta: dict[str, Any]) -> str | None:
+    """The model a file's metadata names, when it is one this package builds (else None: guessed instead)."""
+    for key in ("model_name", "model", "arch"):
+        if key in meta and is_buildable_name(meta[key]):
             try:
-                name = canonical_name(str(meta[key])) if key in meta else None
-            except ValueError:
-                name = None
-            if name:
-                break
-    name = name or guess_model(sd)
+                return canonical_name(meta[key])
+            except (TypeError, ValueError):
+                continue
+    return None
+
+
+def _from_weights(ck: CheckpointFile, wanted: str | None, img_size: int | None) -> LoadedModel:
+    path = ck.path
+    sd = state_dict_of(ck)
+    meta = metadata_of(ck)
+    recorded = _name_from_metadata(meta)
+    name = wanted or recorded or guess_model(sd)
     if name is None:
         raise CheckpointError(f"cannot tell which model {path} holds; pass --model (one of: micronet models)")
+    kwargs: dict[str, Any] = {}
+    if "model_kwargs" in meta and recorded == name:
+        kwargs = check_model_choice(name, parse_plain_json(str(meta["model_kwargs"])), str(path))[1]
     head = sd.get(CLASSIFIER_PREFIX + "linear.0.weight")
     n_cls = int(head.shape[0]) if head is not None else 1000
     in_chans = int(sd[STEM_CONV_KEY].shape[1]) if STEM_CONV_KEY in sd else 3
-    model = create_model(name, num_classes=n_cls, in_chans=in_chans)
+    try:
+        model = create_model(name, num_classes=n_cls, in_chans=in_chans, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot build {name} ({one_line(err, 200)})") from err
     load_into(model, sd, source=str(path))
-    dcfg = published_data_config(img_size, in_chans)
+    dcfg = _recorded_or_published(meta, path, img_size, in_chans)
     names = meta.get("class_names")
     if isinstance(names, str):
-        try:
-            names = json.loads(names)
-        except ValueError:
-            names = None
-    if names and len(names) == n_cls:
+        names = parse_plain_json(names)
+    if isinstance(names, list) and len(names) == n_cls:
         class_names = [str(c) for c in names]
     elif n_cls == 1000:
         class_names = imagenet_class_names()
     else:
         class_names = [f"class_{i}" for i in range(n_cls)]
-    return LoadedModel(model, name, dcfg, class_names, "weights", {})
+    return LoadedModel(model, name, dcfg, class_names, "weights", {}, kwargs)
+
+
+def _recorded_or_published(meta: dict[str, Any], path: Path, img_size: int | None, in_chans: int) -> DataConfig:
+    """The preprocessing a file records (``micronet convert`` writes it), else the published one, with a note."""
+    raw = parse_plain_json(meta["data_config"]) if isinstance(meta.get("data_config"), str) else None
+    if raw is not None:
+        dcfg = _data_config(raw, path)
+        if img_size and img_size != dcfg.img_size:
+            print(f"note: {path} records {dcfg.img_size} px; evaluating at {img_size} px", file=sys.stderr)
+            dcfg.img_size, dcfg.policy = img_size, default_policy(img_size)
+        return dcfg
+    dcfg = published_data_config(img_size, in_chans)
+    size = f"{img_size} px (--img-size)" if img_size else f"{dcfg.img_size} px"
+    print(
+        f"note: {path} records no preprocessing; assuming the published ImageNet transform: {size}, "
+        f"{dcfg.policy} policy, ImageNet mean/std (pass --img-size if it was trained at another size)",
+        file=sys.stderr,
+    )
+    return dcfg

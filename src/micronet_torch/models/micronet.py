@@ -98,11 +98,17 @@ class MicroNet(nn.Module):
         return self.classifier[2]
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the last head unit for ``num_classes`` classes (0 removes it: the model returns pre-logits)."""
+        """Replace the last head unit for ``num_classes`` classes (0 removes it: the model returns pre-logits).
+
+        The new unit is in the model's mode (an eval-mode model's head must not be training BatchNorm1d, which
+        fails on one image) and on its device and dtype.
+        """
         if global_pool not in (None, "avg"):
             raise ValueError(f"MicroNet pools by average only; got global_pool={global_pool!r}")
         self.num_classes = num_classes
-        self.classifier[2] = self._make_classifier(num_classes)
+        head = self._make_classifier(num_classes)
+        ref = self.classifier[0].linear[0].weight  # the new head takes the model's mode, device and dtype
+        self.classifier[2] = head.to(device=ref.device, dtype=ref.dtype).train(self.training)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from .._fs import probe_writable
 from .checkpoint import remove_stale_temporaries
 from .config import TrainingError
 
@@ -13,9 +13,7 @@ def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Create the output folder and prove it writable; refuse to mix a new run into an old one."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        probe_writable(out)  # a random name, O_EXCL | O_NOFOLLOW: a planted link is never written through
     except OSError as err:
         raise TrainingError(
             f"--output {out} is not writable ({err.strerror or err}); choose a folder you can write to"

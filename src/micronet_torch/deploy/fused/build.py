@@ -26,7 +26,8 @@ CFLAGS = ("-std=c11",)
 
 
 class FusedOpsUnavailable(RuntimeError):
-    """The fused-operator library cannot be built here (no C compiler, or it failed)."""
+    """The fused-operator library cannot be built or trusted here (no C compiler, a failed build, or a cache
+    folder that is a symlink or another user's); the message is one line saying which."""
 
 
 def cache_dir() -> Path:
@@ -46,8 +47,16 @@ def library_path(directory: str | os.PathLike | None = None, compiler: str | Non
             compiler=compiler,
             what="the fused ONNX Runtime operator library (export without --fused-ops to do without it)",
         )
-    except NativeBuildError as err:
-        raise FusedOpsUnavailable(str(err)) from err
+    except NativeBuildError as err:  # NativeCacheError too: an untrusted cache folder loads nothing
+        raise FusedOpsUnavailable(_one_line(str(err))) from err
+    except OSError as err:  # the cache folder cannot be created or written
+        raise FusedOpsUnavailable(_one_line(f"cannot build the fused operator library: {err}")) from err
+
+
+def _one_line(text: str, limit: int = 600) -> str:
+    """A build error as one line (a compiler's output spans many); the first lines say the most."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def register(session_options: Any) -> Path:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-# PIL's default limit (~89 M pixels, a 9459 x 9459 image): far above any photo a classifier is trained on
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+from .config import DEFAULT_MAX_IMAGE_PIXELS
+
 _PIL_LIMIT_LOCK = threading.Lock()
 
 

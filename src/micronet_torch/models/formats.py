@@ -1,0 +1,160 @@
+"""What a file is, judged from its bytes: the checkpoint formats this package reads, and a name for the rest.
+
+Files are read by content, not by name: a ``.pth`` that holds a ``.safetensors`` is read as one, and a
+file that is none of the formats (an ONNX model, an image, notes) is named in the error instead of being
+fed to a parser that fails with a traceback. The ``.safetensors`` header is checked here against the
+file's size before the safetensors library sees it, so a header that lies is a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import struct
+from typing import Any
+
+from .errors import CheckpointError
+
+# torch.save's legacy (non-zip) format starts with this number, pickled with protocol 2
+_TORCH_LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[:-1]
+SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+MAX_TENSORS = 20_000
+MAX_NDIM = 32
+
+# (magic at offset 0, what it is): the files people most often pass by mistake
+_MAGICS = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"BM", "a BMP image"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"\x7fELF", "a compiled program or library (ELF)"),
+    (b"%PDF", "a PDF document"),
+    (b"\x1f\x8b", "a gzip archive (unpack it first)"),
+    (b"\x89HDF", "an HDF5 file (Keras / h5py weights)"),
+    (b"\x93NUMPY", "a NumPy .npy array"),
+    (b"7z\xbc\xaf", "a 7-Zip archive"),
+    (b"\xfd7zXZ", "an xz archive"),
+)
+
+
+def sniff(data: bytes) -> str:
+    """The format of a file's bytes: ``safetensors``, ``torch`` (zip or legacy), ``pickle``, or ``other``."""
+    if data.startswith(b"PK\x03\x04") or data.startswith(b"PK\x05\x06"):
+        return "torch"  # torch.save's zip format; other zips are named after torch refuses them
+    if data.startswith(_TORCH_LEGACY_MAGIC):
+        return "torch"
+    if len(data) >= 10 and data[8:9] == b"{":
+        return "safetensors"
+    if len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5:
+        return "pickle"  # PaddleClas .pdparams (a pickle of numpy arrays)
+    return "other"
+
+
+def _looks_like_onnx(data: bytes) -> bool:
+    # ModelProto: field 1 (ir_version, a small varint), then a length-delimited field (producer, graph, opset)
+    return len(data) > 4 and data[0] == 0x08 and 1 <= data[1] <= 30 and data[2] in (0x12, 0x1A, 0x22, 0x2A, 0x3A, 0x42)
+
+
+def describe(data: bytes, suffix: str = "") -> str:
+    """A short phrase for what ``data`` looks like, for "not a checkpoint this package reads: ..."."""
+    if not data:
+        return "an empty file"
+    if suffix == ".onnx" or _looks_like_onnx(data):
+        return "an ONNX model (protobuf); evaluate exported models with ONNX Runtime, not as a checkpoint"
+    for magic, what in _MAGICS:
+        if data.startswith(magic):
+            return what
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "a WebP image"
+    if data.startswith(b"PK"):
+        return "a zip archive that is not a PyTorch checkpoint"
+    if len(data) > 262 and data[257:262] == b"ustar":
+        return "a tar archive (unpack it first)"
+    if data[:1] == b"\x80" or data.startswith((b"(", b"]", b"}")):
+        return "a pickle that is neither a PyTorch checkpoint nor a PaddleClas .pdparams"
+    head = data[:2048]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        text = head[: err.start].decode("utf-8") if err.start > len(head) - 4 else None
+    if text is not None and sum(c.isprintable() or c in "\n\r\t" for c in text) >= 0.95 * max(1, len(text)):
+        start = " ".join(text.split())[:40]
+        kind = "JSON" if start[:1] in "{[" else "a text file"
+        return f"{kind} (starting {start!r})" if kind != "JSON" else f"a JSON file (starting {start!r})"
+    return f"unknown binary data (first bytes {data[:8].hex(' ')})"
+
+
+def check_safetensors(data: bytes, source: str) -> dict[str, str]:
+    """Check a ``.safetensors`` header against the file (sizes, dtypes, offsets); its metadata, or CheckpointError.
+
+    The safetensors library checks much of this too, but its errors are not all one line and it trusts the
+    header's length to allocate; checked here first, every lie about sizes is a one-line refusal.
+    """
+
+    def bad(reason: str) -> CheckpointError:
+        return CheckpointError(f"{source}: not a readable .safetensors file ({reason})")
+
+    if len(data) < 8:
+        raise bad(f"{len(data)} bytes, shorter than the header length field")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_BYTES or 8 + n > len(data):
+        raise bad(f"the header claims {n} bytes, but the file has {len(data) - 8} after the length field")
+    try:
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+    except (ValueError, RecursionError) as err:
+        raise bad(f"the header is not JSON: {type(err).__name__}") from None
+    if type(header) is not dict:
+        raise bad("the header is not a JSON object")
+    if len(header) > MAX_TENSORS + 1:
+        raise bad(f"{len(header)} tensors, more than any MicroNet has")
+    body = len(data) - 8 - n
+    meta = header.pop("__metadata__", None) or {}
+    if type(meta) is not dict or not all(type(k) is str and type(v) is str for k, v in meta.items()):
+        raise bad("its metadata is not a map of strings")
+    spans = []
+    for key, info in header.items():
+        name = repr(key[:80])
+        if type(info) is not dict or set(info) - {"dtype", "shape", "data_offsets"}:
+            raise bad(f"tensor {name} has no valid description")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in SAFETENSORS_ITEMSIZE:
+            raise bad(f"tensor {name} has dtype {str(dtype)[:20]!r}, not a plain numeric type")
+        if type(shape) is not list or len(shape) > MAX_NDIM or not all(type(d) is int and d >= 0 for d in shape):
+            raise bad(f"tensor {name} has shape {str(shape)[:60]}, not a short list of non-negative integers")
+        if type(offsets) is not list or len(offsets) != 2 or not all(type(o) is int for o in offsets):
+            raise bad(f"tensor {name} has no [begin, end] data offsets")
+        begin, end = offsets
+        need = math.prod(shape) * SAFETENSORS_ITEMSIZE[dtype]
+        if not 0 <= begin <= end <= body:
+            raise bad(f"tensor {name}'s data [{begin}, {end}] lies outside the file's {body} data bytes")
+        if end - begin != need:
+            raise bad(f"tensor {name} has {end - begin} bytes of data, but shape {shape[:8]} of {dtype} needs {need}")
+        spans.append((begin, end))
+    pos = 0
+    for begin, end in sorted(spans):
+        if begin != pos:
+            raise bad(f"tensor data overlaps or leaves a gap at byte {min(begin, pos)}")
+        pos = end
+    if pos != body:
+        raise bad(f"{body - pos} bytes after the last tensor's data")
+    return meta
+
+
+def parse_plain_json(text: str) -> Any:
+    """``json.loads`` for a metadata value; None when it is not JSON."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+__all__ = ["SAFETENSORS_ITEMSIZE", "check_safetensors", "describe", "parse_plain_json", "sniff"]
