@@ -79,6 +79,7 @@ class Lock:
     def __init__(self, path: Path, what: str) -> None:
         self.path, self.what = Path(path), what
         self.held = False
+        self.took_over: dict[str, Any] | None = None  # the dead holder whose stale lock was replaced
 
     def acquire(self, wait_partial: float = 2.0) -> Lock:
         """Take the lock: create the file exclusively; a stale holder's file is removed and creation retried."""
@@ -98,6 +99,7 @@ class Lock:
                 alive = _alive(info) if info else False
                 if alive is False:
                     self._remove_stale(info)  # its process is gone
+                    self.took_over = info
                     continue
                 where = "" if alive else " (on another host: cannot check it; delete the lock if that run is dead)"
                 raise FolderBusy(

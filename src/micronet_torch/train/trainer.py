@@ -42,7 +42,7 @@ from .distributed import broadcast_buffers, epoch_seed, seed_everything, setup_d
 from .logs import Progress, write_curves, write_metrics_csv
 from .metrics import Meter, evaluate
 from .resume import check_epochs, merge_resumed, restretch_schedule
-from .run_folder import check_output_dir, write_summary_file
+from .run_folder import check_output_dir, describe_holder, write_summary_file
 from .signals import Interrupted, StopFlag
 
 
@@ -58,6 +58,9 @@ class Trainer:
         self.out = Path(self.requested.output)
         if env.is_main:  # the folder's lock first: a second run stops here, before reading or cleaning anything
             self.lock = check_output_dir(self.out, resume=self.resume_from is not None, overwrite=self.overwrite)
+            if self.lock.took_over:
+                print(f"note: the run that held {self.out} ({describe_holder(self.lock.took_over)}) is gone "
+                      "(killed or crashed); its stale lock was replaced", flush=True)  # fmt: skip
         if env.distributed:
             dist.barrier()
         self.state = self._resume_state()
@@ -321,7 +324,12 @@ class Trainer:
 
     def _failed(self, err: OSError) -> TrainingError:
         """The one-line error for a failed write; marks the run ``failed`` in ``summary.json`` if it can."""
-        what = str(err) if not err.filename else f"{err.filename}: {err.strerror or err}"
+        name = err.filename2 or err.filename  # os.replace(tmp, target) names the target second
+        what = (
+            f"{name}: {err.strerror or err}"
+            if name and err.strerror and str(name) not in str(err.strerror)
+            else str(err)
+        )
         if getattr(self, "rows", None) is not None and self.env.is_main:
             with contextlib.suppress(OSError):
                 self._write_summary(status="failed", error=what)
