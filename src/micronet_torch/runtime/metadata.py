@@ -27,14 +27,24 @@ def export_metadata(loaded: LoadedModel, input_name: str = INPUT_NAME) -> dict[s
         "class_names": json.dumps(list(loaded.class_names)),
         "input_name": input_name,
         "input_size": json.dumps(["batch", int(in_chans), int(cfg.img_size), int(cfg.img_size)]),
-        "mean": json.dumps(list(cfg.mean)),
-        "std": json.dumps(list(cfg.std)),
+        "mean": json.dumps(per_channel(cfg.mean, in_chans)),
+        "std": json.dumps(per_channel(cfg.std, in_chans)),
         "resize": json.dumps(
             {"policy": cfg.policy, "img_size": cfg.img_size, "crop_pct": cfg.crop_pct, "resize_size": cfg.resize_size}
         ),
         "data_config": json.dumps(cfg.to_dict()),
         "micronet_torch_version": __version__,
     }
+
+
+def per_channel(values: tuple[float, ...] | list[float], chans: int) -> list[float]:
+    """Mean or std as one value per input channel, as ``data.normalize`` applies them (grey: the average)."""
+    values = [float(v) for v in values]
+    if len(values) == chans:
+        return values
+    if chans == 1:
+        return [sum(values) / len(values)]
+    return (values * chans)[:chans] if len(values) == 1 else values[:chans]
 
 
 def write_onnx_metadata(path: str | os.PathLike, meta: dict[str, str]) -> None:
