@@ -146,3 +146,18 @@ def test_int8_calibration_folder_skip_and_failed_check(
     assert "not written" in capsys.readouterr().out
     assert main([*args, "--skip-bad-images", "--keep-failed"]) == 1
     assert (tmp_path / "q-FAILED.onnx").is_file() and not out.exists()
+
+
+# ---- item 13: words that match behaviour ---------------------------------------------------------------
+def test_help_texts_and_version(capsys: pytest.CaptureFixture) -> None:
+    from micronet_torch.cli.main import build_parser
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"micronet-torch {__version__}"
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    train_help = " ".join(sub["train"].format_help().split())
+    assert "micronet list" not in train_help and "micronet models" in train_help
+    assert "img_size/16" in train_help and "0 for folders of small images" in train_help
+    assert sub["demo"].description.rstrip().endswith(".")
+    assert "-c CHECKPOINT" in sub["export"].format_help() and "--keep-failed" in sub["export"].format_help()
