@@ -212,3 +212,18 @@ def test_corrupt_image_with_workers_is_one_line(
     assert main([*tiny_args(data, tmp_path / "o2", epochs=2), "--cache", "none", "--skip-bad-images"]) == 0
     err = capsys.readouterr().err
     assert "skipped 1 unreadable" in err and "bad.png" in err
+
+
+# ---- item 14: fine-tuning says what it loaded --------------------------------------------------------------
+def test_fine_tune_logs_loaded_weights_and_new_head(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_folder: Path
+) -> None:
+    from conftest import make_folder
+
+    src = tmp_path / "src"
+    assert main(tiny_args(tiny_folder, src, epochs=1)) == 0
+    data = make_folder(tmp_path / "two", classes=("circle", "cross"))
+    capsys.readouterr()
+    assert main(tiny_args(data, tmp_path / "ft", "--pretrained", str(src / "best.pt"), epochs=1)) == 0
+    out = capsys.readouterr().out
+    assert "fine-tuning from" in out and "loaded" in out and "head was replaced (3 -> 2 classes)" in out
