@@ -114,7 +114,7 @@ def test_predict_reports_each_bad_image(
         ]
     )
     out, err = capsys.readouterr()
-    assert rc == 1
+    assert rc == 2
     assert out.count("circle/") == 0 and out.count(str(folder)) == 4 and out.count("/cross/") == 4  # folder + glob
     assert "broken.png" in err and "missing.png" in err and "does not exist" in err and "Traceback" not in err
     assert main(["predict", "-c", ckpt, str(folder), "--skip-bad-images", "--json"]) == 0

@@ -1,7 +1,7 @@
 """``micronet predict``: the top-k classes, with probabilities, of each image given (``tools.predict``).
 
 Every readable image is printed; each unreadable or missing one is reported in one line and the exit status
-is 1 when any failed (0 with ``--skip-bad-images``, which reports them as skipped).
+is 2 when any failed (0 with ``--skip-bad-images``, which reports them as skipped).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if errors and not args.skip_bad_images:
         good = sum("top" in r for r in results)
         print(f"micronet predict: {len(errors)} of {good + len(errors)} image(s) failed", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 
@@ -44,7 +44,7 @@ def register_cli(subparsers: Any) -> None:
         "predict",
         help="top-5 classes of images with a checkpoint or an exported .onnx file",
         description="The top-k classes, with probabilities, of each image given (files, folders, glob patterns). "
-        "Unreadable images are reported one per line; the exit status is 1 if any failed.",
+        "Unreadable images are reported one per line; the exit status is 2 if any failed.",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (images under them) or globs")
     p.add_argument(

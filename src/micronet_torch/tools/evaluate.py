@@ -83,9 +83,13 @@ def open_model(
     except CheckpointError as err:
         if "not readable" not in str(err):
             raise
-        raise CheckpointError(f"{path}: not a checkpoint this package reads: {describe_file(path)}") from err
+        raise CheckpointError(
+            f"{path} is not readable: not a checkpoint this package reads: {describe_file(path)}"
+        ) from err
     except (KeyError, IndexError, TypeError, AttributeError) as err:  # a pickle-free file of another kind
-        raise CheckpointError(f"{path}: not a checkpoint this package reads: {describe_file(path)}") from err
+        raise CheckpointError(
+            f"{path} is not readable: not a checkpoint this package reads: {describe_file(path)}"
+        ) from err
 
 
 def check_classes(loaded: LoadedModel, data_classes: list[str], data: str) -> None:
