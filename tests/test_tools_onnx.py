@@ -161,3 +161,13 @@ def test_help_texts_and_version(capsys: pytest.CaptureFixture) -> None:
     assert "img_size/16" in train_help and "0 for folders of small images" in train_help
     assert sub["demo"].description.rstrip().endswith(".")
     assert "-c CHECKPOINT" in sub["export"].format_help() and "--keep-failed" in sub["export"].format_help()
+
+
+def test_torchscript_export_carries_metadata(run: Path, tmp_path: Path) -> None:
+    import torch
+
+    path = tmp_path / "m0.ts"
+    assert main(["export", "-c", str(run / "best.pt"), "--format", "torchscript", "--output", str(path)]) == 0
+    extra = {"metadata.json": ""}
+    torch.jit.load(str(path), _extra_files=extra)
+    assert json.loads(json.loads(extra["metadata.json"])["class_names"]) == ["circle", "cross", "stripes"]
