@@ -216,7 +216,7 @@ def test_worker_error_is_the_main_process_message(tmp_path: Path, tiny_folder: P
         with pytest.raises(D.DataError) as err:
             list(D.StreamLoader(ds, 8, False, workers=workers))
         messages.append(str(err.value))
-    assert messages[0] == messages[1] and "broken.png" in messages[1] and "worker" not in messages[1]
+    assert messages[0] == messages[1] and "broken.png" in messages[1] and "DataLoader worker" not in messages[1]
 
 
 def test_skipped_file_is_counted_once_over_epochs(tmp_path: Path, tiny_folder: Path) -> None:
