@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from micronet_torch.bench import build_model, time_round_robin, trained_like
+
 from micronet_torch.deploy import convert_to_deploy
 from micronet_torch.deploy_portable import convert_to_portable
 

@@ -276,3 +276,32 @@ def test_decompression_bomb_in_a_folder_is_skippable(tmp_path: Path) -> None:
     assert results["ok.png"][0] is not None
     x, _, err = results["bomb.png"]
     assert x is None and "bomb.png" in err and "decompression bomb" in err
+
+
+# ==== issue 14, items 9 and 12 (loaders: worker errors, skipped files named once) ==========================
+def _broken_split(tmp_path: Path, tiny_folder: Path):
+    root = tmp_path / "d14"
+    shutil.copytree(tiny_folder, root)
+    (root / "train" / "cross" / "broken.png").write_bytes(b"\x89PNG garbage")
+    return D.find_splits(root)[0]
+
+
+def test_worker_error_is_the_main_process_message(tmp_path: Path, tiny_folder: Path) -> None:
+    train = _broken_split(tmp_path, tiny_folder)
+    ds = D.FolderDataset(train.samples, D.DataConfig(img_size=16, pad=0, hflip=0.0), train=False)
+    messages = []
+    for workers in (0, 1):
+        with pytest.raises(D.DataError) as err:
+            list(D.StreamLoader(ds, 8, False, workers=workers))
+        messages.append(str(err.value))
+    assert messages[0] == messages[1] and "broken.png" in messages[1] and "DataLoader worker" not in messages[1]
+
+
+def test_skipped_file_is_counted_once_over_epochs(tmp_path: Path, tiny_folder: Path) -> None:
+    train = _broken_split(tmp_path, tiny_folder)
+    ds = D.FolderDataset(train.samples, D.DataConfig(img_size=16, pad=0, hflip=0.0), train=True)
+    loader = D.StreamLoader(ds, 4, True, workers=0, skip_bad=True)
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        list(loader)
+    assert loader.skipped == 1 and [Path(p).name for p in loader.skipped_files] == ["broken.png"]

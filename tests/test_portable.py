@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import SHARED_FIXTURES
+from micronet_torch.bench import trained_like
 
 import micronet_torch
-from micronet_torch.bench import trained_like
 from micronet_torch.deploy_portable import channel_runs, convert_to_portable
 
 FIXTURES = SHARED_FIXTURES / "official"

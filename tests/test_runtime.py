@@ -96,11 +96,12 @@ def test_cli_int8_folder(tmp_path, capsys) -> None:
     for i in range(6):
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     out = tmp_path / "q.onnx"
-    main(
+    rc = main(
         ["export", "--model", "micronet_m0", "--img-size", "32", "--int8", "--calib", str(folder), "--output", str(out)]
     )
     text = capsys.readouterr().out
-    assert out.is_file() and "top-1 agreement" in text
+    # random weights on 6 noise images may fail the agreement check; a failing int8 file is not written (#14)
+    assert "top-1 agreement" in text and (out.is_file() if rc == 0 else "not written" in text)
 
 
 def test_cli_errors(tmp_path, capsys) -> None:

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 from helpers import SHARED_FIXTURES
+from micronet_torch.bench import trained_like
 
 import micronet_torch
-from micronet_torch.bench import trained_like
 from micronet_torch.deploy_portable import RUNTIME_OPTIONS, convert_to_portable
 
 TOL = 2e-5

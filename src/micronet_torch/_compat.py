@@ -37,6 +37,8 @@ ALIASES: dict[str, tuple[str, ...]] = {
         "train.logs",
         "train.builders",
         "train.run_folder",
+        "train.signals",
+        "train.resume",
         "_env",
     ),
     "fused_ops": ("deploy.fused",),

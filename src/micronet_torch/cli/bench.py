@@ -44,7 +44,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([asdict(r) for r in records], indent=1))
     else:
-        print(markdown(records, env))
+        print(markdown(records, env, show_targets=args.targets))
     return 0
 
 
@@ -72,4 +72,5 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seconds", type=float, default=600.0, help="cap on the timed rounds of one setting [600]")
     p.add_argument("--out-dir", help="save bench.json and bench.md here")
     p.add_argument("--json", action="store_true", help="print the records as JSON (progress goes to stderr)")
+    p.add_argument("--targets", action="store_true", help="also print the project's speed targets (for its docs)")
     p.set_defaults(func=run_bench)

@@ -35,7 +35,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model name (read from training checkpoints when left out)")
-    p.add_argument("--checkpoint", "-c", required=True, help="best.pt / last.pt, .pth(.tar), .pdparams, .safetensors")
+    p.add_argument(
+        "--checkpoint", "-c", required=True, help="best.pt/last.pt, .pth(.tar), .pdparams, .safetensors, .onnx"
+    )
     p.add_argument(
         "--data", default="fashion-mnist", help="class-folder tree (DIR/val when present) or a built-in test split"
     )

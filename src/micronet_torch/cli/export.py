@@ -37,6 +37,8 @@ def run_export(args: argparse.Namespace) -> int:
         int8_format=args.int8_format,
         per_channel=not args.per_tensor,
         float_convs=args.float_convs,
+        skip_bad_images=args.skip_bad_images,
+        keep_failed=args.keep_failed,
     )
     options.validate()  # before the (slow) model load
     return 0 if export_and_check(_loaded(args), args.output, options) else 1
@@ -50,7 +52,11 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         "dynamic batch axis, then check it against PyTorch.",
     )
     p.add_argument("--model", help="model name (micronet models); optional with a training checkpoint")
-    p.add_argument("--checkpoint", "-c", help="weights: published .pth, PaddleClas .pdparams, our .pt/.safetensors")
+    p.add_argument(
+        "--checkpoint",
+        "-c",
+        help="weights: best.pt/last.pt, published .pth(.tar), PaddleClas .pdparams, .safetensors",
+    )
     p.add_argument("--format", choices=FORMATS, default="onnx")
     p.add_argument("--output", "-o", required=True, help="file to write (.onnx, .ts/.pt, .pt2)")
     p.add_argument("--img-size", type=int, help="input size [checkpoint's, else 224]")
@@ -67,7 +73,13 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         "micronet_torch.fused_ops, built with the system C compiler on first use)",
     )
     p.add_argument("--int8", action="store_true", help="also quantize (ONNX Runtime static int8); writes OUTPUT")
-    p.add_argument("--calib", help="calibration images: an image folder, or fashion-mnist")
+    p.add_argument(
+        "--calib", help="calibration images: an image folder (its train/ subfolder when it has one), or fashion-mnist"
+    )
+    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable calibration images (named)")
+    p.add_argument(
+        "--keep-failed", action="store_true", help="keep an int8 file that fails its check, as OUTPUT-FAILED.onnx"
+    )
     p.add_argument("--calib-count", type=int, default=512, help="images used to calibrate [512]")
     p.add_argument("--int8-format", choices=INT8_FORMATS, default="qdq", help="ORT quantization format [qdq]")
     p.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default per-channel)")

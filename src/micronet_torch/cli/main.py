@@ -10,12 +10,12 @@ import argparse
 import sys
 
 from .._env import __version__
-from . import bench, bench_train, demo, experiment, export, models, predict, train
+from . import bench, bench_train, demo, experiment, export, models, predict, status, train
 from . import eval as eval_
 from .common import USER_ERRORS
 
 # subcommand modules, in the order ``micronet --help`` lists them
-COMMANDS = (models, train, eval_, predict, demo, export, bench, bench_train, experiment)
+COMMANDS = (models, train, status, eval_, predict, demo, export, bench, bench_train, experiment)
 
 
 def build_parser() -> argparse.ArgumentParser:

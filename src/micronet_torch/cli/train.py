@@ -29,7 +29,7 @@ def _float_pair(text: str) -> tuple[float, float]:
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """The training flags (shared by ``micronet train`` and ``micronet demo``)."""
     g = p.add_argument_group("what to train")
-    g.add_argument("--model", default="micronet_m0", help="model name (micronet list) [micronet_m0]")
+    g.add_argument("--model", default="micronet_m0", help="model name (see micronet models) [micronet_m0]")
     g.add_argument(
         "--data",
         default="fashion-mnist",
@@ -39,7 +39,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--download", action="store_true", help="allow downloading CIFAR (never done otherwise)")
     g.add_argument("--output", "-o", help="run folder for checkpoints, metrics, logs [runs/<model>]")
     g.add_argument("--pretrained", metavar="PATH", help="start from these weights (head replaced if classes differ)")
-    g.add_argument("--resume", nargs="?", const="auto", metavar="PATH", help="continue OUTPUT/last.pt (or PATH)")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        metavar="PATH",
+        help="continue OUTPUT/last.pt (or PATH); --epochs may grow (the cosine is re-stretched), the optimiser's "
+        "settings may not (docs/training.md)",
+    )
     g.add_argument("--overwrite", action="store_true", help="start a new run in an OUTPUT that holds one")
     r = p.add_argument_group("recipe (unset flags take the recipe's value)")
     r.add_argument("--recipe", choices=tuple(RECIPES), default=None, help="default: small data; paper: ImageNet")
@@ -59,8 +66,17 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--drop-rate", type=float, help="head dropout [the model's]")
     r.add_argument("--img-size", type=int, help="input size; <= 64 uses the small-image pipeline")
     r.add_argument("--in-chans", type=int, choices=(1, 3), help="model input channels (grey data feeds either) [3]")
-    r.add_argument("--hflip", type=float, help="horizontal flip probability [0.5]")
-    r.add_argument("--pad", type=int, help="small images: random translation in px [img_size/8]")
+    r.add_argument(
+        "--hflip",
+        type=float,
+        help="horizontal flip probability [0.5; 0 for folders of small images (<= 64 px), whose classes may be "
+        "digits or letters]",
+    )
+    r.add_argument(
+        "--pad",
+        type=int,
+        help="small images: random translation in px [img_size/16 (default recipe), img_size/8 (paper)]",
+    )
     r.add_argument("--scale", type=_float_pair, help="RandomResizedCrop area range, e.g. 0.08,1")
     r.add_argument("--crop-pct", type=float, help="eval centre crop fraction (crop policy) [0.875]")
     r.add_argument("--seed", type=int, help="[0]")
@@ -71,6 +87,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     x.add_argument("--ema-decay", type=float)
     x.add_argument("--channels-last", action="store_true", default=None)
     x.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    x.add_argument(
+        "--max-image-pixels",
+        type=int,
+        help="refuse (or with --skip-bad-images skip) images with more pixels, a decompression-bomb guard; 0: no "
+        "limit [PIL's, 89,478,485]",
+    )
     x.add_argument(
         "--dsm",
         choices=("auto", "eager", "fused", "compile"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,7 +25,18 @@ class Data:
     class_names: list[str]
     cfg: DataConfig
     description: str
-    skipped: int = 0
+    skipped_files: dict[str, str] = field(default_factory=dict)  # decoded into memory: path -> error
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_files)
+
+    def all_skipped(self) -> dict[str, str]:
+        """Every unreadable file skipped so far (decoding, and each streamed loader), each once."""
+        out = dict(self.skipped_files)
+        for loader in (self.train, self.val):
+            out.update(getattr(loader, "skipped_files", {}))
+        return out
 
 
 def _fits_memory(n: int, cfg: DataConfig) -> bool:
@@ -71,11 +82,11 @@ def build_data(
     train_split, val_split = find_splits(data)
     n = len(train_split.samples) + len(val_split.samples)
     use_memory = cfg.policy == "small" and (cache == "memory" or (cache == "auto" and _fits_memory(n, cfg)))
-    skipped = 0
+    skipped: dict[str, str] = {}
     if use_memory:
         xt, yt, s1 = decode_folder(train_split, cfg, workers, skip_bad)
         xv, yv, s2 = decode_folder(val_split, cfg, workers, skip_bad)
-        skipped = s1 + s2
+        skipped = {**s1, **s2}
         if xt.shape[1] != xv.shape[1]:
             c = max(xt.shape[1], xv.shape[1])
             xt, xv = xt.expand(-1, c, -1, -1).contiguous(), xv.expand(-1, c, -1, -1).contiguous()
@@ -132,10 +143,11 @@ def build_eval_loader(
     if cfg.policy == "small" and _fits_memory(len(split.samples), cfg):
         xv, yv, skipped = decode_folder(split, cfg, workers, skip_bad)
         loader = TensorLoader(xv, yv, batch_size, cfg, False).to(device)
+        loader.skipped, loader.skipped_files = len(skipped), skipped
     else:
-        skipped = 0
+        skipped = {}
         loader = StreamLoader(FolderDataset(split.samples, cfg, False), batch_size, False, workers, skip_bad=skip_bad)
-    note = f", {skipped} unreadable skipped" if skipped else ""
+    note = f", {len(skipped)} unreadable skipped" if skipped else ""
     return loader, split.class_names, f"{split.root} ({len(split.samples)} images{note})"
 
 

@@ -58,6 +58,7 @@ class TensorLoader:
         self.epoch = 0
         self.generator = torch.Generator()
         self.skipped = 0
+        self.skipped_files: dict[str, str] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -120,8 +121,8 @@ class ListSampler(Sampler[int]):
 
 class FolderDataset(Dataset):
     """(path, label) samples read with ``open_image``; returns uint8 tensors. Unreadable files come back
-    as ``None`` with the error, so the collate function can skip them (``--skip-bad-images``) or stop
-    with the file's name, in the main process, without a worker traceback."""
+    as ``None`` with ``(path, error)``, so the loader can skip them (``--skip-bad-images``) or stop with the
+    file's name in the main process: the same one-line message with DataLoader workers as without."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], cfg: DataConfig, train: bool) -> None:
         self.samples, self.cfg, self.train = list(samples), cfg, train
@@ -130,16 +131,16 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, tuple[str, str] | None]:
         path, target = self.samples[i]
         try:
-            img = open_image(path, 1 if self.cfg.in_chans == 1 else 3)
+            img = open_image(path, 1 if self.cfg.in_chans == 1 else 3, self.cfg.max_image_pixels)
         except DataError as err:
-            return None, target, str(err)
+            return None, target, (str(path), str(err))
         if self.transform is not None:
-            return self.transform(img), target, ""
+            return self.transform(img), target, None
         x = eval_pixels(img, self.cfg)
-        return x, target, ""
+        return x, target, None
 
 
 def build_crop_train_transform(cfg: DataConfig):
@@ -157,22 +158,37 @@ def build_crop_train_transform(cfg: DataConfig):
     )
 
 
+BAD_IMAGE_HINT = "Fix or delete the file, or pass --skip-bad-images to skip unreadable images."
+
+
 class BadImages:
-    """Collate that drops unreadable images (counting them) or raises ``DataError`` naming the file."""
+    """Collate that sets unreadable images aside: returns the good ones stacked and the bad ones' (path, error).
+
+    It never raises: a collate function runs inside DataLoader workers, where an exception would reach the
+    user wrapped in the worker's traceback. ``raise_bad`` (in the main process) raises or counts instead.
+    """
 
     def __init__(self, skip: bool) -> None:
         self.skip = skip
 
-    def __call__(self, batch: list[tuple[torch.Tensor | None, int, str]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __call__(
+        self, batch: list[tuple[torch.Tensor | None, int, tuple[str, str] | None]]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
         good = [(x, y) for x, y, _ in batch if x is not None]
-        bad = [err for x, _, err in batch if x is None]
-        if bad and not self.skip:
-            raise DataError(f"{bad[0]}\nFix or delete the file, or pass --skip-bad-images to skip unreadable images.")
+        bad = [err for x, _, err in batch if x is None and err is not None]
         if not good:
-            return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), len(bad)
+            return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), bad
         chans = max(x.shape[0] for x, _ in good)
         xs = [x.expand(chans, -1, -1) if x.shape[0] != chans else x for x, _ in good]
-        return torch.stack(xs), torch.tensor([y for _, y in good]), len(bad)
+        return torch.stack(xs), torch.tensor([y for _, y in good]), bad
+
+
+def raise_bad(bad: list[tuple[str, str]], skip: bool, seen: dict[str, str]) -> None:
+    """In the main process: stop with the first bad file's one-line message, or record each file once in ``seen``."""
+    if bad and not skip:
+        raise DataError(f"{bad[0][1]}\n{BAD_IMAGE_HINT}")
+    for path, err in bad:
+        seen.setdefault(path, err)
 
 
 class StreamLoader:
@@ -206,7 +222,13 @@ class StreamLoader:
             persistent_workers=False,
             prefetch_factor=4 if workers > 0 else None,
         )
-        self.skipped = 0
+        self.skip_bad = skip_bad
+        self.skipped_files: dict[str, str] = {}  # path -> error, each file once however many epochs
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable files skipped so far (files, not occurrences)."""
+        return len(self.skipped_files)
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -223,7 +245,7 @@ class StreamLoader:
         self.sampler.start = start
         try:
             for x, y, bad in self.loader:
-                self.skipped += bad
+                raise_bad(bad, self.skip_bad, self.skipped_files)
                 if len(y) == 0 or (self.train and len(y) < 2):
                     continue  # nothing left after skipping bad images (BatchNorm needs two samples)
                 yield x, y
@@ -236,8 +258,11 @@ class StreamLoader:
 
 def decode_folder(
     split: ImageFolderSplit, cfg: DataConfig, workers: int, skip_bad: bool
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Decode a whole folder through the eval transform into one uint8 tensor (parallel workers)."""
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
+    """Decode a whole folder through the eval transform into one uint8 tensor (parallel workers).
+
+    Returns the images, labels and the skipped files (path -> error) when ``skip_bad``.
+    """
     ds = FolderDataset(split.samples, cfg, train=False)
     loader = DataLoader(
         ds,
@@ -245,9 +270,9 @@ def decode_folder(
         num_workers=workers if len(ds) > 2000 else 0,
         collate_fn=BadImages(skip_bad),
     )
-    xs, ys, skipped = [], [], 0
+    xs, ys, skipped = [], [], {}
     for x, y, bad in loader:
-        skipped += bad
+        raise_bad(bad, skip_bad, skipped)
         if len(y):
             xs.append(x)
             ys.append(y)

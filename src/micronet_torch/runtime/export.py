@@ -7,6 +7,7 @@ PyTorch on a batch of 3 (also checks the dynamic batch axis) and, for int8, top-
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from ..deploy import convert_to_deploy
 from ..deploy.fused import FusedOpsUnavailable, library_path
 from ..models import LoadedModel
 from .calibration import calibration_images
+from .metadata import export_metadata, write_onnx_metadata
 from .onnx import DEFAULT_OPSET
 from .ort import INT8_FORMATS, quantize_onnx
 from .parity import FP32_TOLERANCE, INT8_MIN_AGREEMENT, check_fp32, check_int8
@@ -47,6 +49,8 @@ class ExportOptions:
     int8_format: str = "qdq"
     per_channel: bool = True
     float_convs: int = 0
+    skip_bad_images: bool = False  # calibration: skip unreadable images (named) instead of stopping
+    keep_failed: bool = False  # int8: keep a file that fails its check, as OUTPUT-FAILED.onnx
 
     def validate(self) -> None:
         """Refuse combinations that cannot work, naming the flags."""
@@ -105,6 +109,8 @@ def export_and_check(
     t0 = time.perf_counter()
     written = out.with_name(out.stem + "-fp32.onnx") if options.int8 else out
     res = export_model(model, written, shape, options)
+    meta = export_metadata(loaded)
+    write_metadata(res, meta)
     log(
         f"exported {loaded.name} ({'deploy mode' if options.deploy else 'eager'}) to {res.path} "
         f"[{res.format}, {res.exporter}, {time.perf_counter() - t0:.1f} s]"
@@ -126,21 +132,57 @@ def export_and_check(
     )
     if not ok or not options.int8:
         return ok
-    calib_x, what = calibration_images(options.calib, cfg, options.calib_count, split="train")
-    check_x, check_what = calibration_images(options.calib, cfg, None, split="val")
+    skipped: dict[str, str] = {}
+    skip = options.skip_bad_images
+    calib_x, what = calibration_images(options.calib, cfg, options.calib_count, "train", skip, skipped)
+    check_x, check_what = calibration_images(options.calib, cfg, None, "val", skip, skipped)
+    for path, err in sorted(skipped.items()):
+        log(f"  skipped unreadable calibration image {path}: {err}")
     if options.calib != "fashion-mnist":
         check_what = what + " (the calibration images)"
-    quantize_onnx(
-        res.path, out, calib_x, options.int8_format, per_channel=options.per_channel, float_convs=options.float_convs
-    )
-    q = check_int8(ExportResult(out, "onnx", exporter=f"ORT quantize_static {options.int8_format}"), model, check_x)
+    # quantized under a name that says it is unchecked; renamed to OUTPUT only once its check passes
+    pending = out.with_name(out.stem + ".unchecked" + out.suffix)
+    try:
+        quantize_onnx(
+            res.path, pending, calib_x, options.int8_format, per_channel=options.per_channel,
+            float_convs=options.float_convs,
+        )  # fmt: skip
+        write_onnx_metadata(pending, {**meta, "quantization": f"int8 {options.int8_format}"})
+        q = check_int8(
+            ExportResult(pending, "onnx", exporter=f"ORT quantize_static {options.int8_format}"), model, check_x
+        )
+    except BaseException:
+        pending.unlink(missing_ok=True)
+        raise
     ok = q.agreement >= INT8_MIN_AGREEMENT
     scales = "per-channel" if options.per_channel else "per-tensor"
     if options.float_convs:
         scales += f", first {options.float_convs} convs and the head linears in float"
-    log(f"int8 ({options.int8_format}, {scales}) calibrated on {what}: {out}")
+    if ok:
+        os.replace(pending, out)
+        kept = str(out)
+    elif options.keep_failed:
+        kept = str(out.with_name(out.stem + "-FAILED" + out.suffix))
+        os.replace(pending, kept)
+    else:
+        pending.unlink(missing_ok=True)
+        kept = f"not written (its check failed; --keep-failed keeps it as {out.stem}-FAILED{out.suffix})"
+    log(f"int8 ({options.int8_format}, {scales}) calibrated on {what}: {kept}")
     log(
         f"top-1 agreement int8 vs fp32 PyTorch on {check_what}: {q.agreement * 100:.2f} % "
         f"(limit {INT8_MIN_AGREEMENT * 100:.0f} %) {'OK' if ok else 'FAIL'}"
     )
     return ok
+
+
+def write_metadata(res: ExportResult, meta: dict[str, str]) -> None:
+    """Put ``export_metadata`` into the written file: ONNX ``metadata_props``; TorchScript and torch.export
+    programs get it as the extra file ``metadata.json``."""
+    if res.format == "onnx":
+        write_onnx_metadata(res.path, meta)
+    elif res.format == "torchscript":
+        mod = torch.jit.load(str(res.path))
+        torch.jit.save(mod, str(res.path), _extra_files={"metadata.json": json.dumps(meta)})
+    elif res.format == "exported-program":
+        prog = torch.export.load(str(res.path))
+        torch.export.save(prog, str(res.path), extra_files={"metadata.json": json.dumps(meta)})

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from ..data import default_policy
 from ..deploy.fused import register as register_fused_ops
 from ..deploy.fused import uses_fused_ops
+from ..models import LoadedModel, published_data_config
+from .metadata import data_config_from_metadata, read_onnx_metadata
 from .onnx import count_nodes
 
 INT8_FORMATS = ("qdq", "qoperator")
@@ -136,3 +142,53 @@ def quantize_onnx(
             nodes_to_exclude=exclude,
         )
     return int8_path
+
+
+class OrtModel(nn.Module):
+    """An ONNX file run by ONNX Runtime behind the ``nn.Module`` call of a PyTorch model (CPU, float32 in/out).
+
+    Lets ``micronet eval`` / ``predict`` (and ``train.metrics.evaluate``) run fp32, int8 and ``--fused-ops`` files
+    through the same loop as a checkpoint; ``ort_session`` registers the fused operator library when needed.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int = 1) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.session = ort_session(self.path, threads=threads)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().to("cpu", torch.float32).contiguous()
+        return torch.from_numpy(run_ort(self.session, x))
+
+
+def load_onnx_model(path: str | os.PathLike, img_size: int | None = None, threads: int = 1) -> LoadedModel:
+    """An ONNX export as a ``LoadedModel``: preprocessing, classes and name from its metadata (``runtime.metadata``).
+
+    A file without metadata (exported elsewhere) gets its input size from the graph, the published ImageNet
+    transform and ``class_<i>`` names, with a warning saying so.
+    """
+    model = OrtModel(path, threads)
+    meta = read_onnx_metadata(path)
+    dcfg = data_config_from_metadata(meta)
+    shape = model.session.get_inputs()[0].shape
+    if dcfg is None:
+        size = shape[-1] if isinstance(shape[-1], int) else None
+        chans = shape[1] if isinstance(shape[1], int) else 3
+        dcfg = published_data_config(size, chans)
+        print(
+            f"warning: {path} carries no micronet-torch metadata; assuming {dcfg.img_size} px, ImageNet mean/std "
+            "and the published resize/crop",
+            file=sys.stderr,
+        )
+    if img_size and img_size != dcfg.img_size:
+        if isinstance(shape[-1], int):
+            raise ValueError(f"--img-size {img_size}: {path} takes {shape[-1]} px inputs only")
+        dcfg.img_size, dcfg.policy = img_size, default_policy(img_size)
+    names = json.loads(meta["class_names"]) if "class_names" in meta else []
+    out_shape = model.session.get_outputs()[0].shape
+    n_cls = out_shape[-1] if isinstance(out_shape[-1], int) else len(names)
+    if not names or len(names) != n_cls:
+        names = [f"class_{i}" for i in range(n_cls)]
+    name = meta.get("model_name", Path(path).stem)
+    return LoadedModel(model.eval(), name, dcfg, [str(c) for c in names], "onnx", {"metadata": meta})

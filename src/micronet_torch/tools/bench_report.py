@@ -82,8 +82,11 @@ def targets(records: list[Record]) -> list[str]:
     return out
 
 
-def markdown(records: list[Record], env: dict[str, Any]) -> str:
-    """Tables: latency (ms, median) per setting, then throughput, then ONNX node counts and targets."""
+def markdown(records: list[Record], env: dict[str, Any], show_targets: bool = False) -> str:
+    """Tables: latency (ms, median) per setting, then throughput, then ONNX node counts.
+
+    The project's internal targets (``targets``) are for its docs, not users: only with ``show_targets``.
+    """
     models = list(dict.fromkeys(r.model for r in records))
     paths = [p for p in PATHS if any(r.path == p for r in records)]
     settings = list(dict.fromkeys((r.threads, r.batch) for r in records))
@@ -120,7 +123,7 @@ def markdown(records: list[Record], env: dict[str, Any]) -> str:
         lines += ["", "**ONNX nodes** (in the file / after ONNX Runtime's fusions at ORT_ENABLE_ALL)", ""]
         lines += ["| model | path | file | ORT |", "|---|---|---:|---:|"]
         lines += [f"| {m} | {p} | {a} | {b} |" for m, p, a, b in node_rows]
-    tgt = targets(records)
+    tgt = targets(records) if show_targets else []
     if tgt:
         lines += ["", "**Targets (1 thread, batch 1)**", ""] + [f"- {t}" for t in tgt]
     return "\n".join(lines) + "\n"

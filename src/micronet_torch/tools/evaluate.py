@@ -7,6 +7,8 @@ evaluation transform the file records, and the loop is training's own (``train.m
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,11 +16,80 @@ import torch
 from .._env import default_threads, default_workers, pick_device
 from ..data import build_eval_loader
 from ..models import CheckpointError, LoadedModel, load_model
+from ..runtime.ort import load_onnx_model
 from ..train.metrics import evaluate
+
+ONNX_SUFFIXES = (".onnx",)
 
 
 class EvalError(CheckpointError):
     """A checkpoint or data set that does not fit; the message says which and what to do."""
+
+
+def describe_file(path: str | os.PathLike) -> str:
+    """What a file looks like from its first bytes, for the 'not a checkpoint' message."""
+    path = Path(path)
+    head = path.read_bytes()[:64] if path.is_file() else b""
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive that is not a PyTorch checkpoint"
+    if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF")):
+        return "an image"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"binary data ({path.stat().st_size} bytes)"
+    first = text.splitlines()[0][:40] if text.strip() else ""
+    return f"a text file (starting {first!r})"
+
+
+def is_onnx_file(path: str | os.PathLike) -> bool:
+    """An ``.onnx`` file (by its suffix; ONNX files carry no magic number)."""
+    return Path(path).suffix.lower() in ONNX_SUFFIXES
+
+
+def open_model(
+    checkpoint: str | os.PathLike,
+    model: str | None = None,
+    img_size: int | None = None,
+    device: torch.device | str = "cpu",
+    threads: int = 1,
+) -> LoadedModel:
+    """Any file ``micronet eval`` / ``predict`` take: a checkpoint (``models.load_model``) or an ONNX export
+    (fp32, int8, ``--fused-ops``; run by ONNX Runtime with the preprocessing of its metadata).
+
+    A file that is neither stops with "not a checkpoint this package reads: <what it looks like>".
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if is_onnx_file(path):
+        if model:
+            print(f"note: {path} is an ONNX file; --model {model} is not needed and ignored")
+        if torch.device(device).type != "cpu":
+            print(f"note: {path} runs in ONNX Runtime on the CPU")
+        try:
+            return load_onnx_model(path, img_size, threads)
+        except ImportError as err:
+            raise CheckpointError(f"{path}: running ONNX files needs onnxruntime and onnx ({err})") from err
+        except (ValueError, FileNotFoundError):
+            raise
+        except Exception as err:  # onnxruntime's own errors (InvalidProtobuf, ...) are not user-error types
+            line = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"{path}: ONNX Runtime cannot load it ({line})") from err
+    try:
+        return load_model(path, model, img_size, device)
+    except CheckpointError as err:
+        if "not readable" not in str(err):
+            raise
+        raise CheckpointError(
+            f"{path} is not readable: not a checkpoint this package reads: {describe_file(path)}"
+        ) from err
+    except (KeyError, IndexError, TypeError, AttributeError) as err:  # a pickle-free file of another kind
+        raise CheckpointError(
+            f"{path} is not readable: not a checkpoint this package reads: {describe_file(path)}"
+        ) from err
 
 
 def check_classes(loaded: LoadedModel, data_classes: list[str], data: str) -> None:
@@ -29,7 +100,8 @@ def check_classes(loaded: LoadedModel, data_classes: list[str], data: str) -> No
             f"the checkpoint's model has {n_model} classes but {data} has {n_data}; evaluate it on data "
             "with the classes it was trained on (or fine-tune it with micronet train --pretrained)"
         )
-    if loaded.source == "training" and list(loaded.class_names) != list(data_classes):
+    named = loaded.source == "training" or "class_names" in loaded.info.get("metadata", {})
+    if named and list(loaded.class_names) != list(data_classes):
         diff = [(a, b) for a, b in zip(loaded.class_names, data_classes, strict=True) if a != b][:3]
         raise EvalError(
             f"the checkpoint's classes differ from those of {data}, e.g. "
@@ -53,7 +125,9 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on ``data``; returns top1, top5, loss, n and what was evaluated."""
     dev = pick_device(device)
-    loaded = load_model(checkpoint, model, img_size, dev)
+    loaded = open_model(checkpoint, model, img_size, dev, threads=threads or 1)
+    if loaded.source == "onnx":
+        dev = torch.device("cpu")
     torch.set_num_threads(threads or default_threads(loaded.data_config.img_size))
     loader, data_classes, desc = build_eval_loader(
         data,

@@ -22,6 +22,7 @@ import torch
 from .._env import cpu_name
 from ..models import build_model, profile_model
 from ..train import TrainConfig, Trainer
+from ..train.run_folder import Lock, claim
 
 RESULT_FIELDS = [
     "name",
@@ -213,15 +214,45 @@ def run_experiments(
     ]
     trained = []
     for spec, seed in todo:
-        if not dry_run and (spec.name, seed) in {(r["name"], int(r["seed"])) for r in read_results(cfg.results)}:
-            print(f"experiment: {spec.name} seed {seed} finished meanwhile (another process); skipped", flush=True)
-            continue
-        print(f"experiment: {spec.name} seed {seed} ({spec.model}, {spec.variant or 'published'})", flush=True)
         if dry_run:
+            print(f"experiment: {spec.name} seed {seed} ({spec.model}, {spec.variant or 'published'})", flush=True)
             trained.append((spec.name, seed))
             continue
-        row = train_one(cfg, spec, seed)
-        append_result(cfg.results, row)
+        lock = claim_pair(cfg, spec.name, seed)
+        if lock is None:
+            print(f"experiment: {spec.name} seed {seed} is being trained by another process; skipped", flush=True)
+            continue
+        try:
+            if (spec.name, seed) in {(r["name"], int(r["seed"])) for r in read_results(cfg.results)}:
+                print(f"experiment: {spec.name} seed {seed} finished meanwhile (another process); skipped", flush=True)
+                continue
+            print(f"experiment: {spec.name} seed {seed} ({spec.model}, {spec.variant or 'published'})", flush=True)
+            row = train_one(cfg, spec, seed)
+            append_result(cfg.results, row)
+        finally:
+            lock.release()
         trained.append((spec.name, seed))
         print(f"experiment: {spec.name} seed {seed}: top-1 {row['top1']:.2f} in {row['train_seconds']} s", flush=True)
     return trained
+
+
+def claim_pair(cfg: ExperimentConfig, name: str, seed: int) -> Lock | None:
+    """Claim (run, seed) for this process (a claim file in ``runs_dir/.claims``), or None when a live one holds it.
+
+    A claim of a process that died is stale and taken over, like a run folder's lock (``train.run_folder``).
+    """
+    folder = cfg.runs_dir / ".claims"
+    folder.mkdir(parents=True, exist_ok=True)
+    return claim(folder / f"{name}-s{seed}.lock", f"{name} seed {seed}")
+
+
+def unique_results(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The rows with one per (run, seed): the first written wins (older CSVs may hold duplicates)."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for row in rows:
+        key = (row.get("name", ""), str(row.get("seed", "")))
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out

@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .experiment import ExperimentConfig, read_results
+from .experiment import ExperimentConfig, read_results, unique_results
 
 
 def _aggregate(rows: list[dict[str, str]]) -> dict[str, dict[str, Any]]:
@@ -48,7 +48,7 @@ def _acc(a: dict[str, Any]) -> str:
 
 def write_report(cfg: ExperimentConfig) -> Path:
     """``docs/results.md``-style tables (head-to-head per budget, ablations) and the figure, from the CSV."""
-    rows = read_results(cfg.results)
+    rows = unique_results(read_results(cfg.results))  # a duplicate (run, seed) row never counts as a seed
     agg = _aggregate(rows)
     notes = {spec.name: spec.note for spec in cfg.runs}
     lines = [f"# {cfg.title}", ""]

@@ -10,7 +10,8 @@ from .logs import CSV_FIELDS, Progress, write_curves, write_metrics_csv
 from .metrics import Meter, evaluate
 from .recipes import RECIPES, Recipe, paper_weight_decay, recipe_values
 from .run_folder import check_output_dir
-from .trainer import Interrupted, StopFlag, Trainer, train
+from .signals import Interrupted, StopFlag
+from .trainer import Trainer, train
 
 __all__ = [
     "CSV_FIELDS",

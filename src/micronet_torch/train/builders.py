@@ -16,7 +16,8 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from .._env import available_cores, default_workers
-from ..models import build_model
+from ..models import CheckpointError, build_model, read_state_dict
+from ..models.weights import CLASSIFIER_PREFIX
 from ..ops import set_shift_max_impl
 from .config import TrainConfig
 from .distributed import DistEnv
@@ -29,6 +30,8 @@ def build_train_model(cfg: TrainConfig, num_classes: int, env: DistEnv, state: d
     if cfg.drop_rate is not None:
         extra["drop_rate"] = cfg.drop_rate
     model = build_model(cfg.model, pretrained=pretrained, num_classes=num_classes, in_chans=cfg.in_chans, **extra)
+    if pretrained and env.is_main and not cfg.quiet:
+        print(fine_tune_report(model, str(pretrained)), flush=True)
     if state is not None:
         model.load_state_dict(state["model"])
     set_shift_max_impl(model, cfg.dsm)  # the fused kernels by default ("auto"); no effect on the state dict
@@ -41,6 +44,27 @@ def build_train_model(cfg: TrainConfig, num_classes: int, env: DistEnv, state: d
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     return model
+
+
+def fine_tune_report(model: nn.Module, pretrained: str) -> str:
+    """One line for the log: how many of the model's tensors came from ``pretrained``, and whether the head was
+    replaced (new, randomly initialised classifier for a different number of classes)."""
+    ours = model.state_dict()
+    try:
+        theirs = read_state_dict(pretrained) if Path(pretrained).is_file() else {}
+    except (CheckpointError, OSError, ValueError):
+        theirs = {}
+    if not theirs:
+        return f"fine-tuning from {pretrained}"
+    loaded = [k for k, v in ours.items() if k in theirs and tuple(theirs[k].shape) == tuple(v.shape)]
+    head = [k for k in ours if k.startswith(CLASSIFIER_PREFIX) and k not in loaded]
+    line = f"fine-tuning from {pretrained}: loaded {len(loaded)} of the model's {len(ours)} weight tensors"
+    if head:
+        old = theirs.get(CLASSIFIER_PREFIX + "linear.0.weight")
+        new = ours.get(CLASSIFIER_PREFIX + "linear.0.weight")
+        sizes = f" ({old.shape[0]} -> {new.shape[0]} classes)" if old is not None and new is not None else ""
+        line += f"; the classifier head was replaced{sizes}, {len(head)} tensors newly initialised"
+    return line
 
 
 def build_ema(cfg: TrainConfig, model: nn.Module, state: dict[str, Any] | None) -> Any:

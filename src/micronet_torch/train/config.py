@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..data import DataConfig, default_policy
+from ..data.config import DEFAULT_MAX_IMAGE_PIXELS
 from ..models import build_model, resolve_name
 from .recipes import RECIPES, recipe_values
 
@@ -54,6 +55,7 @@ class TrainConfig:
     ema_decay: float | None = None
     channels_last: bool = False
     compile: bool = False
+    max_image_pixels: int | None = None  # decoding limit per image (None: PIL's; 0: none)
     dsm: str = "auto"  # Dynamic Shift-Max: auto (fused where it runs), eager, fused or compile (ops.shift_max)
     sync_bn: bool = False
     workers: int | None = None
@@ -87,6 +89,7 @@ class TrainConfig:
 # fields a resumed run may change without a warning (they do not change the numbers)
 RUNTIME_FIELDS = {
     "dsm",
+    "max_image_pixels",
     "workers",
     "device",
     "log_interval",
@@ -143,6 +146,7 @@ def data_config(cfg: TrainConfig) -> DataConfig:
         hflip=cfg.hflip,
         pad=cfg.pad,
         scale=tuple(cfg.scale),
+        max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS if cfg.max_image_pixels is None else cfg.max_image_pixels,
     )
 
 

@@ -7,14 +7,13 @@ Optimiser, schedule and EMA come from timm; datasets and transforms from torchvi
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import random
 import signal
+import socket
 import sys
-import threading
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .._env import default_threads
-from .._fs import atomic_write
 from ..data import build_data, normalize
-from ..models import resolve_name
 from . import checkpoint as ckpt
 from .builders import (
     build_amp,
@@ -40,43 +37,13 @@ from .builders import (
     loader_workers,
     wrap_model,
 )
-from .config import RUNTIME_FIELDS, TrainConfig, TrainingError, data_config, resolve, validate
+from .config import TrainConfig, TrainingError, data_config, resolve, validate
 from .distributed import broadcast_buffers, epoch_seed, seed_everything, setup_distributed
 from .logs import Progress, write_curves, write_metrics_csv
 from .metrics import Meter, evaluate
-from .run_folder import check_output_dir
-
-
-class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; the state was saved. ``signum`` gives the exit status 128 + signum."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-        self.signum = signum
-
-
-class StopFlag:
-    """SIGINT/SIGTERM handlers that ask the loop to stop after the current step."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self.previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for s in (signal.SIGINT, signal.SIGTERM):
-            self.previous[s] = signal.signal(s, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def restore(self) -> None:
-        for s, h in self.previous.items():
-            signal.signal(s, h)
-        self.previous.clear()
+from .resume import check_epochs, merge_resumed, restretch_schedule
+from .run_folder import check_output_dir, describe_holder, write_summary_file
+from .signals import Interrupted, StopFlag
 
 
 class Trainer:
@@ -89,13 +56,17 @@ class Trainer:
     def _setup(self) -> None:
         self.env = env = setup_distributed(self.requested.device)
         self.out = Path(self.requested.output)
-        self.state = self._resume_state()
-        self.cfg = cfg = self._merge_resumed(self.state["config"]) if self.state else resolve(self.requested)
-        validate(cfg, env.world)
-        if env.is_main:
-            check_output_dir(self.out, resume=self.state is not None, overwrite=self.overwrite)
+        if env.is_main:  # the folder's lock first: a second run stops here, before reading or cleaning anything
+            self.lock = check_output_dir(self.out, resume=self.resume_from is not None, overwrite=self.overwrite)
+            if self.lock.took_over:
+                print(f"note: the run that held {self.out} ({describe_holder(self.lock.took_over)}) is gone "
+                      "(killed or crashed); its stale lock was replaced", flush=True)  # fmt: skip
         if env.distributed:
             dist.barrier()
+        self.state = self._resume_state()
+        self.schedule_note: str | None = None
+        self.cfg = cfg = self._merge_resumed(self.state["config"]) if self.state else resolve(self.requested)
+        validate(cfg, env.world)
         torch.set_num_threads(cfg.threads or default_threads(cfg.img_size, env.local_world))
         seed_everything(cfg.seed + env.rank)
         self.log = Progress(env.is_main and not cfg.quiet, cfg.log_interval)
@@ -175,35 +146,24 @@ class Trainer:
             self.best_source = str(s.get("best_source", "model"))
             self.train_time, self.train_images = float(s.get("train_time", 0.0)), int(s.get("train_images", 0))
             self.partial = s.get("partial")
+            if self.schedule_note:
+                total = self.cfg.epochs * self.steps_per_epoch
+                lr = restretch_schedule(self.scheduler, total, self.global_step)
+                if self.env.is_main:
+                    print(f"{self.schedule_note} (lr now {lr:.4g})", flush=True)
 
     def _merge_resumed(self, saved: dict[str, Any]) -> TrainConfig:
-        """The saved (resolved) config, with the flags given now on top; changed settings are reported."""
-        base = TrainConfig.from_dict(saved)
-        given = self.requested
-        default = TrainConfig()
-        changed = []
-        for f in fields(TrainConfig):
-            new = getattr(given, f.name)
-            if new is None or new == getattr(default, f.name) or new == getattr(base, f.name):
-                continue
-            if f.name == "model":
-                try:
-                    new_name = resolve_name(new)[0].name
-                except ValueError:
-                    new_name = new
-                if new_name != base.model:
-                    raise TrainingError(
-                        f"--resume: {self.out}/last.pt is a {base.model} run, not {new}; resume it with "
-                        f"--model {base.model} or train {new} in another --output"
-                    )
-                continue
-            setattr(base, f.name, new)
-            if f.name not in RUNTIME_FIELDS:
-                changed.append(f.name)
+        """The saved config with the flags given now (``resume.merge_resumed``); changed settings are reported."""
+        cfg, changed = merge_resumed(saved, self.requested, self.out)
+        state = self.state or {}
+        self.schedule_note = check_epochs(
+            cfg, int(saved.get("epochs") or cfg.epochs), int(state.get("epoch", 0)), int(state.get("step_in_epoch", 0)),
+            self.out,
+        )  # fmt: skip
+        changed = [c for c in changed if c != "epochs"]
         if changed and int(os.environ.get("RANK", "0")) == 0:
             print(f"resuming with changed settings: {', '.join(changed)} (the run will differ from the original)")
-        base.output = str(self.out)
-        return base
+        return cfg
 
     # -- checkpoints
     def _checkpoint(self, epoch: int, step_in_epoch: int, model_sd: dict, source: str) -> dict[str, Any]:
@@ -340,15 +300,42 @@ class Trainer:
 
     # -- the whole run
     def run(self) -> dict[str, Any]:
+        """Set up and train; the folder's lock is released however the run ends (errors, signals, Ctrl-C).
+
+        A file that cannot be written (full disk, file-size limit, a path that is now a folder) stops the run
+        with one line naming the file; the last good checkpoint stays, and ``summary.json`` says ``failed``
+        when it can still be written.
+        """
         stop = StopFlag()
         stop.install()
         try:
             self._setup()
-            return self._run(stop)
+            try:
+                return self._run(stop)
+            except OSError as err:
+                raise self._failed(err) from err
         finally:
             stop.restore()
             if getattr(self, "writer", None) is not None:
-                self.writer.close()
+                with contextlib.suppress(OSError):
+                    self.writer.close()
+            if getattr(self, "lock", None) is not None:
+                self.lock.release()
+
+    def _failed(self, err: OSError) -> TrainingError:
+        """The one-line error for a failed write; marks the run ``failed`` in ``summary.json`` if it can."""
+        name = err.filename2 or err.filename  # os.replace(tmp, target) names the target second
+        what = (
+            f"{name}: {err.strerror or err}"
+            if name and err.strerror and str(name) not in str(err.strerror)
+            else str(err)
+        )
+        if getattr(self, "rows", None) is not None and self.env.is_main:
+            with contextlib.suppress(OSError):
+                self._write_summary(status="failed", error=what)
+        last = self.out / "last.pt"
+        keep = f"; the last good checkpoint {last} is kept (continue with --resume)" if last.is_file() else ""
+        return TrainingError(f"cannot write the run's files: {what}{keep}")
 
     def _run(self, stop: StopFlag) -> dict[str, Any]:
         cfg, env = self.cfg, self.env
@@ -441,16 +428,21 @@ class Trainer:
             )
 
     def _finish(self) -> None:
-        skipped = getattr(self.data.train, "skipped", 0) + getattr(self.data.val, "skipped", 0) + self.data.skipped
+        skipped = self.data.all_skipped()
         if skipped and self.env.is_main:
-            print(f"warning: skipped {skipped} unreadable image(s) (--skip-bad-images)", file=sys.stderr)
+            print(f"warning: skipped {len(skipped)} unreadable image(s) (--skip-bad-images):", file=sys.stderr)
+            for path, err in sorted(skipped.items()):
+                print(f"  {err if path in err else f'{path}: {err}'}", file=sys.stderr)
 
-    def _write_summary(self, status: str) -> dict[str, Any]:
+    def _write_summary(self, status: str, error: str | None = None) -> dict[str, Any]:
         cfg = self.cfg
         last = self.rows[-1] if self.rows else {}
         summary = {
             "model": cfg.model,
             "status": status,
+            "error": error,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
             "epochs": cfg.epochs,
             "epochs_completed": len(self.rows),
             "best_top1": self.best_top1 if self.rows else None,
@@ -476,8 +468,7 @@ class Trainer:
             "last_checkpoint": str(self.out / "last.pt"),
             "config": cfg.to_dict(),
         }
-        payload = (json.dumps(summary, indent=2) + "\n").encode()
-        atomic_write(self.out / "summary.json", lambda fh: fh.write(payload))
+        write_summary_file(self.out, summary)
         return summary
 
 

@@ -1,0 +1,39 @@
+"""``micronet status DIR``: whether a run folder's run is live, finished, failed, or interrupted (and how to resume).
+
+A run killed with ``kill -9`` cannot update its ``summary.json``; its lock (``train.run_folder``) tells the truth:
+a ``running`` summary whose holder is gone reads ``interrupted``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from ..train.run_folder import run_status
+
+
+def run(args: argparse.Namespace) -> int:
+    st = run_status(args.folder)
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    done, total = st.get("epochs_completed"), st.get("epochs")
+    progress = f", {done}/{total} epochs" if done is not None and total else ""
+    best = f", best top-1 {st['best_top1']:.2f}" if isinstance(st.get("best_top1"), (int, float)) else ""
+    print(f"{args.folder}: {st['status']}{progress}{best}" + (f" ({st['error']})" if st.get("error") else ""))
+    if st["hint"]:
+        print(f"  {st['hint']}")
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "status",
+        help="is a run folder's run live, completed, failed or interrupted",
+        description="The state of a training run folder: running (a live process holds it), completed, failed, "
+        "diverged or interrupted (killed or stopped; with the command that resumes it).",
+    )
+    p.add_argument("folder", help="a run folder (micronet train --output)")
+    p.add_argument("--json", action="store_true", help="print the summary with the live status as JSON")
+    p.set_defaults(func=run)

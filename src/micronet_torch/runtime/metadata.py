@@ -1,0 +1,74 @@
+"""What every exported file carries, so that it runs right without micronet-torch and without ``best.pt``.
+
+``export_metadata(loaded)`` is the one dictionary (string keys and values) each exporter writes in its
+format's metadata (ONNX ``metadata_props``, TorchScript / torch.export extra files); ``read_onnx_metadata``
+reads it back (``micronet eval`` / ``predict`` of an ``.onnx`` file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from .._env import __version__
+from ..data import DataConfig
+from ..models import LoadedModel
+
+INPUT_NAME = "input"
+
+
+def export_metadata(loaded: LoadedModel, input_name: str = INPUT_NAME) -> dict[str, str]:
+    """Class names (JSON), input name and size (N, C, H, W), mean/std, model name, package version, data config."""
+    cfg = loaded.data_config
+    in_chans = getattr(loaded.model, "in_chans", cfg.in_chans)
+    return {
+        "model_name": str(loaded.name),
+        "class_names": json.dumps(list(loaded.class_names)),
+        "input_name": input_name,
+        "input_size": json.dumps(["batch", int(in_chans), int(cfg.img_size), int(cfg.img_size)]),
+        "mean": json.dumps(per_channel(cfg.mean, in_chans)),
+        "std": json.dumps(per_channel(cfg.std, in_chans)),
+        "resize": json.dumps(
+            {"policy": cfg.policy, "img_size": cfg.img_size, "crop_pct": cfg.crop_pct, "resize_size": cfg.resize_size}
+        ),
+        "data_config": json.dumps(cfg.to_dict()),
+        "micronet_torch_version": __version__,
+    }
+
+
+def per_channel(values: tuple[float, ...] | list[float], chans: int) -> list[float]:
+    """Mean or std as one value per input channel, as ``data.normalize`` applies them (grey: the average)."""
+    values = [float(v) for v in values]
+    if len(values) == chans:
+        return values
+    if chans == 1:
+        return [sum(values) / len(values)]
+    return (values * chans)[:chans] if len(values) == 1 else values[:chans]
+
+
+def write_onnx_metadata(path: str | os.PathLike, meta: dict[str, str]) -> None:
+    """Set ``meta`` as the ONNX file's ``metadata_props`` (replacing keys of the same name), in place."""
+    import onnx  # heavy: only when exporting ONNX
+
+    model = onnx.load(str(path))
+    keep = [p for p in model.metadata_props if p.key not in meta]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The file's ``metadata_props`` as a dict (empty for files exported without them)."""
+    import onnx  # heavy: only when reading ONNX
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def data_config_from_metadata(meta: dict[str, Any]) -> DataConfig | None:
+    """The recorded preprocessing, or None when the file has none."""
+    if "data_config" not in meta:
+        return None
+    return DataConfig.from_dict(json.loads(meta["data_config"]))

@@ -1,0 +1,112 @@
+"""What ``--resume`` may change, and what each change does (``docs/training.md``, "Resuming").
+
+A resumed run continues from its checkpoint: model, optimiser, schedule, EMA, counters and RNG states. Flags
+given on top of ``--resume`` fall in four groups:
+
+- **runtime** settings (``RUNTIME_FIELDS``: workers, device, threads, quiet, ...) change nothing in the numbers
+  and are taken silently;
+- **``--epochs``** changes the schedule's length: the cosine is *re-stretched* over the new total, and from the
+  current step on the learning rate follows that schedule (as if the run had been planned that long from the
+  start; steps already trained keep theirs). The new lr is printed. An ``--epochs`` at or below the epochs
+  already finished would train nothing and is refused;
+- **applied** settings (augmentation, regularisation, EMA, AMP, the data pipeline, the seed) take effect from
+  the next step, with a warning that the run now differs from the original;
+- **refused** settings (``REFUSED_ON_RESUME``: the optimiser, its learning rate and decay, the batch size, the
+  model and its inputs, the recipe, ``--pretrained``) would be overwritten by the checkpoint's optimiser and
+  schedule or do not fit its weights, so they would silently do nothing: they stop the run with how to
+  fine-tune instead (``micronet train --pretrained OUT/last.pt --output NEW ...``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from ..models import resolve_name
+from .config import RUNTIME_FIELDS, TrainConfig, TrainingError
+
+# the checkpoint's optimiser / schedule state overwrites these, or its weights do not fit them
+REFUSED_ON_RESUME = (
+    "recipe",
+    "batch_size",
+    "lr",
+    "min_lr",
+    "warmup_epochs",
+    "warmup_lr",
+    "opt",
+    "momentum",
+    "weight_decay",
+    "wd_all",
+    "in_chans",
+    "pretrained",
+    "model_kwargs",
+)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def merge_resumed(saved: dict[str, Any], requested: TrainConfig, out: Path) -> tuple[TrainConfig, list[str]]:
+    """The saved (resolved) config with the flags given now on top; returns it and the changed settings.
+
+    Refuses a different model and every setting of ``REFUSED_ON_RESUME``, naming the way to fine-tune instead.
+    """
+    base = TrainConfig.from_dict(saved)
+    default = TrainConfig()
+    changed: list[str] = []
+    refused: list[str] = []
+    for f in fields(TrainConfig):
+        new = getattr(requested, f.name)
+        if new is None or new == getattr(default, f.name) or new == getattr(base, f.name):
+            continue
+        if f.name == "model":
+            try:
+                new_name = resolve_name(new)[0].name
+            except ValueError:
+                new_name = new
+            if new_name != base.model:
+                raise TrainingError(
+                    f"--resume: {out}/last.pt is a {base.model} run, not {new}; resume it with "
+                    f"--model {base.model} or train {new} in another --output"
+                )
+            continue
+        if f.name in REFUSED_ON_RESUME:
+            refused.append(f"{_flag(f.name)} {new} (the run has {getattr(base, f.name)})")
+            continue
+        setattr(base, f.name, new)
+        if f.name not in RUNTIME_FIELDS:
+            changed.append(f.name)
+    if refused:
+        raise TrainingError(
+            f"--resume cannot change {', '.join(refused)}: the checkpoint's optimiser and schedule (or weights) "
+            f"would override it, so it would do nothing. To train on with new settings, fine-tune: micronet train "
+            f"--pretrained {out}/last.pt --output NEW_FOLDER ... (see docs/training.md, Resuming)"
+        )
+    base.output = str(out)
+    return base, changed
+
+
+def check_epochs(cfg: TrainConfig, saved_epochs: int, done_epochs: int, step_in_epoch: int, out: Path) -> str | None:
+    """Refuse an ``--epochs`` that would train nothing; return the line describing a changed schedule (or None)."""
+    if cfg.epochs == saved_epochs:
+        return None
+    if cfg.epochs <= done_epochs:
+        partial = f" and {step_in_epoch} steps of epoch {done_epochs + 1}" if step_in_epoch else ""
+        raise TrainingError(
+            f"--resume --epochs {cfg.epochs}: the run in {out} has already trained {done_epochs} epochs{partial}, "
+            f"so it would train nothing. Give --epochs above {done_epochs} to train further, or fine-tune from its "
+            f"weights: micronet train --pretrained {out}/last.pt --output NEW_FOLDER --epochs N"
+        )
+    return (
+        f"--epochs {cfg.epochs} (was {saved_epochs}): the cosine schedule is re-stretched over {cfg.epochs} epochs; "
+        f"from epoch {done_epochs + 1} on the learning rate follows it"
+    )
+
+
+def restretch_schedule(scheduler: Any, total_steps: int, global_step: int) -> float:
+    """Point a resumed timm ``CosineLRScheduler`` at the new total and set the lr for ``global_step``; returns it."""
+    scheduler.t_initial = total_steps
+    scheduler.step_update(global_step)
+    return float(scheduler.optimizer.param_groups[0]["lr"])
