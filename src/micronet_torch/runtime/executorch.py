@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,15 +95,26 @@ def write_executorch(
     path: str | os.PathLike,
     input_shape: tuple[int, int, int, int],
     metadata: dict[str, Any] | None = None,
-) -> tuple[Path, Any]:
-    """``export_executorch`` that also returns the lowered edge program (for ``ops_outside_delegate``)."""
+) -> tuple[Path, DelegateReport]:
+    """``export_executorch`` that also says what the XNNPACK delegate covers (read before ``to_executorch``,
+    which rewrites the edge program in place into out-variants and allocations)."""
     path = Path(path).with_suffix(".pte")
     path.parent.mkdir(parents=True, exist_ok=True)
     edge = lower_xnnpack(model, input_shape, metadata)
+    report = DelegateReport(delegate_count(edge), ops_outside_delegate(edge), shift_max_ops_outside(edge))
     path.write_bytes(edge.to_executorch().buffer)
     if metadata:
         path.with_suffix(".json").write_text(json.dumps(metadata, indent=1))
-    return path, edge
+    return path, report
+
+
+@dataclass
+class DelegateReport:
+    """How much of a program XNNPACK runs: its partitions, the operators outside, the Dynamic Shift-Max ones."""
+
+    partitions: int
+    outside: list[str]
+    shift_max_outside: list[str]
 
 
 def _numeric(item: tuple[str, Any]) -> tuple[str, Any]:

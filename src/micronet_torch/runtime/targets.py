@@ -114,15 +114,15 @@ def _export_openvino(
 def _export_executorch(
     model: nn.Module, path: Path, shape: tuple[int, ...], metadata: dict | None = None, **options: Any
 ) -> ExportResult:
-    written, edge = executorch.write_executorch(model, path, shape, metadata)  # type: ignore[arg-type]
+    written, report = executorch.write_executorch(model, path, shape, metadata)  # type: ignore[arg-type]
     res = ExportResult(written, "executorch", exporter="torch.export + XNNPACK partitioner")
-    outside = executorch.ops_outside_delegate(edge)
-    counts = {op: outside.count(op) for op in dict.fromkeys(outside)}
+    counts = {op: report.outside.count(op) for op in dict.fromkeys(report.outside)}
     res.notes.append(
-        f"{executorch.delegate_count(edge)} XNNPACK partition(s); outside the delegate: "
+        f"{report.partitions} XNNPACK partition(s); outside the delegate: "
         + (", ".join(f"{n} x {op}" for op, n in counts.items()) if counts else "nothing")
     )
-    dsm = executorch.shift_max_ops_outside(edge)
+    res.notes.append(f"metadata: numeric entries as constant methods, all in {_json(written)}")
+    dsm = report.shift_max_outside
     if dsm:
         res.failures.append(f"Dynamic Shift-Max operators outside the XNNPACK delegate: {', '.join(sorted(set(dsm)))}")
     return res
