@@ -37,5 +37,5 @@ if ! .venv/bin/python -c "import torch, torchvision; assert torch.__version__.st
     .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1 2>&1 | { grep -v "^WARNING: Location" || true; }
 fi
 echo "setup: installing micronet-torch[test]"
-.venv/bin/pip install -q -e '.[test]' 2>&1 | { grep -v "^WARNING: Location" || true; }
+.venv/bin/pip install -q -e '.[test,all]' 2>&1 | { grep -v "^WARNING: Location" || true; }
 .venv/bin/python -c "import micronet_torch, torch; print('setup: ok, micronet-torch', micronet_torch.__version__, 'torch', torch.__version__)"
