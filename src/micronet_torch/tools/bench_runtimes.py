@@ -96,6 +96,7 @@ def run_runtime_benchmark(
     runtimes = parse_runtimes(runtimes)
     env = environment()
     env.update(runs=runs, warmup=warmup, img_size=img_size, max_seconds=max_seconds, block=block, threads=1)
+    env["models"] = list(models)
     env["runtime_versions"] = _versions(runtimes)
     records: list[RuntimeRecord] = []
     threads = torch.get_num_threads()
