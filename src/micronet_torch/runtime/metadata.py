@@ -33,13 +33,3 @@ def export_metadata(loaded: LoadedModel) -> dict[str, str]:
         "class_names": json.dumps(list(loaded.class_names)),
     }
 
-
-def decoded(metadata: dict[str, str]) -> dict[str, object]:
-    """The metadata with its JSON values parsed (numbers and lists back as such; plain text stays text)."""
-    out: dict[str, object] = {}
-    for key, value in metadata.items():
-        try:
-            out[key] = json.loads(value)
-        except (TypeError, ValueError):
-            out[key] = value
-    return out

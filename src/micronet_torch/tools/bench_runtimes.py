@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -144,8 +145,6 @@ def run_runtime_benchmark(
 
 def _versions(runtimes: tuple[str, ...]) -> dict[str, str]:
     """The installed version of each runtime's Python packages."""
-    from importlib.metadata import PackageNotFoundError, version
-
     dists = {
         "ort": ("onnxruntime",),
         "openvino": ("openvino",),
