@@ -32,4 +32,3 @@ def export_metadata(loaded: LoadedModel) -> dict[str, str]:
         "resize": json.dumps({"policy": cfg.policy, "resize_size": cfg.resize_size, "crop_pct": cfg.crop_pct}),
         "class_names": json.dumps(list(loaded.class_names)),
     }
-
