@@ -48,7 +48,7 @@ if [ -n "${MICRONET_TORCH_INDEX_URL:-}" ] || [ "$TORCH_SPEC" != "torch==2.14.1 t
     # shellcheck disable=SC2086  # TORCH_SPEC is a list of requirements
     .venv/bin/pip install -q ${INDEX_ARGS[@]+"${INDEX_ARGS[@]}"} $TORCH_SPEC 2>&1 | { grep -v "^WARNING: Location" || true; }
 fi
-echo "setup: installing micronet-torch[test]"
-.venv/bin/pip install -q -e '.[test]' 2>&1 | { grep -v "^WARNING: Location" || true; }
+echo "setup: installing micronet-torch[test,all] (the deployment runtimes too)"
+.venv/bin/pip install -q -e '.[test,all]' 2>&1 | { grep -v "^WARNING: Location" || true; }
 .venv/bin/python -c "import micronet_torch, torch; print('setup: ok, micronet-torch', micronet_torch.__version__, 'torch', torch.__version__)"
 echo "setup: run 'source .venv/bin/activate' to put micronet on your PATH, or call .venv/bin/micronet directly"

@@ -5,13 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import SHARED_FIXTURES
-from micronet_torch.bench import trained_like
 
 import micronet_torch
-from micronet_torch.deploy_portable import channel_runs, convert_to_portable
+from micronet_torch.deploy import channel_runs, convert_to_deploy
+from micronet_torch.tools.bench import trained_like
 
 FIXTURES = SHARED_FIXTURES / "official"
 TOL = 2e-5
+
+
+def convert_to_portable(model: torch.nn.Module, **options) -> torch.nn.Module:
+    return convert_to_deploy(model, backend="portable", **options)
 
 
 def rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -55,3 +59,11 @@ def test_graph_has_no_gather_and_no_tensor_over_4d(name: str) -> None:
 def test_channel_runs() -> None:
     assert channel_runs(torch.tensor([2, 3, 0, 1])) == [(2, 4), (0, 2)]
     assert channel_runs(torch.arange(5)) == [(0, 5)]
+
+
+def test_options_only_for_portable() -> None:
+    model = micronet_torch.create_model("micronet_m0").eval()
+    with pytest.raises(TypeError, match="merge"):
+        convert_to_deploy(model, backend="onnx", merge="all")
+    with pytest.raises(ValueError, match="merge"):
+        convert_to_deploy(model, backend="portable", merge="some")

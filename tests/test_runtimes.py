@@ -1,72 +1,105 @@
-"""Every export target of the portable form, run in its own runtime: parity with the eager model (skipped with
-the reason when the runtime's package is not installed), and the ExecuTorch program's delegate coverage."""
+"""Every deployment export target (``runtime.targets.TARGETS``: openvino, executorch, tflite, ncnn) run in its own
+runtime: parity with the eager model, the fixtures, the ExecuTorch program's delegate coverage, metadata, and the
+``micronet export --format`` command end to end. A runtime whose package is not installed is skipped with the
+reason (``pip install micronet-torch[<extra>]``)."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import dataclasses
+import json
 
-import numpy as np
 import pytest
 import torch
 from helpers import SHARED_FIXTURES
-from micronet_torch.bench import trained_like
 
 import micronet_torch
-from micronet_torch.deploy_portable import RUNTIME_OPTIONS, convert_to_portable
+from micronet_torch.cli import main
+from micronet_torch.deploy import RUNTIME_OPTIONS, convert_to_deploy
+from micronet_torch.models import LoadedModel, published_data_config
+from micronet_torch.runtime import TARGETS, ExportError, ExportOptions, export_metadata, export_model, load_exported
+from micronet_torch.runtime import executorch as et
+from micronet_torch.tools.bench import trained_like
 
 TOL = 2e-5
-# runtime -> the packages its export and its loader import
-PACKAGES = {
-    "openvino": ("openvino",),
-    "executorch": ("executorch",),
-    "litert": ("litert_torch", "ai_edge_litert"),
-    "ncnn": ("pnnx", "ncnn"),
-}
-# what a Dynamic Shift-Max lowers to: none of these may run outside the XNNPACK delegate
-DSM_OPS = ("mean", "convolution", "relu", "hardsigmoid", "clamp", "mul", "add", "maximum", "cat", "slice")
+RUNTIME_FORMATS = ("openvino", "executorch", "tflite", "ncnn")
+FIXTURES = SHARED_FIXTURES / "official"
 
 
-def _runtime(rt: str):
-    missing = [p for p in PACKAGES[rt] if importlib.util.find_spec(p) is None]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not installed (pip install micronet-torch[{rt}])")
-    return importlib.import_module(f"micronet_torch.runtime.{rt}")
+def _target(fmt: str):
+    target = TARGETS[fmt]
+    why = target.missing()
+    if why:
+        pytest.skip(why)
+    return target
 
 
-def _rel(out: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(out - ref).max() / np.abs(ref).max())
+def _rel(out, ref: torch.Tensor) -> float:
+    return float(abs(torch.as_tensor(out) - ref).max() / ref.abs().max())
 
 
-@pytest.mark.parametrize("rt", list(PACKAGES))
+@pytest.mark.parametrize("fmt", RUNTIME_FORMATS)
 @pytest.mark.parametrize("name", ["micronet_m0", "micronet_m3"])
-def test_parity(rt: str, name: str, tmp_path) -> None:
-    mod = _runtime(rt)
+def test_parity(fmt: str, name: str, tmp_path) -> None:
+    """The file ``micronet export --format`` writes (portable form, the runtime's options) matches eager."""
+    target = _target(fmt)
+    assert target.backend == "portable" and target.options == RUNTIME_OPTIONS[{"tflite": "litert"}.get(fmt, fmt)]
     model = trained_like(micronet_torch.create_model(name))
-    shape = (1, 3, 64, 64)
-    meta = {"input_name": "input", "input_size": [3, 64, 64], "mean": [0.485, 0.456, 0.406]}
-    portable = convert_to_portable(model, **RUNTIME_OPTIONS[rt])  # the form each runtime is fastest with
-    path = getattr(mod, f"export_{rt}")(portable, tmp_path / name, shape, meta)
-    x = torch.randn(*shape)
+    res = export_model(model, tmp_path / name, (1, 3, 64, 64), ExportOptions(format=fmt), {"model": name})
+    assert res.path.suffix == target.suffix and not res.failures, res.failures
+    x = torch.randn(2, 3, 64, 64)  # fixed batch-1 files run image by image
     with torch.no_grad():
-        ref = model(x).numpy()
-    assert _rel(getattr(mod, f"load_{rt}")(path)(x.numpy()), ref) <= TOL
+        ref = model(x)
+    assert _rel(load_exported(res.path, fmt)(x), ref) <= TOL
 
 
 def test_fixture_through_openvino(tmp_path) -> None:
-    mod = _runtime("openvino")
-    ckpt = SHARED_FIXTURES / "official" / "micronet-m0-official-random.pth.tar"
+    _target("openvino")
+    ckpt = FIXTURES / "micronet-m0-official-random.pth.tar"
     if not ckpt.is_file():
         pytest.skip("fixtures not available")
-    ref = torch.load(SHARED_FIXTURES / "official" / "micronet-m0-official-io.pt", weights_only=True)
+    ref = torch.load(FIXTURES / "micronet-m0-official-io.pt", weights_only=True)
     model = micronet_torch.create_model("micronet_m0", pretrained=str(ckpt)).eval()
-    path = mod.export_openvino(convert_to_portable(model), tmp_path / "m0", tuple(ref["input"].shape), {"a": "b"})
-    assert _rel(mod.load_openvino(path)(ref["input"].numpy()), ref["logits"].numpy()) <= TOL
+    shape = (1, *ref["input"].shape[1:])
+    res = export_model(model, tmp_path / "m0", shape, ExportOptions(format="openvino"), {"a": "b"})
+    assert _rel(load_exported(res.path, "openvino")(ref["input"]), ref["logits"]) <= TOL
 
 
-def test_executorch_dsm_inside_delegate() -> None:
-    mod = _runtime("executorch")
-    edge = mod.lower_xnnpack(convert_to_portable(micronet_torch.create_model("micronet_m0").eval()), (1, 3, 64, 64))
-    outside = mod.ops_outside_delegate(edge)
-    assert not [op for op in outside if any(w in op for w in DSM_OPS)], outside
-    assert mod.delegate_count(edge) == 1
+def test_executorch_dsm_inside_delegate(tmp_path) -> None:
+    """Every Dynamic Shift-Max of M0 runs inside the one XNNPACK partition (only layout copies stay outside)."""
+    _target("executorch")
+    portable = convert_to_deploy(micronet_torch.create_model("micronet_m0").eval(), backend="portable")
+    _, report = et.write_executorch(portable, tmp_path / "m0", (1, 3, 64, 64), {"mean": "[0.5, 0.5, 0.5]"})
+    assert report.shift_max_outside == []
+    assert report.partitions == 1
+    assert all(any(c in op for c in et.LAYOUT_COPIES) for op in report.outside), report.outside
+
+
+def test_missing_runtime_names_the_extra(monkeypatch) -> None:
+    monkeypatch.setitem(TARGETS, "ncnn", dataclasses.replace(TARGETS["ncnn"], packages=("no_such_module_13",)))
+    with pytest.raises(ExportError, match=r"pip install micronet-torch\[ncnn\]"):
+        ExportOptions(format="ncnn").validate()
+    with pytest.raises(ExportError, match="openvino"):
+        ExportOptions(format="onnx", dynamic_batch=True).validate()
+
+
+def test_export_metadata() -> None:
+    model = micronet_torch.create_model("micronet_m0", num_classes=3).eval()
+    meta = export_metadata(LoadedModel(model, "micronet_m0", published_data_config(96), ["a", "b", "c"], "name"))
+    assert all(isinstance(v, str) for v in meta.values())
+    assert json.loads(meta["input_size"]) == [3, 96, 96] and json.loads(meta["class_names"]) == ["a", "b", "c"]
+    assert meta["input_name"] == "input" and meta["micronet_torch_version"] == micronet_torch.__version__
+    assert json.loads(meta["mean"]) == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_cli_export_openvino(tmp_path, capsys) -> None:
+    """``micronet export --format openvino``: the IR, its metadata in rt_info, and the printed parity check."""
+    _target("openvino")
+    out = tmp_path / "m0.xml"
+    assert main(["export", "--model", "micronet_m0", "--img-size", "32", "--format", "openvino", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "image by image" in text and "OK" in text
+    import openvino  # optional runtime, present here (skipped above otherwise)
+
+    ov_model = openvino.Core().read_model(str(out))
+    assert ov_model.get_rt_info(["micronet", "model"]).astype(str) == "micronet_m0"
+    assert json.loads(ov_model.get_rt_info(["micronet", "input_size"]).astype(str)) == [3, 32, 32]

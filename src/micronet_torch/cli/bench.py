@@ -5,12 +5,37 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 
 from ..data import DataConfig, default_policy
 from ..runtime import calibration_images
 from ..tools.bench import DEFAULT_MODELS, DEFAULT_PATHS, PATHS, environment, run_benchmark
 from ..tools.bench_report import environment_line, markdown, save
+from ..tools.bench_runtimes import RUNTIMES, markdown_runtimes, parse_runtimes, run_runtime_benchmark, save_runtimes
+
+
+def run_bench_runtimes(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    """``--runtimes``: one table per deployment runtime (1 thread, batch 1) instead of the ``--paths`` tables."""
+    records, env = run_runtime_benchmark(
+        models=tuple(args.models),
+        runtimes=parse_runtimes(args.runtimes),
+        runs=args.runs,
+        warmup=args.warmup,
+        img_size=args.img_size,
+        log=log,
+        out_dir=args.out_dir,
+        max_seconds=args.max_seconds,
+        block=args.block,
+    )
+    if args.out_dir:
+        js, md = save_runtimes(records, env, args.out_dir)
+        log(f"saved {js} and {md}")
+    if args.json:
+        print(json.dumps(dict(environment=env, records=[asdict(r) for r in records]), indent=1))
+    else:
+        print(markdown_runtimes(records, env))
+    return 0
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -24,6 +49,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
     env0 = environment()
     log(environment_line(env0))
+    if args.runtimes:
+        return run_bench_runtimes(args, log)
     records, env = run_benchmark(
         models=tuple(args.models),
         paths=tuple(args.paths),
@@ -57,6 +84,11 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="models to run [M0-M3 + timm baselines]")
     p.add_argument("--paths", nargs="+", default=list(DEFAULT_PATHS), choices=PATHS, help="inference paths [all]")
+    p.add_argument(
+        "--runtimes",
+        help=f"comma-separated deployment runtimes ({','.join(RUNTIMES)}): one table each, 1 thread, batch 1, "
+        "every model exported as micronet export does (replaces the --paths tables)",
+    )
     p.add_argument("--runs", type=int, default=50, help="timed runs per measurement [50]")
     p.add_argument("--warmup", type=int, default=10, help="warm-up runs [10]")
     p.add_argument("--img-size", type=int, default=224, help="input size [224]")

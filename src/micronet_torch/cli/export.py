@@ -39,6 +39,7 @@ def run_export(args: argparse.Namespace) -> int:
         float_convs=args.float_convs,
         skip_bad_images=args.skip_bad_images,
         keep_failed=args.keep_failed,
+        dynamic_batch=args.dynamic_batch,
     )
     options.validate()  # before the (slow) model load
     return 0 if export_and_check(_loaded(args), args.output, options) else 1
@@ -47,9 +48,10 @@ def run_export(args: argparse.Namespace) -> int:
 def register_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="export to ONNX / TorchScript / torch.export (deploy mode, int8), with a parity check",
-        description="Export a MicroNet in deploy mode (BN folded, shuffles folded, fused Dynamic Shift-Max) with a "
-        "dynamic batch axis, then check it against PyTorch.",
+        help="export to ONNX / TorchScript / torch.export / OpenVINO / ExecuTorch / LiteRT / ncnn, with a parity check",
+        description="Export a MicroNet in deploy mode (BN folded, shuffles folded, fused Dynamic Shift-Max; the "
+        "portable gather-free form for openvino, executorch, tflite and ncnn), then check it against PyTorch. "
+        "ONNX, TorchScript and torch.export files have a dynamic batch axis; the others a fixed input shape.",
     )
     p.add_argument("--model", help="model name (micronet models); optional with a training checkpoint")
     p.add_argument(
@@ -58,7 +60,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         help="weights: best.pt/last.pt, published .pth(.tar), PaddleClas .pdparams, .safetensors",
     )
     p.add_argument("--format", choices=FORMATS, default="onnx")
-    p.add_argument("--output", "-o", required=True, help="file to write (.onnx, .ts/.pt, .pt2)")
+    p.add_argument(
+        "--output", "-o", required=True, help="file to write (.onnx, .ts/.pt, .pt2, .xml, .pte, .tflite, .param)"
+    )
     p.add_argument("--img-size", type=int, help="input size [checkpoint's, else 224]")
     p.add_argument("--num-classes", type=int, help="classes [checkpoint's, else 1000]")
     p.add_argument("--in-chans", type=int, help="input channels [checkpoint's, else 3]")
@@ -86,4 +90,5 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--float-convs", type=int, default=0, help="keep the first N convs and the head linears in float [0]"
     )
+    p.add_argument("--dynamic-batch", action="store_true", help="openvino: keep the batch axis dynamic (slower)")
     p.set_defaults(func=run_export)

@@ -2,7 +2,8 @@
 
 The compiler lowers an eval-mode model to a flat list of operations (``ir``, ``lower``), moves every channel
 permutation to where it costs nothing (``permutations``), fuses for the target runtime (``fusions``) and
-builds modules (``modules``, ``convert``). ``fused`` holds the fused Dynamic Shift-Max operator for ONNX
+builds modules (``modules``, ``convert``); ``portable`` is the gather-free form for
+OpenVINO, ExecuTorch, LiteRT and ncnn. ``fused`` holds the fused Dynamic Shift-Max operator for ONNX
 Runtime. Every rewrite is exact up to float rounding (``docs/deploy.md``).
 """
 
@@ -12,10 +13,12 @@ from .ir import NCHWC_BLOCK, Add, Conv, Op, Opaque, Perm, PhaseStem, Pointwise, 
 from .lower import lower, shift_max_op
 from .modules import ChannelGather, EdgeCorrectedConv, FusedShiftMax, PhaseStemConv, ResidualSequence, RowFoldedConv
 from .permutations import conv_input_perm, conv_output_perm, optimize
+from .portable import RUNTIME_OPTIONS, PortableMicroNet, PortableShiftMax, channel_runs, densify_shuffles
 
 __all__ = [
     "BACKENDS",
     "NCHWC_BLOCK",
+    "RUNTIME_OPTIONS",
     "Add",
     "ChannelGather",
     "Conv",
@@ -28,14 +31,18 @@ __all__ = [
     "PhaseStem",
     "PhaseStemConv",
     "Pointwise",
+    "PortableMicroNet",
+    "PortableShiftMax",
     "ResidualSequence",
     "RowFoldedConv",
     "Save",
     "ShiftMax",
     "build_modules",
+    "channel_runs",
     "conv_input_perm",
     "conv_output_perm",
     "convert_to_deploy",
+    "densify_shuffles",
     "deploy_summary",
     "expand_multipliers",
     "fold_shift_max_scale",

@@ -25,6 +25,7 @@ from .ir import Add, Conv, Op, Perm, PhaseStem, Save, ShiftMax
 from .lower import _fold_bn, lower
 from .modules import ChannelGather, FusedShiftMax, PhaseStemConv, ResidualSequence, _conv_module
 from .permutations import optimize
+from .portable import PORTABLE_OPTIONS, PortableMicroNet, portable_features
 
 
 def build_modules(
@@ -88,7 +89,22 @@ class DeployMicroNet(nn.Module):
         return super().train(False)
 
 
-BACKENDS = ("eager", "onnx")
+BACKENDS = ("eager", "onnx", "portable")
+
+
+def _head(model: nn.Module, dtype: torch.dtype) -> nn.Sequential:
+    """The classifier after the pooled features: h-swish, then each linear with its BatchNorm folded in."""
+    pool = list(model.avgpool)
+    if not (
+        len(pool) == 3
+        and isinstance(pool[0], nn.ReLU6)
+        and isinstance(pool[1], nn.AdaptiveAvgPool2d)
+        and isinstance(pool[2], nn.Hardswish)
+    ):
+        raise NotImplementedError(f"unexpected head pooling {model.avgpool}")
+    return nn.Sequential(
+        nn.Hardswish(), *(_fold_linear(m, dtype) for m in model.classifier if not isinstance(m, nn.Dropout))
+    )
 
 
 def convert_to_deploy(
@@ -97,7 +113,8 @@ def convert_to_deploy(
     dtype: torch.dtype = torch.float32,
     merge_pairs: bool = True,
     fused_ops: bool = False,
-) -> DeployMicroNet:
+    **options: object,
+) -> DeployMicroNet | PortableMicroNet:
     """An inference-only copy of an eval-mode MicroNet with the same outputs (``docs/deploy.md``).
 
     ``backend`` picks between layouts that are equally exact but fast on different runtimes: ``onnx``
@@ -109,13 +126,24 @@ def convert_to_deploy(
     2k multiply-adds and needs its border map added, which made it slower than the two convs in ORT.
     ``fused_ops`` (``onnx`` only) computes every Dynamic Shift-Max's fusion and max with one
     ``micronet.ShiftMax`` operator, which ONNX Runtime runs from the library in ``fused_ops.py``.
+
+    ``portable`` builds the gather-free graph of at most 4-D tensors that OpenVINO, ExecuTorch/XNNPACK,
+    LiteRT and ncnn lower to their fast kernels (``portable.py``); ``options`` are its keywords
+    (``scale_into_conv``, ``densify``, ``merge``, ``expand``; ``portable.RUNTIME_OPTIONS`` has each runtime's).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if fused_ops and backend != "onnx":
         raise ValueError("fused_ops=True makes an ONNX Runtime graph; use it with backend='onnx'")
+    unknown = [k for k in options if backend != "portable" or k not in PORTABLE_OPTIONS]
+    if unknown:
+        raise TypeError(f"convert_to_deploy(backend={backend!r}) takes no option(s) {unknown}")
     if not hasattr(model, "features") or not hasattr(model, "classifier"):
         raise TypeError(f"convert_to_deploy expects a MicroNet; got {type(model).__name__}")
+    if backend == "portable":
+        features = portable_features(model, dtype, **options)  # type: ignore[arg-type]
+        portable = PortableMicroNet(features, _head(model, dtype), getattr(model, "num_classes", 0))
+        return portable.eval().requires_grad_(False)
     ops = optimize(lower(model))
     if backend == "onnx":
         # repeating channels turns multiplier convs into depthwise ones, through which a permutation that was
@@ -129,18 +157,7 @@ def convert_to_deploy(
             ops = phase_stem(ops)
     ops = fold_shift_max_scale(ops)
     features = build_modules(ops, dtype, use_matmul=backend == "onnx", fused_ops=fused_ops)
-    pool = list(model.avgpool)
-    if not (
-        len(pool) == 3
-        and isinstance(pool[0], nn.ReLU6)
-        and isinstance(pool[1], nn.AdaptiveAvgPool2d)
-        and isinstance(pool[2], nn.Hardswish)
-    ):
-        raise NotImplementedError(f"unexpected head pooling {model.avgpool}")
-    head = nn.Sequential(
-        nn.Hardswish(), *(_fold_linear(m, dtype) for m in model.classifier if not isinstance(m, nn.Dropout))
-    )
-    deployed = DeployMicroNet(features, head, getattr(model, "num_classes", 0))
+    deployed = DeployMicroNet(features, _head(model, dtype), getattr(model, "num_classes", 0))
     return deployed.eval().requires_grad_(False)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,23 +18,24 @@ EXTRA = "pip install micronet-torch[executorch]"
 
 def _require() -> None:
     try:
-        import executorch  # noqa: F401
+        import executorch  # noqa: F401  (optional heavy dependency: only when exporting or running .pte)
     except ImportError as err:
         raise ImportError(f"ExecuTorch export needs the executorch package: {EXTRA}") from err
 
 
 def lower_xnnpack(model: nn.Module, input_shape: tuple[int, int, int, int], metadata: dict[str, Any] | None = None):
     """``torch.export`` at a static shape, then ``to_edge_transform_and_lower`` with the XNNPACK partitioner;
-    numeric or list metadata become constant methods of the program (read with ``load_method(name)``)."""
+    numeric metadata (numbers, lists of numbers, also as JSON text) become constant methods of the program
+    (read with ``load_method(name)``)."""
     _require()
+    # executorch is an optional heavy dependency: imported only when exporting to it
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
     _warm(model, input_shape)  # per-input-size constants (border maps) exist before tracing
     with torch.no_grad():
         program = torch.export.export(model.eval(), (torch.randn(*input_shape),))
-    constants = {k: v for k, v in (metadata or {}).items() if isinstance(v, int | float | list | tuple)}
-    constants = {k: (list(v) if isinstance(v, tuple) else v) for k, v in constants.items()}
+    constants = {k: v for k, v in map(_numeric, (metadata or {}).items()) if v is not None}
     return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=constants)
 
 
@@ -50,6 +53,26 @@ def ops_outside_delegate(edge: Any) -> list[str]:
     return out
 
 
+# layout conversions the partitioner places between the delegate and constant buffers: data movement, not compute
+LAYOUT_COPIES = ("_to_dim_order_copy", "_clone_dim_order", "_to_copy")
+SHIFT_MAX_MODULE = "PortableShiftMax"
+
+
+def shift_max_ops_outside(edge: Any) -> list[str]:
+    """Operators of a Dynamic Shift-Max (by the module that produced them) left outside the delegate, layout
+    copies excepted: any entry here means a Dynamic Shift-Max is not run by XNNPACK."""
+    graph = edge.exported_program().graph_module.graph
+    out = []
+    for node in graph.nodes:
+        name = getattr(node.target, "__name__", str(node.target))
+        if node.op != "call_function" or "executorch_call_delegate" in name or name == "getitem":
+            continue
+        stack = [str(cls) for _, cls in (node.meta.get("nn_module_stack") or {}).values()]
+        if any(SHIFT_MAX_MODULE in cls for cls in stack) and not any(c in name for c in LAYOUT_COPIES):
+            out.append(name)
+    return out
+
+
 def delegate_count(edge: Any) -> int:
     """The number of XNNPACK partitions (delegate calls) in the lowered program."""
     graph = edge.exported_program().graph_module.graph
@@ -62,18 +85,60 @@ def export_executorch(
     input_shape: tuple[int, int, int, int],
     metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the XNNPACK-lowered ``.pte`` program of ``model`` for a fixed ``input_shape``."""
+    """Write the XNNPACK-lowered ``.pte`` program of ``model`` for a fixed ``input_shape`` (``metadata`` also in a
+    ``.json`` next to it: constant methods hold numbers only)."""
+    return write_executorch(model, path, input_shape, metadata)[0]
+
+
+def write_executorch(
+    model: nn.Module,
+    path: str | os.PathLike,
+    input_shape: tuple[int, int, int, int],
+    metadata: dict[str, Any] | None = None,
+) -> tuple[Path, DelegateReport]:
+    """``export_executorch`` that also says what the XNNPACK delegate covers (read before ``to_executorch``,
+    which rewrites the edge program in place into out-variants and allocations)."""
     path = Path(path).with_suffix(".pte")
     path.parent.mkdir(parents=True, exist_ok=True)
     edge = lower_xnnpack(model, input_shape, metadata)
+    report = DelegateReport(delegate_count(edge), ops_outside_delegate(edge), shift_max_ops_outside(edge))
     path.write_bytes(edge.to_executorch().buffer)
-    return path
+    if metadata:
+        path.with_suffix(".json").write_text(json.dumps(metadata, indent=1))
+    return path, report
+
+
+@dataclass
+class DelegateReport:
+    """How much of a program XNNPACK runs: its partitions, the operators outside, the Dynamic Shift-Max ones."""
+
+    partitions: int
+    outside: list[str]
+    shift_max_outside: list[str]
+
+
+def _numeric(item: tuple[str, Any]) -> tuple[str, Any]:
+    """(key, value) with ``value`` as a number or a list of numbers when it is one (or JSON text of one), else
+    None: ExecuTorch's constant methods hold numbers, not text."""
+    key, value = item
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return key, None
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, bool) or not isinstance(value, int | float | list):
+        return key, None
+    if isinstance(value, list) and not (value and all(isinstance(v, int | float) for v in value)):
+        return key, None
+    return key, value
 
 
 def load_executorch(path: str | os.PathLike, threads: int = 1) -> Callable[[np.ndarray], np.ndarray]:
     """A function running the ``.pte`` program's ``forward`` with ExecuTorch's Python runtime."""
     _require()
-    from executorch.runtime import Runtime
+    from executorch.runtime import Runtime  # optional heavy dependency
 
     _set_threads(threads)
     method = Runtime.get().load_program(Path(path)).load_method("forward")
@@ -87,7 +152,7 @@ def load_executorch(path: str | os.PathLike, threads: int = 1) -> Callable[[np.n
 def _set_threads(threads: int) -> None:
     """Size the threadpool XNNPACK uses (the Python runtime's default is every core)."""
     try:
-        from executorch.extension.pybindings import portable_lib
+        from executorch.extension.pybindings import portable_lib  # optional heavy dependency
 
         portable_lib._unsafe_reset_threadpool(threads)
     except (ImportError, AttributeError):

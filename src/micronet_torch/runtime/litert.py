@@ -24,7 +24,7 @@ def export_litert(
     """Convert ``model`` at a fixed ``input_shape`` (NCHW input kept) to a ``.tflite`` flatbuffer; ``metadata``
     goes into a ``.json`` next to it (the flatbuffer's metadata table needs the TFLite support tooling)."""
     try:
-        import litert_torch
+        import litert_torch  # optional heavy dependency: only when exporting
     except ImportError as err:
         raise ImportError(f"LiteRT export needs the litert-torch package: {EXTRA}") from err
     path = Path(path).with_suffix(".tflite")
@@ -41,7 +41,7 @@ def export_litert(
 def load_litert(path: str | os.PathLike, threads: int = 1) -> Callable[[np.ndarray], np.ndarray]:
     """A function running the ``.tflite`` file with ai_edge_litert's Interpreter (XNNPACK is its default)."""
     try:
-        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert.interpreter import Interpreter  # optional heavy dependency
     except ImportError as err:
         raise ImportError(f"running LiteRT models needs the ai-edge-litert package: {EXTRA}") from err
     interp = Interpreter(model_path=str(path), num_threads=threads)

@@ -1,8 +1,9 @@
 """What every exported file carries, so that it runs right without micronet-torch and without ``best.pt``.
 
 ``export_metadata(loaded)`` is the one dictionary (string keys and values) each exporter writes in its
-format's metadata (ONNX ``metadata_props``, TorchScript / torch.export extra files); ``read_onnx_metadata``
-reads it back (``micronet eval`` / ``predict`` of an ``.onnx`` file).
+format's metadata place: ONNX ``metadata_props``, TorchScript / torch.export extra files, OpenVINO ``rt_info``,
+ExecuTorch constant methods (the numeric entries), a ``.json`` beside LiteRT / ncnn / ExecuTorch files.
+``read_onnx_metadata`` reads it back (``micronet eval`` / ``predict`` of an ``.onnx`` file).
 """
 
 from __future__ import annotations
@@ -16,17 +17,25 @@ from ..data import DataConfig
 from ..models import LoadedModel
 
 INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
 
 
-def export_metadata(loaded: LoadedModel, input_name: str = INPUT_NAME) -> dict[str, str]:
-    """Class names (JSON), input name and size (N, C, H, W), mean/std, model name, package version, data config."""
+def export_metadata(
+    loaded: LoadedModel, input_name: str = INPUT_NAME, batch: str | int | None = None
+) -> dict[str, str]:
+    """Class names (JSON), input name and size ((C, H, W), or (batch, C, H, W) when ``batch`` is given: ONNX files
+    have a dynamic batch axis), mean/std, the resize, the model name, the package version and the data config."""
     cfg = loaded.data_config
     in_chans = getattr(loaded.model, "in_chans", cfg.in_chans)
+    size = [int(in_chans), int(cfg.img_size), int(cfg.img_size)]
     return {
         "model_name": str(loaded.name),
+        "model": str(loaded.name),
         "class_names": json.dumps(list(loaded.class_names)),
         "input_name": input_name,
-        "input_size": json.dumps(["batch", int(in_chans), int(cfg.img_size), int(cfg.img_size)]),
+        "output_name": OUTPUT_NAME,
+        "input_size": json.dumps(size),
+        "input_layout": "NCHW, float32, RGB in [0, 1] then (x - mean) / std",
         "mean": json.dumps(per_channel(cfg.mean, in_chans)),
         "std": json.dumps(per_channel(cfg.std, in_chans)),
         "resize": json.dumps(

@@ -26,7 +26,7 @@ def export_ncnn(
     """Convert ``model`` with pnnx at a fixed ``input_shape``; writes ``<path>.param`` and ``<path>.bin`` (and a
     ``.json`` with ``metadata``: ncnn's param format has no place for it). Returns the ``.param`` path."""
     try:
-        import pnnx
+        import pnnx  # optional heavy dependency: only when exporting
     except ImportError as err:
         raise ImportError(f"ncnn export needs the pnnx package: {EXTRA}") from err
     path = Path(path).with_suffix(".param")
@@ -46,7 +46,7 @@ def export_ncnn(
 def load_ncnn(path: str | os.PathLike, threads: int = 1) -> Callable[[np.ndarray], np.ndarray]:
     """A function running the ncnn model on batch-1 NCHW input (ncnn's blobs have no batch axis)."""
     try:
-        import ncnn
+        import ncnn  # optional heavy dependency: only when running
     except ImportError as err:
         raise ImportError(f"running ncnn models needs the ncnn package: {EXTRA}") from err
     path = Path(path).with_suffix(".param")

@@ -17,7 +17,7 @@ EXTRA = "pip install micronet-torch[openvino]"
 
 def _openvino() -> Any:
     try:
-        import openvino
+        import openvino  # optional heavy dependency: only when exporting or running IR
     except ImportError as err:
         raise ImportError(f"OpenVINO export needs the openvino package: {EXTRA}") from err
     return openvino
@@ -49,16 +49,24 @@ def export_openvino(
 
 
 def load_openvino(path: str | os.PathLike, threads: int = 1) -> Callable[[np.ndarray], np.ndarray]:
-    """A function running the IR on OpenVINO's CPU plugin in fp32 with ``threads`` threads."""
+    """A function running the IR on OpenVINO's CPU plugin in fp32 with ``threads`` threads; an IR with a fixed
+    batch runs a larger input in chunks of that batch."""
     ov = _openvino()
     core = ov.Core()
     config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
     compiled = core.compile_model(str(Path(path).with_suffix(".xml")), "CPU", config)
     request = compiled.create_infer_request()
+    batch = compiled.inputs[0].get_partial_shape()[0]
+    fixed = None if batch.is_dynamic else batch.get_length()
 
-    def run(x: np.ndarray) -> np.ndarray:
+    def run_one(x: np.ndarray) -> np.ndarray:
         request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
         return request.get_output_tensor(0).data.copy()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if fixed is None or len(x) == fixed:
+            return run_one(x)
+        return np.concatenate([run_one(x[i : i + fixed]) for i in range(0, len(x), fixed)])  # fixed-shape IR
 
     return run
 

@@ -20,3 +20,4 @@ class ExportResult:
     agreement: float | None = None  # int8 top-1 agreement with fp32 PyTorch
     n_checked: int = 0
     notes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # what makes the export unusable although it wrote a file

@@ -1,42 +1,40 @@
 """The portable deploy form: a MicroNet graph built only from operators every deployment runtime runs fast.
 
-``convert_to_portable(model)`` reuses the deploy IR (``deploy.lower``: BatchNorm folded into the convs) but keeps
-each Dynamic Shift-Max in its logical channel order, so its group-circular shift is a few channel-range slices and
-one concatenation instead of a gather (``index_select`` / ONNX ``Gather``, which XNNPACK, LiteRT and ncnn cannot
-run in-graph). Channel shuffles are moved into convolution weights where that is exact and otherwise kept as the
-4-D reshape -> transpose -> reshape every runtime knows. Means keep their dimensions, the max over the K fusions
-is an elementwise maximum, and no tensor has more than 4 dimensions. Exact up to float rounding.
+``convert_to_deploy(model, backend="portable")`` (``convert``) builds it from ``portable_features`` here. It
+reuses the deploy IR (``lower``: BatchNorm folded into the convs) but keeps each Dynamic Shift-Max in its
+logical channel order, so its group-circular shift is a few channel rolls (two slices and a concatenation
+each) whose 0/1 masks are folded into the coefficients, instead of a gather (``index_select`` / ONNX
+``Gather``, which XNNPACK, LiteRT and ncnn cannot run in-graph). Channel shuffles are moved into convolution
+weights where that is exact, absorbed by densifying a small grouped conv, or kept as the 4-D reshape ->
+transpose -> reshape every runtime knows. Means keep their dimensions, the max over the K fusions is an
+elementwise maximum, and no tensor has more than 4 dimensions. Exact up to float rounding.
 """
 
 from __future__ import annotations
-
-import copy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .deploy import (
-    Add,
-    Conv,
-    Op,
-    Perm,
-    Pointwise,
-    Save,
-    ShiftMax,
-    _conv_input_perm,
-    _conv_module,
-    _conv_output_perm,
-    _fold_linear,
-    _is_identity,
-    expand_multipliers,
-    fold_shift_max_scale,
-    lower,
-    merge_separable,
-)
-from .ops.shuffle import compose_permutations, shuffle_permutation
+from ..ops.shuffle import compose_permutations, shuffle_permutation
+from .fusions import expand_multipliers, fold_shift_max_scale, merge_separable
+from .ir import Add, Conv, Op, Perm, Pointwise, Save, ShiftMax
+from .lower import lower
+from .modules import ResidualSequence, _conv_module
+from .permutations import _is_identity, conv_input_perm, conv_output_perm
 
-__all__ = ["ChannelSlices", "PortableMicroNet", "PortableShiftMax", "channel_runs", "convert_to_portable"]
+__all__ = [
+    "PORTABLE_OPTIONS",
+    "RUNTIME_OPTIONS",
+    "ChannelShuffle4d",
+    "ChannelSlices",
+    "PortableMicroNet",
+    "PortableShiftMax",
+    "channel_runs",
+    "densify_shuffles",
+    "portable_features",
+    "portable_ops",
+]
 
 
 def channel_runs(index: torch.Tensor) -> list[tuple[int, int]]:
@@ -179,7 +177,7 @@ def _fold_perms_into_convs(ops: list[Op]) -> list[Op]:
         while j >= 0 and isinstance(ops[j], Pointwise):
             j -= 1
         if j >= 0 and isinstance(ops[j], Conv):
-            moved = _conv_output_perm(ops[j], op.index)
+            moved = conv_output_perm(ops[j], op.index)
             if moved is not None and _is_identity(moved[1]):
                 ops[j] = moved[0]
                 del ops[i]
@@ -188,7 +186,7 @@ def _fold_perms_into_convs(ops: list[Op]) -> list[Op]:
         while k < len(ops) and isinstance(ops[k], Pointwise):
             k += 1
         if k < len(ops) and isinstance(ops[k], Conv):
-            moved = _conv_input_perm(ops[k], op.index)
+            moved = conv_input_perm(ops[k], op.index)
             if moved is not None:
                 ops[k], q = moved
                 if _is_identity(q):
@@ -216,7 +214,7 @@ def _build(ops: list[Op], dtype: torch.dtype) -> nn.Sequential:
             stack.append([])
         elif isinstance(op, Add):
             layers = stack.pop()
-            stack[-1].append(_Residual(*layers))
+            stack[-1].append(ResidualSequence(*layers))
         elif isinstance(op, Conv):
             stack[-1].append(_conv_module(op, dtype))
         elif isinstance(op, Perm):
@@ -228,16 +226,6 @@ def _build(ops: list[Op], dtype: torch.dtype) -> nn.Sequential:
     if len(stack) != 1:
         raise RuntimeError("unbalanced residual markers")
     return nn.Sequential(*stack[0])
-
-
-class _Residual(nn.Sequential):
-    """``x + layers(x)``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x
-        for layer in self:
-            out = layer(out)
-        return out + x
 
 
 class PortableMicroNet(nn.Module):
@@ -330,33 +318,28 @@ def portable_ops(
     return fold_shift_max_scale(ops) if scale_into_conv else ops
 
 
-def convert_to_portable(
+PORTABLE_OPTIONS = ("scale_into_conv", "densify", "merge", "expand")  # the keywords portable_features takes
+
+
+def portable_features(
     model: nn.Module,
     dtype: torch.dtype = torch.float32,
     scale_into_conv: bool = True,
     densify: int = 8,
     merge: str = "none",
     expand: int = 0,
-) -> PortableMicroNet:
-    """An inference-only copy of an eval-mode MicroNet, exact to it, in operators every runtime runs fast.
+) -> nn.Sequential:
+    """The feature extractor of an eval-mode MicroNet in portable modules (``portable_ops`` for the options).
 
     ``scale_into_conv`` lets the convolution after each Dynamic Shift-Max carry the hyper-function's scale
-    (``deploy.fold_shift_max_scale``), so the coefficients are one h-sigmoid plus an offset.
+    (``fusions.fold_shift_max_scale``), so the coefficients are one h-sigmoid plus an offset.
     """
-    if not hasattr(model, "features") or not hasattr(model, "classifier"):
-        raise TypeError(f"convert_to_portable expects a MicroNet; got {type(model).__name__}")
-    features = _build(portable_ops(model, scale_into_conv, densify, merge, expand), dtype)
-    pool = list(model.avgpool)
-    if not (len(pool) == 3 and isinstance(pool[0], nn.ReLU6) and isinstance(pool[2], nn.Hardswish)):
-        raise NotImplementedError(f"unexpected head pooling {model.avgpool}")
-    head = nn.Sequential(
-        nn.Hardswish(), *(_fold_linear(m, dtype) for m in model.classifier if not isinstance(m, nn.Dropout))
-    )
-    out = PortableMicroNet(features, copy.deepcopy(head), getattr(model, "num_classes", 0))
-    return out.eval().requires_grad_(False)
+    if merge not in ("none", "stem", "plain", "all"):
+        raise ValueError(f"merge={merge!r}: choose none, stem, plain or all")
+    return _build(portable_ops(model, scale_into_conv, densify, merge, expand), dtype)
 
 
-# the portable options each runtime measured fastest with (benchmarks/runtimes_scratch.py, M0 and M3 at 224^2,
+# the portable options each runtime measured fastest with (micronet bench --runtimes, M0 and M3 at 224^2,
 # 1 thread, shared 2-core machine): merging the factorized pairs helps OpenVINO, LiteRT and ncnn, not ORT/ExecuTorch
 RUNTIME_OPTIONS: dict[str, dict[str, object]] = {
     "onnx": {},

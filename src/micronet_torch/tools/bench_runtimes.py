@@ -1,0 +1,221 @@
+"""``micronet bench --runtimes``: MicroNet against MobileNetV3-Small / LCNet in each deployment runtime.
+
+Every model is exported to each runtime the way ``micronet export --format`` does (MicroNet through the
+target's deploy backend and options, the timm baselines as they are), loaded with one thread, checked against
+the eager model on one image, then timed with ``bench.time_round_robin`` in turns with the other models of
+the same runtime (1 thread, batch 1): ratios within a runtime stay meaningful on a shared machine. One table
+per runtime, and the ratio lines of the issue's targets (M0 / ``mobilenetv3_small_050`` <= 0.85x, M3 /
+``mobilenetv3_small_100`` <= 1.0x).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..models import is_micronet
+from ..runtime import TARGETS, ExportOptions, export_model
+from .bench import DEFAULT_MODELS, bench_model, environment, time_round_robin, trained_like
+
+# bench name -> export format (``runtime.targets.TARGETS``)
+RUNTIMES = {"ort": "onnx", "openvino": "openvino", "executorch": "executorch", "tflite": "tflite", "ncnn": "ncnn"}
+# (MicroNet, its MobileNetV3-Small reference, the largest latency ratio the issue accepts)
+RATIO_TARGETS = (("micronet_m0", "mobilenetv3_small_050", 0.85), ("micronet_m3", "mobilenetv3_small_100", 1.0))
+
+
+@dataclass
+class RuntimeRecord:
+    """One model in one runtime: 1 thread, batch 1 latency, and its parity with the eager model."""
+
+    runtime: str
+    model: str
+    median_ms: float | None
+    mean_ms: float | None
+    min_ms: float | None
+    runs: int
+    parity: float | None  # max|runtime - eager| / max|eager logits| on one image
+    export_s: float
+    error: str = ""  # why the model did not export or run in this runtime
+
+
+def parse_runtimes(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``ort,openvino`` (or a list of such) -> ('ort', 'openvino'), refusing unknown names."""
+    items = [text] if isinstance(text, str) else list(text)
+    names = tuple(n.strip() for item in items for n in item.split(",") if n.strip())
+    unknown = [n for n in names if n not in RUNTIMES]
+    if unknown:
+        raise ValueError(f"--runtimes: unknown {', '.join(unknown)}; choose from {', '.join(RUNTIMES)}")
+    return names
+
+
+def _prepare(
+    runtime: str, name: str, eager: torch.nn.Module, x: torch.Tensor, workdir: Path
+) -> tuple[Callable[[], Any] | None, RuntimeRecord]:
+    """Export ``name`` to ``runtime``, load it with one thread and check it; the job to time (None on error)."""
+    fmt = RUNTIMES[runtime]
+    t0 = time.perf_counter()
+    rec = RuntimeRecord(runtime, name, None, None, None, 0, None, 0.0)
+    try:
+        options = ExportOptions(format=fmt, deploy=is_micronet(name))  # timm models have no deploy form
+        res = export_model(eager, workdir / f"{name}-{runtime}{TARGETS[fmt].suffix}", tuple(x.shape), options, {})
+        run = TARGETS[fmt].load(res.path, 1)
+        with torch.no_grad():
+            ref = eager(x).numpy()
+        rec.parity = float(np.abs(run(x) - ref).max() / max(float(np.abs(ref).max()), 1e-12))
+    except Exception as err:  # a runtime that cannot take a model is a result of the benchmark, not a crash
+        rec.error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
+        rec.export_s = round(time.perf_counter() - t0, 1)
+        return None, rec
+    rec.export_s = round(time.perf_counter() - t0, 1)
+    return (lambda: run(x)), rec
+
+
+def run_runtime_benchmark(
+    models: tuple[str, ...] = DEFAULT_MODELS,
+    runtimes: tuple[str, ...] = tuple(RUNTIMES),
+    runs: int = 100,
+    warmup: int = 10,
+    img_size: int = 224,
+    log: Callable[[str], None] = print,
+    out_dir: str | os.PathLike | None = None,
+    max_seconds: float | None = 120.0,
+    block: int = 5,
+) -> tuple[list[RuntimeRecord], dict[str, Any]]:
+    """Time every model in every runtime (1 thread, batch 1); a runtime whose package is missing is skipped
+    with a line naming its pip extra. Results are saved after each runtime when ``out_dir`` is given."""
+    runtimes = parse_runtimes(runtimes)
+    env = environment()
+    env.update(runs=runs, warmup=warmup, img_size=img_size, max_seconds=max_seconds, block=block, threads=1)
+    env["models"] = list(models)
+    env["runtime_versions"] = _versions(runtimes)
+    records: list[RuntimeRecord] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    x = torch.randn(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(1))
+    eagers = {name: trained_like(bench_model(name)) for name in models}
+    try:
+        for runtime in runtimes:
+            missing = TARGETS[RUNTIMES[runtime]].missing()
+            if missing:
+                log(f"  {runtime}: skipped: {missing}")
+                env.setdefault("skipped", {})[runtime] = missing
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                jobs: dict[tuple[str, str], Callable[[], Any]] = {}
+                recs: dict[str, RuntimeRecord] = {}
+                for name, eager in eagers.items():
+                    job, rec = _prepare(runtime, name, eager, x, Path(tmp))
+                    recs[name] = rec
+                    if job is not None:
+                        jobs[(name, runtime)] = job
+                    log(
+                        f"  {runtime} {name}: "
+                        + (rec.error or f"exported in {rec.export_s} s, parity {rec.parity:.2e}")
+                    )
+                t0 = time.perf_counter()
+                times = time_round_robin(jobs, runs, warmup, max_seconds, block) if jobs else {}
+                log(f"  {runtime}: {len(jobs)} models timed in {time.perf_counter() - t0:.0f} s")
+                for (name, _), ts in times.items():
+                    rec = recs[name]
+                    rec.median_ms, rec.mean_ms = (
+                        round(statistics.median(ts) * 1e3, 4),
+                        round(statistics.fmean(ts) * 1e3, 4),
+                    )
+                    rec.min_ms, rec.runs = round(min(ts) * 1e3, 4), len(ts)
+                records += recs.values()
+                del jobs, times
+            if out_dir:  # partial results survive an interrupted run
+                save_runtimes(records, env, out_dir)
+    finally:
+        torch.set_num_threads(threads)
+    env["loadavg_end"] = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    return records, env
+
+
+def _versions(runtimes: tuple[str, ...]) -> dict[str, str]:
+    """The installed version of each runtime's Python packages."""
+    dists = {
+        "ort": ("onnxruntime",),
+        "openvino": ("openvino",),
+        "executorch": ("executorch",),
+        "tflite": ("litert-torch", "ai-edge-litert"),
+        "ncnn": ("pnnx", "ncnn"),
+    }
+    out = {}
+    for rt in runtimes:
+        for dist in dists[rt]:
+            try:
+                out[dist] = version(dist)
+            except PackageNotFoundError:
+                out[dist] = "missing"
+    return out
+
+
+def _find(records: list[RuntimeRecord], runtime: str, model: str) -> RuntimeRecord | None:
+    return next((r for r in records if r.runtime == runtime and r.model == model and r.median_ms), None)
+
+
+def ratio_lines(records: list[RuntimeRecord]) -> list[str]:
+    """Per runtime: M0 / mobilenetv3_small_050 and M3 / mobilenetv3_small_100 against the issue's limits."""
+    out = []
+    for runtime in dict.fromkeys(r.runtime for r in records):
+        for micronet, ref, limit in RATIO_TARGETS:
+            a, b = _find(records, runtime, micronet), _find(records, runtime, ref)
+            if a and b:
+                ratio = a.median_ms / b.median_ms
+                out.append(
+                    f"{runtime}: {micronet} / {ref} = {a.median_ms:.3f} / {b.median_ms:.3f} ms = {ratio:.2f}x "
+                    f"(target <= {limit:.2f}x: {'met' if ratio <= limit else 'NOT met'})"
+                )
+    return out
+
+
+def markdown_runtimes(records: list[RuntimeRecord], env: dict[str, Any]) -> str:
+    """One table per runtime (ms, ratio to MobileNetV3-Small 0.5, parity), then the ratio lines."""
+    versions = ", ".join(f"{k} {v}" for k, v in env.get("runtime_versions", {}).items())
+    lines = [
+        f"CPU: {env.get('cpu')} ({env.get('cores')} cores) | torch {env.get('torch')} | {versions}",
+        "",
+        f"1 thread, batch 1, {env.get('img_size')}² input; median of up to {env.get('runs')} runs per model, timed "
+        f"in turns of {env.get('block')} calls (the first untimed) with the other models of the same runtime, "
+        f"each runtime capped at {env.get('max_seconds')} s; weights random with trained-like BatchNorm; load "
+        f"average at start {env.get('loadavg')}, at end {env.get('loadavg_end')}.",
+    ]
+    for runtime in dict.fromkeys(r.runtime for r in records):
+        rows = [r for r in records if r.runtime == runtime]
+        ref = _find(records, runtime, "mobilenetv3_small_050")
+        lines += ["", f"**{runtime}** (ms, median)", "", "| model | ms | / mobilenetv3_small_050 | parity |"]
+        lines.append("|---|---:|---:|---:|")
+        for r in rows:
+            if r.median_ms is None:
+                lines.append(f"| {r.model} | – | – | {r.error or '–'} |")
+                continue
+            rel = f"{r.median_ms / ref.median_ms:.2f}x" if ref else "–"
+            lines.append(f"| {r.model} | {r.median_ms:.3f} | {rel} | {r.parity:.1e} |")
+    for runtime, why in env.get("skipped", {}).items():
+        lines += ["", f"**{runtime}**: skipped ({why})"]
+    ratios = ratio_lines(records)
+    if ratios:
+        lines += ["", "**Ratios (1 thread, batch 1)**", ""] + [f"- {t}" for t in ratios]
+    return "\n".join(lines) + "\n"
+
+
+def save_runtimes(records: list[RuntimeRecord], env: dict[str, Any], out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """``bench-runtimes.json`` (environment + records) and ``bench-runtimes.md`` in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    js, md = out / "bench-runtimes.json", out / "bench-runtimes.md"
+    js.write_text(json.dumps(dict(environment=env, records=[asdict(r) for r in records]), indent=1))
+    md.write_text(markdown_runtimes(records, env))
+    return js, md
