@@ -16,14 +16,13 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..models.blocks import SwishLinear
 from .fusions import expand_multipliers, fold_shift_max_scale, merge_separable, phase_stem
 from .ir import Add, Conv, Op, Perm, PhaseStem, Save, ShiftMax
 from .lower import _fold_bn, lower
-from .modules import ChannelGather, FusedShiftMax, PhaseStemConv, ResidualSequence, _conv_module
+from .modules import ChannelGather, DeployMicroNet, FusedShiftMax, PhaseStemConv, ResidualSequence, _conv_module
 from .permutations import optimize
 from .portable import PORTABLE_OPTIONS, PortableMicroNet, portable_features
 
@@ -67,26 +66,6 @@ def _fold_linear(unit: nn.Module, dtype: torch.dtype) -> nn.Module:
         out.weight.copy_(w.to(dtype))
         out.bias.copy_(b.to(dtype))
     return nn.Sequential(out, copy.deepcopy(act))
-
-
-class DeployMicroNet(nn.Module):
-    """Inference-only MicroNet: ``features`` (fused operations), ``head`` (pool, h-swish, folded linears)."""
-
-    def __init__(self, features: nn.Sequential, head: nn.Sequential, num_classes: int) -> None:
-        super().__init__()
-        self.features = features
-        self.head = head
-        self.num_classes = num_classes
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
-        x = F.relu6(x).mean((2, 3))
-        return self.head(x)
-
-    def train(self, mode: bool = True) -> DeployMicroNet:
-        if mode:
-            raise RuntimeError("a deploy-mode MicroNet is inference-only; train the eager model instead")
-        return super().train(False)
 
 
 BACKENDS = ("eager", "onnx", "portable")

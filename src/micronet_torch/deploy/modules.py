@@ -297,3 +297,23 @@ def _conv_module(op: Conv, dtype: torch.dtype, full_map: bool = False, fold_rows
         conv.weight.copy_(op.weight.to(dtype))
         conv.bias.copy_(op.bias.to(dtype))
     return conv
+
+
+class DeployMicroNet(nn.Module):
+    """Inference-only MicroNet: ``features`` (fused operations), ``head`` (pool, h-swish, folded linears)."""
+
+    def __init__(self, features: nn.Sequential, head: nn.Sequential, num_classes: int) -> None:
+        super().__init__()
+        self.features = features
+        self.head = head
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        x = F.relu6(x).mean((2, 3))
+        return self.head(x)
+
+    def train(self, mode: bool = True) -> DeployMicroNet:
+        if mode:
+            raise RuntimeError("a deploy-mode MicroNet is inference-only; train the eager model instead")
+        return super().train(False)

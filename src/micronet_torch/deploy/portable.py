@@ -20,7 +20,7 @@ from ..ops.shuffle import compose_permutations, shuffle_permutation
 from .fusions import expand_multipliers, fold_shift_max_scale, merge_separable
 from .ir import Add, Conv, Op, Perm, Pointwise, Save, ShiftMax
 from .lower import lower
-from .modules import ResidualSequence, _conv_module
+from .modules import DeployMicroNet, ResidualSequence, _conv_module
 from .permutations import _is_identity, conv_input_perm, conv_output_perm
 
 __all__ = [
@@ -228,23 +228,12 @@ def _build(ops: list[Op], dtype: torch.dtype) -> nn.Sequential:
     return nn.Sequential(*stack[0])
 
 
-class PortableMicroNet(nn.Module):
+class PortableMicroNet(DeployMicroNet):
     """Inference-only MicroNet in portable operators: ``features``, then a keepdim mean, flatten and the head."""
-
-    def __init__(self, features: nn.Sequential, head: nn.Sequential, num_classes: int) -> None:
-        super().__init__()
-        self.features = features
-        self.head = head
-        self.num_classes = num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu6(self.features(x)).mean((2, 3), keepdim=True)
         return self.head(torch.flatten(x, 1))
-
-    def train(self, mode: bool = True) -> PortableMicroNet:
-        if mode:
-            raise RuntimeError("a deploy-mode MicroNet is inference-only; train the eager model instead")
-        return super().train(False)
 
 
 def _dense(conv: Conv) -> Conv:
