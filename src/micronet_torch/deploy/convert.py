@@ -20,9 +20,9 @@ from torch import nn
 
 from ..models.blocks import SwishLinear
 from .fusions import expand_multipliers, fold_shift_max_scale, merge_separable, phase_stem
-from .ir import Add, Conv, Op, Perm, PhaseStem, Save, ShiftMax
+from .ir import Conv, Op, Perm, PhaseStem, ShiftMax
 from .lower import _fold_bn, lower
-from .modules import ChannelGather, DeployMicroNet, FusedShiftMax, PhaseStemConv, ResidualSequence, _conv_module
+from .modules import ChannelGather, DeployMicroNet, FusedShiftMax, PhaseStemConv, _conv_module, nest_residuals
 from .permutations import optimize
 from .portable import PORTABLE_OPTIONS, PortableMicroNet, portable_features
 
@@ -33,26 +33,19 @@ def build_modules(
     """Modules for ``ops``; ``use_matmul`` and ``full_maps`` (default: ``use_matmul``) pick ONNX Runtime's forms,
     ``fused_ops`` the ``micronet.ShiftMax`` operator for every Dynamic Shift-Max."""
     full_maps = use_matmul if full_maps is None else full_maps
-    stack: list[list[nn.Module]] = [[]]
-    for op in ops:
-        if isinstance(op, Save):
-            stack.append([])
-        elif isinstance(op, Add):
-            layers = stack.pop()
-            stack[-1].append(ResidualSequence(*layers))
-        elif isinstance(op, Conv):
-            stack[-1].append(_conv_module(op, dtype, full_maps, fold_rows=use_matmul))
-        elif isinstance(op, Perm):
-            stack[-1].append(ChannelGather(op.index))
-        elif isinstance(op, ShiftMax):
-            stack[-1].append(FusedShiftMax(op, dtype, use_matmul, fused_ops))
-        elif isinstance(op, PhaseStem):
-            stack[-1].append(PhaseStemConv(op, dtype, full_maps))
-        else:
-            stack[-1].append(op.module)
-    if len(stack) != 1:
-        raise RuntimeError("unbalanced residual markers")
-    return nn.Sequential(*stack[0])
+
+    def make(op: Op) -> nn.Module:
+        if isinstance(op, Conv):
+            return _conv_module(op, dtype, full_maps, fold_rows=use_matmul)
+        if isinstance(op, Perm):
+            return ChannelGather(op.index)
+        if isinstance(op, ShiftMax):
+            return FusedShiftMax(op, dtype, use_matmul, fused_ops)
+        if isinstance(op, PhaseStem):
+            return PhaseStemConv(op, dtype, full_maps)
+        return op.module
+
+    return nest_residuals(ops, make)
 
 
 def _fold_linear(unit: nn.Module, dtype: torch.dtype) -> nn.Module:

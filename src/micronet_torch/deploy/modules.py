@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,7 +12,7 @@ from torch import nn
 from ..ops import invert_permutation
 from .fused.op import shift_max
 from .fusions import _is_row_conv
-from .ir import NCHWC_BLOCK, Conv, PhaseStem, ShiftMax
+from .ir import NCHWC_BLOCK, Add, Conv, PhaseStem, Save, ShiftMax
 from .permutations import _is_identity
 
 
@@ -317,3 +320,19 @@ class DeployMicroNet(nn.Module):
         if mode:
             raise RuntimeError("a deploy-mode MicroNet is inference-only; train the eager model instead")
         return super().train(False)
+
+
+def nest_residuals(ops: list, make: Callable[[Any], nn.Module]) -> nn.Sequential:
+    """Modules for a flat op list: ``make(op)`` per op, each ``Save`` ... ``Add`` run in a ``ResidualSequence``."""
+    stack: list[list[nn.Module]] = [[]]
+    for op in ops:
+        if isinstance(op, Save):
+            stack.append([])
+        elif isinstance(op, Add):
+            layers = stack.pop()
+            stack[-1].append(ResidualSequence(*layers))
+        else:
+            stack[-1].append(make(op))
+    if len(stack) != 1:
+        raise RuntimeError("unbalanced residual markers")
+    return nn.Sequential(*stack[0])

@@ -18,9 +18,9 @@ from torch import nn
 
 from ..ops.shuffle import compose_permutations, shuffle_permutation
 from .fusions import expand_multipliers, fold_shift_max_scale, merge_separable
-from .ir import Add, Conv, Op, Perm, Pointwise, Save, ShiftMax
+from .ir import Conv, Op, Perm, Pointwise, ShiftMax
 from .lower import lower
-from .modules import DeployMicroNet, ResidualSequence, _conv_module
+from .modules import DeployMicroNet, _conv_module, nest_residuals
 from .permutations import _is_identity, conv_input_perm, conv_output_perm
 
 __all__ = [
@@ -208,24 +208,16 @@ def _fold_perms_into_convs(ops: list[Op]) -> list[Op]:
 
 
 def _build(ops: list[Op], dtype: torch.dtype) -> nn.Sequential:
-    stack: list[list[nn.Module]] = [[]]
-    for op in ops:
-        if isinstance(op, Save):
-            stack.append([])
-        elif isinstance(op, Add):
-            layers = stack.pop()
-            stack[-1].append(ResidualSequence(*layers))
-        elif isinstance(op, Conv):
-            stack[-1].append(_conv_module(op, dtype))
-        elif isinstance(op, Perm):
-            stack[-1].append(_perm_module(op.index))
-        elif isinstance(op, ShiftMax):
-            stack[-1].append(PortableShiftMax(op, dtype))
-        else:
-            stack[-1].append(op.module)
-    if len(stack) != 1:
-        raise RuntimeError("unbalanced residual markers")
-    return nn.Sequential(*stack[0])
+    def make(op: Op) -> nn.Module:
+        if isinstance(op, Conv):
+            return _conv_module(op, dtype)
+        if isinstance(op, Perm):
+            return _perm_module(op.index)
+        if isinstance(op, ShiftMax):
+            return PortableShiftMax(op, dtype)
+        return op.module
+
+    return nest_residuals(ops, make)
 
 
 class PortableMicroNet(DeployMicroNet):
