@@ -13,6 +13,7 @@ from ..runtime import calibration_images
 from ..tools.bench import DEFAULT_MODELS, DEFAULT_PATHS, PATHS, environment, run_benchmark
 from ..tools.bench_report import environment_line, markdown, save
 from ..tools.bench_runtimes import RUNTIMES, markdown_runtimes, parse_runtimes, run_runtime_benchmark, save_runtimes
+from .common import CLIError
 
 
 def run_bench_runtimes(args: argparse.Namespace, log: Callable[[str], None]) -> int:
@@ -27,6 +28,7 @@ def run_bench_runtimes(args: argparse.Namespace, log: Callable[[str], None]) -> 
         out_dir=args.out_dir,
         max_seconds=args.max_seconds,
         block=args.block,
+        floors=args.floors,
     )
     if args.out_dir:
         js, md = save_runtimes(records, env, args.out_dir)
@@ -47,6 +49,8 @@ def run_bench(args: argparse.Namespace) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
 
+    if args.floors and not args.runtimes:
+        raise CLIError("--floors times deployment runtimes: give --runtimes too (e.g. --runtimes ort,openvino)")
     env0 = environment()
     log(environment_line(env0))
     if args.runtimes:
@@ -88,6 +92,12 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         "--runtimes",
         help=f"comma-separated deployment runtimes ({','.join(RUNTIMES)}): one table each, 1 thread, batch 1, "
         "every model exported as micronet export does (replaces the --paths tables)",
+    )
+    p.add_argument(
+        "--floors",
+        action="store_true",
+        help="with --runtimes: also time each MicroNet with every Dynamic Shift-Max replaced by ReLU (+relu) and "
+        "without its shift term (+noshift), in the same deploy graph: the least a cheaper operator could reach",
     )
     p.add_argument("--runs", type=int, default=50, help="timed runs per measurement [50]")
     p.add_argument("--warmup", type=int, default=10, help="warm-up runs [10]")

@@ -24,9 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..deploy import convert_to_deploy
 from ..models import is_micronet
 from ..runtime import TARGETS, ExportOptions, export_model
 from .bench import DEFAULT_MODELS, bench_model, environment, time_round_robin, trained_like
+from .bench_floors import FLOORS, floor_graph
 
 # bench name -> export format (``runtime.targets.TARGETS``)
 RUNTIMES = {"ort": "onnx", "openvino": "openvino", "executorch": "executorch", "tflite": "tflite", "ncnn": "ncnn"}
@@ -60,19 +62,28 @@ def parse_runtimes(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _prepare(
-    runtime: str, name: str, eager: torch.nn.Module, x: torch.Tensor, workdir: Path
+    runtime: str, name: str, eager: torch.nn.Module, x: torch.Tensor, workdir: Path, floor: str = ""
 ) -> tuple[Callable[[], Any] | None, RuntimeRecord]:
-    """Export ``name`` to ``runtime``, load it with one thread and check it; the job to time (None on error)."""
+    """Export ``name`` to ``runtime`` (or its ``floor`` variant, ``bench_floors``), load it with one thread and
+    check it against the eager model (floors compute something else: no parity); the job to time (None on
+    error)."""
     fmt = RUNTIMES[runtime]
     t0 = time.perf_counter()
-    rec = RuntimeRecord(runtime, name, None, None, None, 0, None, 0.0)
+    rec = RuntimeRecord(runtime, f"{name}+{floor}" if floor else name, None, None, None, 0, None, 0.0)
     try:
-        options = ExportOptions(format=fmt, deploy=is_micronet(name))  # timm models have no deploy form
-        res = export_model(eager, workdir / f"{name}-{runtime}{TARGETS[fmt].suffix}", tuple(x.shape), options, {})
+        model, deploy = eager, is_micronet(name)  # timm models have no deploy form
+        if floor:
+            graph = convert_to_deploy(eager, backend=TARGETS[fmt].backend, **TARGETS[fmt].options)
+            model, deploy = floor_graph(graph, floor), False
+        options = ExportOptions(format=fmt, deploy=deploy)
+        res = export_model(model, workdir / f"{rec.model}-{runtime}{TARGETS[fmt].suffix}", tuple(x.shape), options, {})
         run = TARGETS[fmt].load(res.path, 1)
-        with torch.no_grad():
-            ref = eager(x).numpy()
-        rec.parity = float(np.abs(run(x) - ref).max() / max(float(np.abs(ref).max()), 1e-12))
+        if not floor:
+            with torch.no_grad():
+                ref = eager(x).numpy()
+            rec.parity = float(np.abs(run(x) - ref).max() / max(float(np.abs(ref).max()), 1e-12))
+        else:
+            run(x)
     except Exception as err:  # a runtime that cannot take a model is a result of the benchmark, not a crash
         rec.error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
         rec.export_s = round(time.perf_counter() - t0, 1)
@@ -91,12 +102,16 @@ def run_runtime_benchmark(
     out_dir: str | os.PathLike | None = None,
     max_seconds: float | None = 120.0,
     block: int = 5,
+    floors: bool = False,
 ) -> tuple[list[RuntimeRecord], dict[str, Any]]:
     """Time every model in every runtime (1 thread, batch 1); a runtime whose package is missing is skipped
-    with a line naming its pip extra. Results are saved after each runtime when ``out_dir`` is given."""
+    with a line naming its pip extra. With ``floors`` each MicroNet also gets its ``+relu`` and ``+noshift``
+    rows (``bench_floors``), timed in the same turns. Results are saved after each runtime when ``out_dir`` is
+    given."""
     runtimes = parse_runtimes(runtimes)
     env = environment()
     env.update(runs=runs, warmup=warmup, img_size=img_size, max_seconds=max_seconds, block=block, threads=1)
+    env["floors"] = list(FLOORS) if floors else []
     env["models"] = list(models)
     env["runtime_versions"] = _versions(runtimes)
     records: list[RuntimeRecord] = []
@@ -114,15 +129,14 @@ def run_runtime_benchmark(
             with tempfile.TemporaryDirectory() as tmp:
                 jobs: dict[tuple[str, str], Callable[[], Any]] = {}
                 recs: dict[str, RuntimeRecord] = {}
-                for name, eager in eagers.items():
-                    job, rec = _prepare(runtime, name, eager, x, Path(tmp))
-                    recs[name] = rec
+                variants = [(n, f) for n in eagers for f in ("", *env["floors"]) if not f or is_micronet(n)]
+                for name, floor in variants:
+                    job, rec = _prepare(runtime, name, eagers[name], x, Path(tmp), floor)
+                    recs[rec.model] = rec
                     if job is not None:
-                        jobs[(name, runtime)] = job
-                    log(
-                        f"  {runtime} {name}: "
-                        + (rec.error or f"exported in {rec.export_s} s, parity {rec.parity:.2e}")
-                    )
+                        jobs[(rec.model, runtime)] = job
+                    checked = "a floor, no parity" if floor else f"parity {rec.parity:.2e}"
+                    log(f"  {runtime} {rec.model}: " + (rec.error or f"exported in {rec.export_s} s, {checked}"))
                 t0 = time.perf_counter()
                 times = time_round_robin(jobs, runs, warmup, max_seconds, block) if jobs else {}
                 log(f"  {runtime}: {len(jobs)} models timed in {time.perf_counter() - t0:.0f} s")
@@ -167,17 +181,28 @@ def _find(records: list[RuntimeRecord], runtime: str, model: str) -> RuntimeReco
 
 
 def ratio_lines(records: list[RuntimeRecord]) -> list[str]:
-    """Per runtime: M0 / mobilenetv3_small_050 and M3 / mobilenetv3_small_100 against the issue's limits."""
+    """Per runtime: M0 / mobilenetv3_small_050 and M3 / mobilenetv3_small_100 against the issue's limits, and
+    where the floors were timed, theirs: whether a cheaper Dynamic Shift-Max could meet the limit at all."""
     out = []
     for runtime in dict.fromkeys(r.runtime for r in records):
         for micronet, ref, limit in RATIO_TARGETS:
             a, b = _find(records, runtime, micronet), _find(records, runtime, ref)
-            if a and b:
-                ratio = a.median_ms / b.median_ms
-                out.append(
-                    f"{runtime}: {micronet} / {ref} = {a.median_ms:.3f} / {b.median_ms:.3f} ms = {ratio:.2f}x "
-                    f"(target <= {limit:.2f}x: {'met' if ratio <= limit else 'NOT met'})"
-                )
+            if not (a and b):
+                continue
+            ratio = a.median_ms / b.median_ms
+            line = (
+                f"{runtime}: {micronet} / {ref} = {a.median_ms:.3f} / {b.median_ms:.3f} ms = {ratio:.2f}x "
+                f"(target <= {limit:.2f}x: {'met' if ratio <= limit else 'NOT met'})"
+            )
+            relu, noshift = (_find(records, runtime, f"{micronet}+{f}") for f in FLOORS)
+            if relu and noshift:
+                r, n = relu.median_ms / b.median_ms, noshift.median_ms / b.median_ms
+                line += f"; DSM -> ReLU {r:.2f}x, DSM without its shift {n:.2f}x"
+                if r > limit:
+                    line += ": out of reach of any Dynamic Shift-Max (the rest of the network alone is slower)"
+                elif n > limit and ratio > limit:
+                    line += ": out of reach of standard operators (only a fused runtime operator could)"
+            out.append(line)
     return out
 
 
@@ -202,7 +227,8 @@ def markdown_runtimes(records: list[RuntimeRecord], env: dict[str, Any]) -> str:
                 lines.append(f"| {r.model} | – | – | {r.error or '–'} |")
                 continue
             rel = f"{r.median_ms / ref.median_ms:.2f}x" if ref else "–"
-            lines.append(f"| {r.model} | {r.median_ms:.3f} | {rel} | {r.parity:.1e} |")
+            parity = "floor" if r.parity is None else f"{r.parity:.1e}"
+            lines.append(f"| {r.model} | {r.median_ms:.3f} | {rel} | {parity} |")
     for runtime, why in env.get("skipped", {}).items():
         lines += ["", f"**{runtime}**: skipped ({why})"]
     ratios = ratio_lines(records)
