@@ -89,6 +89,27 @@ def test_fused_op_gradcheck_float64(k, j, mode, layout, h, w):
     assert torch.autograd.gradcheck(lambda a, b: fused.fused_shift_max(a, b, index, k, j), (x, coef))
 
 
+@pytest.mark.parametrize("k,j", KJ)
+def test_library_op_and_direct_path_agree(k, j):
+    """Eager CPU calls skip the torch.library dispatch (``_CpuFusedShiftMax``); the library op, which
+    torch.compile and CUDA use, must give the same values and gradients (gradcheck for its own autograd)."""
+    c = 6
+    index = shift_index(c, 2, "published")
+    x = torch.randn(2, c, 3, 4, dtype=torch.float64, requires_grad=True)
+    coef = torch.randn(2, k * j * c, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: fused.dsm_forward(a, b, index, k, j), (x, coef))
+    y_lib, y_direct = fused.dsm_forward(x, coef, index, k, j), fused.fused_shift_max(x, coef, index, k, j)
+    assert y_direct.grad_fn is not None and "CpuFusedShiftMax" in type(y_direct.grad_fn).__name__
+    assert torch.equal(y_lib, y_direct)
+    g = torch.randn_like(y_lib)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            torch.autograd.grad(y_lib, (x, coef), g), torch.autograd.grad(y_direct, (x, coef), g), strict=True
+        )
+    )
+
+
 @pytest.mark.parametrize("k,j", [(2, 2), (1, 2)])
 def test_fused_module_gradcheck_float64(k, j):
     _, fast = _pair(k, j, "published", channels=8, groups=2)
