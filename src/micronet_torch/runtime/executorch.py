@@ -13,6 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .metadata import write_json_beside
+from .onnx import _warm
+
 EXTRA = "pip install micronet-torch[executorch]"
 
 
@@ -32,7 +35,7 @@ def lower_xnnpack(model: nn.Module, input_shape: tuple[int, int, int, int], meta
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    _warm(model, input_shape)  # per-input-size constants (border maps) exist before tracing
+    _warm(model.eval(), torch.zeros(*input_shape))  # per-input-size constants (border maps) exist before tracing
     with torch.no_grad():
         program = torch.export.export(model.eval(), (torch.randn(*input_shape),))
     constants = {k: v for k, v in map(_numeric, (metadata or {}).items()) if v is not None}
@@ -103,8 +106,7 @@ def write_executorch(
     edge = lower_xnnpack(model, input_shape, metadata)
     report = DelegateReport(delegate_count(edge), ops_outside_delegate(edge), shift_max_ops_outside(edge))
     path.write_bytes(edge.to_executorch().buffer)
-    if metadata:
-        path.with_suffix(".json").write_text(json.dumps(metadata, indent=1))
+    write_json_beside(path, metadata)
     return path, report
 
 
@@ -157,10 +159,3 @@ def _set_threads(threads: int) -> None:
         portable_lib._unsafe_reset_threadpool(threads)
     except (ImportError, AttributeError):
         pass
-
-
-def _warm(model: nn.Module, input_shape: tuple[int, ...]) -> None:
-    """One eval-mode forward pass: deploy modules build their per-size constants on first use, which a tracer
-    would otherwise record as float64 arithmetic (LiteRT then fails to legalize it)."""
-    with torch.no_grad():
-        model.eval()(torch.zeros(*input_shape))

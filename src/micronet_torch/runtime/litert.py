@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from .metadata import write_json_beside
+from .onnx import _warm
 
 EXTRA = "pip install micronet-torch[litert]"
 
@@ -29,12 +31,11 @@ def export_litert(
         raise ImportError(f"LiteRT export needs the litert-torch package: {EXTRA}") from err
     path = Path(path).with_suffix(".tflite")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _warm(model, input_shape)  # per-input-size constants (border maps) exist before tracing
+    _warm(model.eval(), torch.zeros(*input_shape))  # per-input-size constants (border maps) exist before tracing
     with torch.no_grad():
         edge_model = litert_torch.convert(model.eval(), (torch.randn(*input_shape),))
     edge_model.export(str(path))
-    if metadata:
-        path.with_suffix(".json").write_text(json.dumps(metadata, indent=1))
+    write_json_beside(path, metadata)
     return path
 
 
@@ -54,10 +55,3 @@ def load_litert(path: str | os.PathLike, threads: int = 1) -> Callable[[np.ndarr
         return interp.get_tensor(out).copy()
 
     return run
-
-
-def _warm(model: nn.Module, input_shape: tuple[int, ...]) -> None:
-    """One eval-mode forward pass: deploy modules build their per-size constants on first use, which a tracer
-    would otherwise record as float64 arithmetic (LiteRT then fails to legalize it)."""
-    with torch.no_grad():
-        model.eval()(torch.zeros(*input_shape))

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 from .._env import __version__
+from .._fs import atomic_write
 from ..data import DataConfig
 from ..models import LoadedModel
 
@@ -81,3 +83,11 @@ def data_config_from_metadata(meta: dict[str, Any]) -> DataConfig | None:
     if "data_config" not in meta:
         return None
     return DataConfig.from_dict(json.loads(meta["data_config"]))
+
+
+def write_json_beside(path: str | os.PathLike, metadata: dict[str, Any] | None) -> None:
+    """``metadata`` as a ``.json`` file next to an exported file (LiteRT, ncnn, ExecuTorch), written atomically;
+    nothing when there is none."""
+    if metadata:
+        text = json.dumps(metadata, indent=1).encode()
+        atomic_write(Path(path).with_suffix(".json"), lambda fh: fh.write(text))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -13,6 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from .metadata import write_json_beside
+from .onnx import _warm
 
 EXTRA = "pip install micronet-torch[ncnn]"
 
@@ -33,13 +35,12 @@ def export_ncnn(
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         pt = Path(tmp) / "model.pt"
-        _warm(model, input_shape)  # per-input-size constants (border maps) exist before tracing
+        _warm(model.eval(), torch.zeros(*input_shape))  # per-input-size constants (border maps) exist before tracing
         with torch.no_grad():
             pnnx.export(model.eval(), str(pt), (torch.randn(*input_shape),), fp16=False)  # fp32 weights
         shutil.copy(Path(tmp) / "model.ncnn.param", path)
         shutil.copy(Path(tmp) / "model.ncnn.bin", path.with_suffix(".bin"))
-    if metadata:
-        path.with_suffix(".json").write_text(json.dumps(metadata, indent=1))
+    write_json_beside(path, metadata)
     return path
 
 
@@ -70,10 +71,3 @@ def load_ncnn(path: str | os.PathLike, threads: int = 1) -> Callable[[np.ndarray
         return np.stack(outs)
 
     return run
-
-
-def _warm(model: nn.Module, input_shape: tuple[int, ...]) -> None:
-    """One eval-mode forward pass: deploy modules build their per-size constants on first use, which a tracer
-    would otherwise record as float64 arithmetic (LiteRT then fails to legalize it)."""
-    with torch.no_grad():
-        model.eval()(torch.zeros(*input_shape))

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .onnx import _warm
+
 EXTRA = "pip install micronet-torch[openvino]"
 
 
@@ -37,7 +39,7 @@ def export_openvino(
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.randn(*input_shape)
     shape = [-1, *input_shape[1:]] if dynamic_batch else list(input_shape)
-    _warm(model, input_shape)  # per-input-size constants (border maps) exist before tracing
+    _warm(model.eval(), torch.zeros(*input_shape))  # per-input-size constants (border maps) exist before tracing
     with torch.no_grad():
         ov_model = ov.convert_model(model.eval(), example_input=(example,), input=[shape])
     ov_model.inputs[0].get_tensor().set_names({"input"})
@@ -69,10 +71,3 @@ def load_openvino(path: str | os.PathLike, threads: int = 1) -> Callable[[np.nda
         return np.concatenate([run_one(x[i : i + fixed]) for i in range(0, len(x), fixed)])  # fixed-shape IR
 
     return run
-
-
-def _warm(model: nn.Module, input_shape: tuple[int, ...]) -> None:
-    """One eval-mode forward pass: deploy modules build their per-size constants on first use, which a tracer
-    would otherwise record as float64 arithmetic (LiteRT then fails to legalize it)."""
-    with torch.no_grad():
-        model.eval()(torch.zeros(*input_shape))
