@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
+from typing import Any
 
 from ..data import DataConfig, default_policy
 from ..runtime import calibration_images
@@ -30,17 +31,13 @@ def run_bench_runtimes(args: argparse.Namespace, log: Callable[[str], None]) -> 
         block=args.block,
         floors=args.floors,
     )
-    if args.out_dir:
-        js, md = save_runtimes(records, env, args.out_dir)
-        log(f"saved {js} and {md}")
-    if args.json:
-        print(json.dumps(dict(environment=env, records=[asdict(r) for r in records]), indent=1))
-    else:
-        print(markdown_runtimes(records, env))
-    return 0
+    payload, table = dict(environment=env, records=[asdict(r) for r in records]), markdown_runtimes(records, env)
+    return _report(args, log, lambda: save_runtimes(records, env, args.out_dir), payload, table)
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.floors and not args.runtimes:
+        raise CLIError("--floors times deployment runtimes: give --runtimes too (e.g. --runtimes ort,openvino)")
     calib = None
     if args.calib:
         cfg = DataConfig(img_size=args.img_size, in_chans=3, policy=default_policy(args.img_size))
@@ -49,8 +46,6 @@ def run_bench(args: argparse.Namespace) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
 
-    if args.floors and not args.runtimes:
-        raise CLIError("--floors times deployment runtimes: give --runtimes too (e.g. --runtimes ort,openvino)")
     env0 = environment()
     log(environment_line(env0))
     if args.runtimes:
@@ -69,13 +64,18 @@ def run_bench(args: argparse.Namespace) -> int:
         max_seconds=args.max_seconds,
         block=args.block,
     )
+    table = markdown(records, env, show_targets=args.targets)
+    return _report(args, log, lambda: save(records, env, args.out_dir), [asdict(r) for r in records], table)
+
+
+def _report(
+    args: argparse.Namespace, log: Callable[[str], None], save_files: Callable, payload: Any, table: str
+) -> int:
+    """What both benchmarks end with: the files saved (with ``--out-dir``), then JSON or the Markdown tables."""
     if args.out_dir:
-        js, md = save(records, env, args.out_dir)
+        js, md = save_files()
         log(f"saved {js} and {md}")
-    if args.json:
-        print(json.dumps([asdict(r) for r in records], indent=1))
-    else:
-        print(markdown(records, env, show_targets=args.targets))
+    print(json.dumps(payload, indent=1) if args.json else table)
     return 0
 
 

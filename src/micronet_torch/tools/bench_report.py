@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .._fs import atomic_write
+
 PATHS = ("eager", "deploy", "ort", "ort-fused", "ort-int8", "ort-plain", "ort-legacy")
 REFERENCE = "mobilenetv3_small_050"
 
@@ -129,10 +131,19 @@ def markdown(records: list[Record], env: dict[str, Any], show_targets: bool = Fa
     return "\n".join(lines) + "\n"
 
 
-def save(records: list[Record], env: dict[str, Any], out_dir: str | os.PathLike) -> tuple[Path, Path]:
+def save_report(out_dir: str | os.PathLike, stem: str, payload: dict[str, Any], table: str) -> tuple[Path, Path]:
+    """``<stem>.json`` (``payload``) and ``<stem>.md`` (``table``) in ``out_dir``, each written atomically: what
+    every benchmark command saves (``bench``, ``bench --runtimes``, ``bench-train``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    js, md = out / "bench.json", out / "bench.md"
-    js.write_text(json.dumps(dict(environment=env, records=[asdict(r) for r in records]), indent=1))
-    md.write_text(markdown(records, env))
+    js, md = out / f"{stem}.json", out / f"{stem}.md"
+    data, text = json.dumps(payload, indent=1).encode(), table.encode()
+    atomic_write(js, lambda fh: fh.write(data))
+    atomic_write(md, lambda fh: fh.write(text))
     return js, md
+
+
+def save(records: list[Record], env: dict[str, Any], out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """``bench.json`` (environment + records) and ``bench.md`` in ``out_dir``."""
+    payload = dict(environment=env, records=[asdict(r) for r in records])
+    return save_report(out_dir, "bench", payload, markdown(records, env))

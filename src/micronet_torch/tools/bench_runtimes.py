@@ -10,7 +10,6 @@ per runtime, and the ratio lines of the issue's targets (M0 / ``mobilenetv3_smal
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import tempfile
@@ -29,6 +28,7 @@ from ..models import is_micronet
 from ..runtime import TARGETS, ExportOptions, export_model
 from .bench import DEFAULT_MODELS, bench_model, environment, time_round_robin, trained_like
 from .bench_floors import FLOORS, floor_graph
+from .bench_report import save_report
 
 # bench name -> export format (``runtime.targets.TARGETS``)
 RUNTIMES = {"ort": "onnx", "openvino": "openvino", "executorch": "executorch", "tflite": "tflite", "ncnn": "ncnn"}
@@ -239,9 +239,5 @@ def markdown_runtimes(records: list[RuntimeRecord], env: dict[str, Any]) -> str:
 
 def save_runtimes(records: list[RuntimeRecord], env: dict[str, Any], out_dir: str | os.PathLike) -> tuple[Path, Path]:
     """``bench-runtimes.json`` (environment + records) and ``bench-runtimes.md`` in ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    js, md = out / "bench-runtimes.json", out / "bench-runtimes.md"
-    js.write_text(json.dumps(dict(environment=env, records=[asdict(r) for r in records]), indent=1))
-    md.write_text(markdown_runtimes(records, env))
-    return js, md
+    payload = dict(environment=env, records=[asdict(r) for r in records])
+    return save_report(out_dir, "bench-runtimes", payload, markdown_runtimes(records, env))

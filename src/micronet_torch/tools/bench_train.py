@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import json
 import os
 import statistics
 import time
@@ -31,9 +30,9 @@ import torch
 from torch import nn
 
 from .._env import cpu_name
-from .._fs import atomic_write
 from ..models import build_model
 from ..ops import DynamicShiftMax, set_shift_max_impl
+from .bench_report import save_report
 
 VARIANTS = ("eager", "fused", "compile", "relu")
 
@@ -205,11 +204,4 @@ def markdown(rows: list[dict], env: dict | None = None) -> str:
 
 def save(rows: list[dict], env: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]:
     """``bench_train.json`` and ``bench_train.md`` in ``out_dir`` (written atomically)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    js, md = out / "bench_train.json", out / "bench_train.md"
-    payload = json.dumps(dict(environment=env, rows=rows), indent=1).encode()
-    atomic_write(js, lambda fh: fh.write(payload))
-    table = markdown(rows, env).encode()
-    atomic_write(md, lambda fh: fh.write(table))
-    return js, md
+    return save_report(out_dir, "bench_train", dict(environment=env, rows=rows), markdown(rows, env))
