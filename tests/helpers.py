@@ -2,6 +2,11 @@
 
 from pathlib import Path
 
+import pytest
+import torch
+
+import micronet_torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # ../shared beside the repository (CI clones the repo next to a copy of it), else a shared/ inside it
@@ -9,6 +14,18 @@ SHARED_FIXTURES = next(
     (p for p in (ROOT.parent / "shared" / "fixtures", ROOT / "shared" / "fixtures") if p.is_dir()),
     ROOT / "shared" / "fixtures",
 )
+
+
+def official_model_and_io(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """micronet_<name> from its published-format fixture (eval mode) and the fixture's recorded input and logits;
+    skips the test when the fixtures are not there."""
+    official = SHARED_FIXTURES / "official"
+    ckpt, io = official / f"micronet-{name}-official-random.pth.tar", official / f"micronet-{name}-official-io.pt"
+    if not ckpt.is_file():
+        pytest.skip("fixtures not available")
+    model = micronet_torch.create_model(f"micronet_{name}", pretrained=str(ckpt)).eval()
+    return model, torch.load(io, weights_only=True)
+
 
 # every ablation Variant of the model library (blocks.Variant), one field changed each
 ABLATION_VARIANTS = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ABLATION_VARIANTS, SHARED_FIXTURES
+from helpers import ABLATION_VARIANTS, official_model_and_io
 from torch import nn
 
 import micronet_torch
@@ -22,7 +22,6 @@ from micronet_torch.deploy import (
 from micronet_torch.ops import DynamicShiftMax
 
 TOL = 2e-5
-FIXTURES = SHARED_FIXTURES / "official"
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -81,11 +80,7 @@ def test_parity_variants(variant: dict) -> None:
 
 @pytest.mark.parametrize("name", ["m0", "m2"])
 def test_parity_fixtures(name: str) -> None:
-    ckpt, io = FIXTURES / f"micronet-{name}-official-random.pth.tar", FIXTURES / f"micronet-{name}-official-io.pt"
-    if not ckpt.is_file():
-        pytest.skip("fixtures not available")
-    model = micronet_torch.create_model(f"micronet_{name}", pretrained=str(ckpt)).eval()
-    ref = torch.load(io, weights_only=True)
+    model, ref = official_model_and_io(name)
     for backend in ("eager", "onnx"):
         with torch.no_grad():
             out = convert_to_deploy(model, backend=backend)(ref["input"])

@@ -10,16 +10,16 @@ import io
 import pickletools
 import random
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import SHARED_FIXTURES
 
 from micronet_torch.models.errors import CheckpointError
 from micronet_torch.models.pdparams import RawArray, parse_pdparams, pdparams_from_bytes
 
-M0_PDPARAMS = Path("/work/shared/fixtures/paddleclas/MicroNet_M0_random.pdparams")
+M0_PDPARAMS = SHARED_FIXTURES / "paddleclas" / "MicroNet_M0_random.pdparams"
 SEED = 1515
 MUTATIONS_SMALL = 360  # on the first entries of the real file (fast to parse)
 MUTATIONS_FULL = 40  # on the whole real file
@@ -134,7 +134,7 @@ def test_fuzz_real_pdparams(real) -> None:
 
 
 # ---- the one loader (models/loader.py): .pth and .safetensors mutated the same way ------------------------
-M0_OFFICIAL = Path("/work/shared/fixtures/official/micronet-m0-official-random.pth.tar")
+M0_OFFICIAL = SHARED_FIXTURES / "official" / "micronet-m0-official-random.pth.tar"
 MUTATIONS_OTHER = 60
 
 

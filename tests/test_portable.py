@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import SHARED_FIXTURES
+from helpers import official_model_and_io
 
 import micronet_torch
 from micronet_torch.deploy import channel_runs, convert_to_deploy
 from micronet_torch.tools.bench import trained_like
 
-FIXTURES = SHARED_FIXTURES / "official"
 TOL = 2e-5
 
 
@@ -33,11 +32,7 @@ def test_parity(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["m0", "m2"])
 def test_parity_fixtures(name: str) -> None:
-    ckpt, io = FIXTURES / f"micronet-{name}-official-random.pth.tar", FIXTURES / f"micronet-{name}-official-io.pt"
-    if not ckpt.is_file():
-        pytest.skip("fixtures not available")
-    model = micronet_torch.create_model(f"micronet_{name}", pretrained=str(ckpt)).eval()
-    ref = torch.load(io, weights_only=True)
+    model, ref = official_model_and_io(name)
     with torch.no_grad():
         assert rel_diff(convert_to_portable(model)(ref["input"]), ref["logits"]) <= TOL
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import SHARED_FIXTURES
 from PIL import Image
 
 from micronet_torch import _fs, _native
@@ -31,7 +32,7 @@ from micronet_torch.data.scan import ImageFileError, SkipCounts, open_image_safe
 from micronet_torch.models.errors import CheckpointError
 from micronet_torch.models.pdparams import MAX_BYTES_ENV, pdparams_from_bytes, read_pdparams
 
-FIXTURES = Path("/work/shared/fixtures")
+FIXTURES = SHARED_FIXTURES
 M0_PDPARAMS = FIXTURES / "paddleclas" / "MicroNet_M0_random.pdparams"
 M2_PDPARAMS = FIXTURES / "paddleclas" / "MicroNet_M2_random.pdparams"
 M0_OFFICIAL = FIXTURES / "official" / "micronet-m0-official-random.pth.tar"
