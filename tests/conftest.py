@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from micronet_torch.cli import main as cli_main
+
 CLASSES = ("circle", "cross", "stripes")
 
 
@@ -44,6 +46,15 @@ def make_folder(root: Path, n_train: int = 8, n_val: int = 4, classes=CLASSES, s
 def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3 classes, 8 training and 4 validation 16-px greyscale PNGs each."""
     return make_folder(tmp_path_factory.mktemp("tiny") / "data")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_folder: Path) -> Path:
+    """A 2-epoch MicroNet-M0 run on ``tiny_folder`` that the eval, predict and convert tests read (never write)."""
+    out = tmp_path_factory.mktemp("trained") / "out"
+    args = ["train", "--data", str(tiny_folder), "--img-size", "20", "--epochs", "2", "--batch-size", "6"]
+    assert cli_main([*args, "--workers", "0", "--output", str(out), "--quiet"]) == 0
+    return out
 
 
 def _idx(arr: np.ndarray) -> bytes:

@@ -6,7 +6,6 @@ import os
 import pickle
 import re
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -359,14 +358,6 @@ def test_pretrained_file_of_another_model_names_the_flag():
 
 
 # ---- convert keeps what evaluation needs (issue 14, item 4) -------------------------------------------
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, tiny_folder: Path) -> Path:
-    out = tmp_path_factory.mktemp("cv") / "out"
-    args = ["train", "--data", str(tiny_folder), "--img-size", "20", "--epochs", "2", "--batch-size", "6"]
-    assert cli_main([*args, "--workers", "0", "--output", str(out), "--quiet"]) == 0
-    return out
-
-
 def test_converted_file_evaluates_and_predicts_like_the_checkpoint(tmp_path, capsys, trained, tiny_folder):
     from micronet_torch.models import load_model
 

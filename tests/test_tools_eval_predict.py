@@ -13,14 +13,6 @@ import micronet_torch
 from micronet_torch.cli import main
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, tiny_folder: Path) -> Path:
-    out = tmp_path_factory.mktemp("ev") / "out"
-    args = ["train", "--data", str(tiny_folder), "--img-size", "20", "--epochs", "2", "--batch-size", "6"]
-    assert main([*args, "--workers", "0", "--output", str(out), "--quiet"]) == 0
-    return out
-
-
 def run_json(capsys: pytest.CaptureFixture, argv: list[str]) -> dict:
     assert main(argv) == 0
     return json.loads(capsys.readouterr().out)
