@@ -25,8 +25,9 @@ def _example(input_shape: tuple[int, ...]) -> torch.Tensor:
 
 def _warm(model: nn.Module, example: torch.Tensor) -> None:
     """Run the model once before tracing: deploy modules build their per-input-size constants (border maps,
-    row-folded weights) on first use, and a tracer would otherwise record that arithmetic instead of constants.
-    Skipped in training mode, where a forward pass would move BatchNorm's running statistics."""
+    row-folded weights) on first use, and a tracer would otherwise record that arithmetic instead of constants
+    (float64 arithmetic, which LiteRT cannot legalize). Every exporter calls it. Skipped in training mode,
+    where a forward pass would move BatchNorm's running statistics."""
     if not model.training:
         with torch.no_grad():
             model(example)
