@@ -10,9 +10,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import ABLATION_VARIANTS
+from helpers import ABLATION_VARIANTS, official_model_and_io
 from onnx import TensorProto, helper
-from test_deploy import FIXTURES, TOL, randomize, rel_diff
+from test_deploy import TOL, randomize, rel_diff
 
 import micronet_torch
 from micronet_torch.cli import main
@@ -146,11 +146,7 @@ def test_cli_fused_ops(tmp_path, capsys) -> None:
 
 def test_official_fixture_through_onnx_runtime(tmp_path) -> None:
     """The published-format M0 (real BatchNorm statistics) through the fused graph in ONNX Runtime."""
-    ckpt, io = FIXTURES / "micronet-m0-official-random.pth.tar", FIXTURES / "micronet-m0-official-io.pt"
-    if not ckpt.is_file():
-        pytest.skip("fixtures not available")
-    model = micronet_torch.create_model("micronet_m0", pretrained=str(ckpt)).eval()
-    ref = torch.load(io, weights_only=True)
+    model, ref = official_model_and_io("m0")
     path = tmp_path / "m0.onnx"
     export_onnx(convert_to_deploy(model, backend="onnx", fused_ops=True), path, (1, *ref["input"].shape[1:]))
     assert rel_diff(torch.from_numpy(run_ort(ort_session(path), ref["input"])), ref["logits"]) <= TOL
