@@ -8,6 +8,15 @@ from helpers import official_model_and_io
 
 import micronet_torch
 from micronet_torch.deploy import channel_runs, convert_to_deploy
+from micronet_torch.deploy.ir import Perm, ShiftMax
+from micronet_torch.deploy.portable import (
+    ConvShiftMax,
+    PortableShiftMax,
+    TwinConvShiftMax,
+    move_perms_past_shift_max,
+    pair_shift_convs,
+    portable_ops,
+)
 from micronet_torch.tools.bench import trained_like
 
 TOL = 2e-5
@@ -28,6 +37,8 @@ def test_parity(name: str) -> None:
     with torch.no_grad():
         assert rel_diff(convert_to_portable(model)(x), model(x)) <= TOL
         assert rel_diff(convert_to_portable(model, scale_into_conv=False)(x), model(x)) <= TOL
+        assert rel_diff(convert_to_portable(model, twin_conv=False)(x), model(x)) <= TOL
+        assert rel_diff(convert_to_portable(model, move_perms=False)(x), model(x)) <= TOL
 
 
 @pytest.mark.parametrize("name", ["m0", "m2"])
@@ -62,3 +73,48 @@ def test_options_only_for_portable() -> None:
         convert_to_deploy(model, backend="onnx", merge="all")
     with pytest.raises(ValueError, match="merge"):
         convert_to_deploy(model, backend="portable", merge="some")
+
+
+@pytest.mark.parametrize("name", ["micronet_m0", "micronet_m2"])
+def test_twin_conv_emits_the_shift(name: str) -> None:
+    """Each twin conv gives its conv's output in the Dynamic Shift-Max's shift order, and the pair computes
+    what the channel rolls compute from the conv's output."""
+    model = trained_like(micronet_torch.create_model(name))
+    pairs = [op for op in pair_shift_convs(portable_ops(model)) if isinstance(op, ConvShiftMax)]
+    graph = convert_to_portable(model)
+    assert len(pairs) == sum(isinstance(m, TwinConvShiftMax) for m in graph.modules())
+    assert len(pairs) == {"micronet_m0": 9, "micronet_m2": 10}[name]  # the DSMs fed by a dense 1 x 1 conv
+    for op in pairs:
+        twin, rolls = TwinConvShiftMax(op), PortableShiftMax(op.shift_max)
+        assert rolls.rolls and not twin.shift_max.rolls
+        x = torch.randn(2, twin.conv.in_channels, 6, 5)
+        with torch.no_grad():
+            y = twin.conv(x)
+            assert not torch.equal(op.shift_max.shift, torch.arange(len(op.shift_max.shift)))
+            torch.testing.assert_close(twin.conv_shifted(x), y[:, op.shift_max.shift], rtol=0, atol=0)
+            torch.testing.assert_close(twin(x), rolls(y), rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="shifted input"):
+            twin.shift_max(y)
+
+
+def test_perm_moved_past_shift_max_is_exact() -> None:
+    """DSM(t[:, P]) = DSM'(t)[:, P]: M0's shuffles before a Dynamic Shift-Max whose conjugated shift needs no more
+    rolls go past it (into the next conv), each moved DSM computes the same values in the other channel order."""
+    model = trained_like(micronet_torch.create_model("micronet_m0"))
+    kept = portable_ops(model, move_perms=False)
+    assert sum(isinstance(op, Perm) for op in portable_ops(model)) < sum(isinstance(op, Perm) for op in kept)
+    moved = move_perms_past_shift_max(kept)
+    pairs = [
+        (kept[i - 1], kept[i], moved[i - 1])
+        for i in range(1, len(kept))
+        if isinstance(kept[i], ShiftMax) and isinstance(moved[i], Perm)
+    ]
+    assert len(pairs) == 3  # M0: the 64-, 128- and 256-channel DSMs after their depthwise convs
+    for perm, dsm, conj in pairs:
+        assert isinstance(dsm, ShiftMax) and isinstance(conj, ShiftMax) and not torch.equal(dsm.shift, conj.shift)
+        t = torch.randn(2, dsm.channels, 5, 4)
+        with torch.no_grad():
+            ref = PortableShiftMax(dsm)(t[:, perm.index])
+            out = PortableShiftMax(conj)(t)[:, perm.index]
+        assert len(PortableShiftMax(conj).rolls) <= len(PortableShiftMax(dsm).rolls)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

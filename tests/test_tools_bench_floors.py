@@ -12,7 +12,7 @@ import micronet_torch
 from micronet_torch.cli import main
 from micronet_torch.deploy import convert_to_deploy
 from micronet_torch.deploy.modules import FusedShiftMax
-from micronet_torch.deploy.portable import PortableShiftMax
+from micronet_torch.deploy.portable import PortableShiftMax, TwinConvShiftMax
 from micronet_torch.tools.bench import trained_like
 from micronet_torch.tools.bench_floors import NoShiftMax, floor_graph
 from micronet_torch.tools.bench_runtimes import RuntimeRecord, ratio_lines
@@ -54,6 +54,12 @@ def test_floor_graph_replaces_every_dsm(kind: str) -> None:
     graph = convert_to_deploy(trained_like(micronet_torch.create_model("micronet_m0")), backend="portable")
     floor = floor_graph(graph, kind)
     assert not _dsms(floor) and len(_dsms(graph)) == 15  # the original is left as it was
+    assert not any(isinstance(m, TwinConvShiftMax) for m in floor.modules())  # no twin conv left computing a shift
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in graph.modules())
+    twins = sum(isinstance(m, TwinConvShiftMax) for m in graph.modules())
+    assert twins == 9 and sum(isinstance(m, torch.nn.Conv2d) for m in floor.modules()) == convs - twins - 15 * 2 * (
+        kind == "relu"
+    )
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert floor(x).shape == graph(x).shape

@@ -12,6 +12,8 @@ elementwise maximum, and no tensor has more than 4 dimensions. Exact up to float
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,8 +30,10 @@ __all__ = [
     "RUNTIME_OPTIONS",
     "ChannelShuffle4d",
     "ChannelSlices",
+    "ConvShiftMax",
     "PortableMicroNet",
     "PortableShiftMax",
+    "TwinConvShiftMax",
     "channel_runs",
     "densify_shuffles",
     "portable_features",
@@ -101,12 +105,14 @@ class PortableShiftMax(nn.Module):
     """Dynamic Shift-Max from standard operators: mean (keepdim) -> 1x1 conv -> ReLU -> 1x1 conv -> clamp/h-sigmoid
     (+ offset) -> per-(k, j) coefficient slices -> multiply-adds with the sliced shift -> elementwise maximum."""
 
-    def __init__(self, op: ShiftMax, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, op: ShiftMax, dtype: torch.dtype = torch.float32, shifted_input: bool = False) -> None:
         super().__init__()
         if not (_is_identity(op.in_perm) and _is_identity(op.out_perm)):
             raise ValueError("the portable form keeps Dynamic Shift-Max in its logical channel order")
         c, k, j = op.channels, op.k, op.j
         self.channels, self.k, self.j, self.scaled = c, k, j, op.scaled
+        # shifted_input: forward(x, x_shifted) gets the shifted map from its producer (TwinConvShiftMax)
+        self.shifted_input = shifted_input and j == 2
         self.lo, self.hi = op.lo, op.hi
         w2, b2, offset = op.w2, op.b2, op.offset  # rows in the published (k, j, c) order: contiguous C blocks
         if self.scaled:  # coef / s = hsig(v) - 0.5 + offset / s (the next conv carries s)
@@ -117,7 +123,12 @@ class PortableShiftMax(nn.Module):
             self.fc1.weight.copy_(op.w1.to(dtype).view(*op.w1.shape, 1, 1))
             self.fc1.bias.copy_(op.b1.to(dtype))
         self.rolls: list[int] = []
-        if j == 2:
+        if self.shifted_input:  # rows a_k0 for each k, then a_k1 for each k
+            kj = torch.arange(k * j * c).view(k, j, c)
+            rows = torch.cat([kj[kk, 0] for kk in range(k)] + [kj[kk, 1] for kk in range(k)])
+            w2, b2, offset = w2[rows], b2[rows], offset[rows]
+            self.mask = None
+        elif j == 2:
             # shift(x)[i] = x[i + d_i mod C] takes only a few distinct d (published shift: S + 1, and 1 at each
             # group's last channel): the shift is sum_d roll_d(x) * mask_d, and each 0/1 mask is folded into the
             # shift's coefficients, so no channel is gathered and every term but one per channel is an exact 0
@@ -139,14 +150,19 @@ class PortableShiftMax(nn.Module):
             self.fc2.bias.copy_(b2.to(dtype))
         self.register_buffer("offset", offset.to(dtype).view(1, -1, 1, 1).clone())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_shifted: torch.Tensor | None = None) -> torch.Tensor:
         c, k = self.channels, self.k
         z = self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True))))
         coef = (F.hardsigmoid(z) if self.scaled else torch.clamp(z, self.lo, self.hi)) + self.offset
         if self.mask is not None:
             coef = coef * self.mask
         a = [coef[:, i * c : (i + 1) * c] for i in range(coef.shape[1] // c)]  # each (N, C, 1, 1)
-        rolled = [x if d == 0 else torch.cat([x[:, d:], x[:, :d]], dim=1) for d in self.rolls]
+        if self.shifted_input:
+            if x_shifted is None:
+                raise ValueError("this Dynamic Shift-Max takes its shifted input from its TwinConvShiftMax")
+            rolled = [x_shifted]
+        else:
+            rolled = [x if d == 0 else torch.cat([x[:, d:], x[:, :d]], dim=1) for d in self.rolls]
         out = None
         for kk in range(k):
             y = x * a[kk]
@@ -157,6 +173,65 @@ class PortableShiftMax(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, K={self.k}, J={self.j}, scaled={self.scaled}"
+
+
+@dataclass
+class ConvShiftMax:
+    """A dense convolution whose only consumer is a Dynamic Shift-Max: built as a ``TwinConvShiftMax``."""
+
+    conv: Conv
+    shift_max: ShiftMax
+
+
+def _shifted_rows(conv: Conv, index: torch.Tensor) -> Conv:
+    """The conv whose output channel i is output channel ``index[i]`` of ``conv`` (its rows permuted: exact)."""
+    edge = None if conv.edge is None else conv.edge[index]
+    return Conv(conv.weight[index], conv.bias[index], conv.stride, conv.padding, conv.groups, edge)
+
+
+class TwinConvShiftMax(nn.Module):
+    """A dense conv and its Dynamic Shift-Max, with the group-circular shift folded into a second conv.
+
+    The shifted map ``x[:, shift]`` is the same conv with its output rows in shift order, so a twin conv reads
+    the same input and emits it directly: no channel roll, no mask, one product per fusion less. Measured
+    faster than the rolls in OpenVINO, LiteRT, ExecuTorch and ncnn (docs/benchmarks.md).
+    """
+
+    def __init__(self, op: ConvShiftMax, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.conv = _conv_module(op.conv, dtype)
+        self.conv_shifted = _conv_module(_shifted_rows(op.conv, op.shift_max.shift), dtype)
+        self.shift_max = PortableShiftMax(op.shift_max, dtype, shifted_input=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shift_max(self.conv(x), self.conv_shifted(x))
+
+
+def pair_shift_convs(ops: list[Op]) -> list[Op | ConvShiftMax]:
+    """Pair each 1 x 1 dense conv with the Dynamic Shift-Max (J = 2) that directly follows it.
+
+    Only a dense conv can emit any row order; a grouped one would have to read other groups for the shifted
+    rows, and a k x k one would double a costlier conv.
+    """
+    out: list[Op | ConvShiftMax] = []
+    i = 0
+    while i < len(ops):
+        op, nxt = ops[i], ops[i + 1] if i + 1 < len(ops) else None
+        if (
+            isinstance(op, Conv)
+            and op.groups == 1
+            and op.weight.shape[2:] == (1, 1)
+            and isinstance(nxt, ShiftMax)
+            and nxt.j == 2
+            and _is_identity(nxt.in_perm)
+            and _is_identity(nxt.out_perm)
+        ):
+            out.append(ConvShiftMax(op, nxt))
+            i += 2
+            continue
+        out.append(op)
+        i += 1
+    return out
 
 
 def _fold_perms_into_convs(ops: list[Op]) -> list[Op]:
@@ -207,7 +282,40 @@ def _fold_perms_into_convs(ops: list[Op]) -> list[Op]:
     return ops
 
 
-def _build(ops: list[Op], dtype: torch.dtype) -> nn.Sequential:
+def _roll_count(shift: torch.Tensor) -> int:
+    """How many channel rolls the portable form needs for this shift (its distinct channel offsets)."""
+    return len(set(((shift - torch.arange(shift.numel())) % shift.numel()).tolist()))
+
+
+def move_perms_past_shift_max(ops: list[Op]) -> list[Op]:
+    """Move a channel permutation from before a Dynamic Shift-Max to after it where that needs no more rolls.
+
+    ``DSM(t[:, P]) = DSM'(t)[:, P]`` for the DSM' that runs in t's channel order: shift ``P[S[P^-1]]``, its
+    hyper-function's input columns and coefficient rows permuted by ``P^-1`` (exact). After it the permutation
+    moves into the next dense conv's input columns (``_fold_perms_into_convs``), so an explicit shuffle goes.
+    """
+    ops = list(ops)
+    for i in range(1, len(ops) - 1):
+        perm, op, nxt = ops[i - 1], ops[i], ops[i + 1]
+        if not (isinstance(perm, Perm) and isinstance(op, ShiftMax) and op.j == 2):
+            continue
+        if not (_is_identity(op.in_perm) and _is_identity(op.out_perm)):
+            continue
+        if not (isinstance(nxt, Conv) and nxt.groups == 1):  # where the permutation can go without a trace
+            continue
+        p = perm.index
+        inv = torch.argsort(p)
+        shift = p[op.shift[inv]]
+        if _roll_count(shift) > _roll_count(op.shift):
+            continue
+        c = op.channels
+        rows = (torch.arange(op.k * op.j).view(-1, 1) * c + inv.view(1, -1)).reshape(-1)  # (k, j, c) blocks
+        ops[i - 1] = replace(op, w1=op.w1[:, inv], w2=op.w2[rows], b2=op.b2[rows], offset=op.offset[rows], shift=shift)
+        ops[i] = perm
+    return ops
+
+
+def _build(ops: list[Op | ConvShiftMax], dtype: torch.dtype) -> nn.Sequential:
     def make(op: Op) -> nn.Module:
         if isinstance(op, Conv):
             return _conv_module(op, dtype)
@@ -215,6 +323,8 @@ def _build(ops: list[Op], dtype: torch.dtype) -> nn.Sequential:
             return _perm_module(op.index)
         if isinstance(op, ShiftMax):
             return PortableShiftMax(op, dtype)
+        if isinstance(op, ConvShiftMax):
+            return TwinConvShiftMax(op, dtype)
         return op.module
 
     return nest_residuals(ops, make)
@@ -279,7 +389,12 @@ def densify_shuffles(ops: list[Op], max_groups: int = 8) -> list[Op]:
 
 
 def portable_ops(
-    model: nn.Module, scale_into_conv: bool = True, densify: int = 8, merge: str = "none", expand: int = 0
+    model: nn.Module,
+    scale_into_conv: bool = True,
+    densify: int = 8,
+    merge: str = "none",
+    expand: int = 0,
+    move_perms: bool = True,
 ) -> list[Op]:
     """The flat operation list of the portable form (BN folded, permutations in convs where exact, and shuffles
     next to grouped convs of at most ``densify`` groups absorbed by making those convs dense; 0: never).
@@ -296,10 +411,13 @@ def portable_ops(
         ops = _fold_perms_into_convs(expand_multipliers(ops, expand))
     if merge != "none":
         ops = merge_separable(ops, plain_only=merge in ("stem", "plain"), stem_only=merge == "stem")
+    if move_perms:
+        ops = _fold_perms_into_convs(move_perms_past_shift_max(ops))
     return fold_shift_max_scale(ops) if scale_into_conv else ops
 
 
-PORTABLE_OPTIONS = ("scale_into_conv", "densify", "merge", "expand")  # the keywords portable_features takes
+# the keywords portable_features takes
+PORTABLE_OPTIONS = ("scale_into_conv", "densify", "merge", "expand", "twin_conv", "move_perms")
 
 
 def portable_features(
@@ -309,15 +427,21 @@ def portable_features(
     densify: int = 8,
     merge: str = "none",
     expand: int = 0,
+    twin_conv: bool = True,
+    move_perms: bool = True,
 ) -> nn.Sequential:
     """The feature extractor of an eval-mode MicroNet in portable modules (``portable_ops`` for the options).
 
     ``scale_into_conv`` lets the convolution after each Dynamic Shift-Max carry the hyper-function's scale
-    (``fusions.fold_shift_max_scale``), so the coefficients are one h-sigmoid plus an offset.
+    (``fusions.fold_shift_max_scale``), so the coefficients are one h-sigmoid plus an offset; ``twin_conv``
+    computes the shift of each Dynamic Shift-Max fed by a dense 1 x 1 conv as a twin of that conv
+    (``TwinConvShiftMax``) instead of channel rolls; ``move_perms`` moves a shuffle before a Dynamic Shift-Max
+    past it into the next conv where that needs no more rolls (``move_perms_past_shift_max``).
     """
     if merge not in ("none", "stem", "plain", "all"):
         raise ValueError(f"merge={merge!r}: choose none, stem, plain or all")
-    return _build(portable_ops(model, scale_into_conv, densify, merge, expand), dtype)
+    ops = portable_ops(model, scale_into_conv, densify, merge, expand, move_perms)
+    return _build(pair_shift_convs(ops) if twin_conv else list(ops), dtype)
 
 
 # the portable options each runtime measured fastest with (micronet bench --runtimes, M0 and M3 at 224^2,

@@ -58,7 +58,8 @@ def ops_outside_delegate(edge: Any) -> list[str]:
 
 # layout conversions the partitioner places between the delegate and constant buffers: data movement, not compute
 LAYOUT_COPIES = ("_to_dim_order_copy", "_clone_dim_order", "_to_copy")
-SHIFT_MAX_MODULE = "PortableShiftMax"
+# the modules of a portable Dynamic Shift-Max (the twin conv computes its shift)
+SHIFT_MAX_MODULES = ("PortableShiftMax", "TwinConvShiftMax")
 
 
 def shift_max_ops_outside(edge: Any) -> list[str]:
@@ -71,7 +72,7 @@ def shift_max_ops_outside(edge: Any) -> list[str]:
         if node.op != "call_function" or "executorch_call_delegate" in name or name == "getitem":
             continue
         stack = [str(cls) for _, cls in (node.meta.get("nn_module_stack") or {}).values()]
-        if any(SHIFT_MAX_MODULE in cls for cls in stack) and not any(c in name for c in LAYOUT_COPIES):
+        if any(m in cls for cls in stack for m in SHIFT_MAX_MODULES) and not any(c in name for c in LAYOUT_COPIES):
             out.append(name)
     return out
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..deploy.modules import ChannelGather, FusedShiftMax
-from ..deploy.portable import PortableShiftMax
+from ..deploy.portable import PortableShiftMax, TwinConvShiftMax
 
 FLOORS = ("relu", "noshift")
 
@@ -83,7 +83,10 @@ def floor_graph(graph: nn.Module, kind: str) -> nn.Module:
 def _replace(module: nn.Module, make) -> int:
     count = 0
     for name, child in module.named_children():
-        if isinstance(child, (PortableShiftMax, FusedShiftMax)):
+        if isinstance(child, TwinConvShiftMax):  # the twin conv is the shift: the floor keeps only the conv
+            setattr(module, name, nn.Sequential(child.conv, make(child.shift_max)))
+            count += 1
+        elif isinstance(child, (PortableShiftMax, FusedShiftMax)):
             setattr(module, name, make(child))
             count += 1
         else:
