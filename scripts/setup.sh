@@ -20,14 +20,19 @@ if [ ! -f "$FMNIST" ]; then
     fi
 fi
 
-# a C compiler builds the optional fused ONNX Runtime operator (micronet_torch.fused_ops) on first use
-if ! command -v cc >/dev/null && ! command -v gcc >/dev/null; then
+# a C compiler builds the optional fused ONNX Runtime operator (micronet_torch.fused_ops) on first use, a C++ one
+# the OpenVINO extension (micronet export --format openvino --fused-ops)
+need=""
+command -v cc >/dev/null || command -v gcc >/dev/null || need=" gcc"
+command -v c++ >/dev/null || command -v g++ >/dev/null || need="$need g++"
+if [ -n "$need" ]; then
     if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-        echo "setup: installing gcc (for the fused ONNX Runtime operator)"
+        echo "setup: installing$need (for the fused Dynamic Shift-Max operators)"
         apt-get update -q >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc >/dev/null
+        # shellcheck disable=SC2086
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q $need >/dev/null
     else
-        echo "setup: note: no C compiler; 'micronet export --fused-ops' will ask for one" >&2
+        echo "setup: note: no$need; 'micronet export --fused-ops' will ask for one" >&2
     fi
 fi
 

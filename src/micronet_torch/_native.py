@@ -145,6 +145,12 @@ def _trusted_library(out: Path) -> Path | None:
     return None
 
 
+def one_line(text: str, limit: int = 600) -> str:
+    """A build error as one line (a compiler's output spans many); the first lines say the most."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
 def find_compiler(compiler: str | None = None) -> str | None:
     """``compiler``, else ``$CC``, else the first of cc, gcc, clang on the PATH."""
     return compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")

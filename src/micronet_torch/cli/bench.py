@@ -13,7 +13,7 @@ from ..data import DataConfig, default_policy
 from ..runtime import calibration_images
 from ..tools.bench import DEFAULT_MODELS, DEFAULT_PATHS, PATHS, environment, run_benchmark
 from ..tools.bench_report import environment_line, markdown, save
-from ..tools.bench_runtimes import RUNTIMES, markdown_runtimes, parse_runtimes, run_runtime_benchmark, save_runtimes
+from ..tools.bench_runtimes import ALL_RUNTIMES, markdown_runtimes, parse_runtimes, run_runtime_benchmark, save_runtimes
 from .common import CLIError
 
 
@@ -90,8 +90,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--paths", nargs="+", default=list(DEFAULT_PATHS), choices=PATHS, help="inference paths [all]")
     p.add_argument(
         "--runtimes",
-        help=f"comma-separated deployment runtimes ({','.join(RUNTIMES)}): one table each, 1 thread, batch 1, "
-        "every model exported as micronet export does (replaces the --paths tables)",
+        help=f"comma-separated deployment runtimes ({','.join(ALL_RUNTIMES)}): one table each, 1 thread, batch 1, "
+        "every model exported as micronet export does (replaces the --paths tables); -ops: MicroNet exported with "
+        "--fused-ops",
     )
     p.add_argument(
         "--floors",

@@ -73,8 +73,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--fused-ops",
         action="store_true",
-        help="each Dynamic Shift-Max as one micronet.ShiftMax operator (faster; sessions need the library from "
-        "micronet_torch.fused_ops, built with the system C compiler on first use)",
+        help="each Dynamic Shift-Max as one micronet.ShiftMax operator, for --format onnx (ONNX Runtime sessions "
+        "need the library from micronet_torch.fused_ops) or openvino (a Core needs the extension the export names); "
+        "faster; built with the system C / C++ compiler on first use",
     )
     p.add_argument("--int8", action="store_true", help="also quantize (ONNX Runtime static int8); writes OUTPUT")
     p.add_argument(

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from torch import nn
 from ..deploy import convert_to_deploy
 from ..deploy.fused import FusedOpsUnavailable, library_path
 from ..models import LoadedModel
+from . import openvino_ops
 from .calibration import calibration_images
 from .metadata import export_metadata, write_onnx_metadata
 from .onnx import DEFAULT_OPSET
@@ -73,7 +75,7 @@ class ExportOptions:
             clash = [
                 flag
                 for flag, on in (
-                    ("--format " + self.format, self.format != "onnx"),
+                    ("--format " + self.format, self.format not in ("onnx", "openvino")),
                     ("--no-deploy", not self.deploy),
                     ("--int8", self.int8),
                     ("--exporter legacy", self.exporter == "legacy"),
@@ -82,7 +84,8 @@ class ExportOptions:
             ]
             if clash:
                 raise ExportError(
-                    "--fused-ops writes an fp32 ONNX deploy graph through the dynamo exporter; drop " + ", ".join(clash)
+                    "--fused-ops writes an fp32 ONNX (or OpenVINO) deploy graph through the dynamo exporter; drop "
+                    + ", ".join(clash)
                 )
 
 
@@ -97,11 +100,13 @@ def export_model(
     ``path``; a runtime whose package is missing raises ``ExportError`` naming the pip extra."""
     target = TARGETS[options.format]
     graph = model
-    if options.deploy:
-        graph = convert_to_deploy(model, backend=target.backend, fused_ops=options.fused_ops, **target.options)
-    kwargs = dict(opset=options.opset, exporter=options.exporter, simplify=options.simplify)
+    if options.deploy and options.fused_ops:  # micronet.ShiftMax nodes: ONNX's deploy graph (OpenVINO reads it)
+        graph = convert_to_deploy(model, backend="onnx", fused_ops=True)
+    elif options.deploy:
+        graph = convert_to_deploy(model, backend=target.backend, **target.options)
+    kwargs: dict[str, Any] = dict(opset=options.opset, exporter=options.exporter, simplify=options.simplify)
     if target.fixed_shape:
-        kwargs = dict(metadata=metadata, dynamic_batch=options.dynamic_batch)
+        kwargs = dict(metadata=metadata, dynamic_batch=options.dynamic_batch, fused_ops=options.fused_ops)
     try:
         return target.export(graph, Path(path), input_shape, **kwargs)
     except ImportError as err:
@@ -116,7 +121,7 @@ def export_and_check(
     library = None
     if options.fused_ops:
         try:
-            library = library_path()
+            library = openvino_ops.library_path() if options.format == "openvino" else library_path()
         except FusedOpsUnavailable as err:
             raise ExportError(str(err)) from err
     model, cfg = loaded.model.eval(), loaded.data_config
@@ -137,7 +142,9 @@ def export_and_check(
         log(f"  note: {note}")
     for failure in res.failures:
         log(f"  FAIL: {failure}")
-    if library is not None:
+    if library is not None and options.format == "openvino":
+        log(f"  note: uses the micronet.ShiftMax operation; an openvino.Core needs core.add_extension('{library}')")
+    elif library is not None:
         log(
             f"  note: uses the micronet.ShiftMax operator; ONNX Runtime sessions need "
             f"SessionOptions.register_custom_ops_library('{library}') (micronet_torch.fused_ops.register)"

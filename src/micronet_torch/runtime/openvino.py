@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .onnx import _warm
+from . import openvino_ops
+from .onnx import _warm, export_onnx
 
 EXTRA = "pip install micronet-torch[openvino]"
 
@@ -31,17 +33,30 @@ def export_openvino(
     input_shape: tuple[int, int, int, int],
     metadata: dict[str, Any] | None = None,
     dynamic_batch: bool = False,
+    fused_ops: bool = False,
 ) -> Path:
     """Convert ``model`` to an fp32 OpenVINO IR with its input shape fixed (OpenVINO fuses the Dynamic Shift-Max
-    elementwise chains only with static shapes); ``metadata`` goes into the IR's ``rt_info`` under ``micronet``."""
+    elementwise chains only with static shapes); ``metadata`` goes into the IR's ``rt_info`` under ``micronet``.
+
+    ``fused_ops``: ``model`` is a deploy graph with ``micronet.ShiftMax`` operators (``convert_to_deploy(...,
+    fused_ops=True)``); it goes through ONNX, whose ``micronet.ShiftMax`` nodes the extension of
+    ``openvino_ops`` maps onto its operation.
+    """
     ov = _openvino()
     path = Path(path).with_suffix(".xml")
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.randn(*input_shape)
     shape = [-1, *input_shape[1:]] if dynamic_batch else list(input_shape)
     _warm(model.eval(), torch.zeros(*input_shape))  # per-input-size constants (border maps) exist before tracing
-    with torch.no_grad():
-        ov_model = ov.convert_model(model.eval(), example_input=(example,), input=[shape])
+    if fused_ops:
+        library = str(openvino_ops.library_path())
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            onnx_file = export_onnx(model, Path(tmp) / "fused.onnx", input_shape, simplify=False).path
+            ov_model = ov.convert_model(str(onnx_file), extension=library, input=[shape])
+        metadata = {**(metadata or {}), "custom_ops": f"{openvino_ops.OP_VERSION}.{openvino_ops.OP_TYPE}"}
+    else:
+        with torch.no_grad():
+            ov_model = ov.convert_model(model.eval(), example_input=(example,), input=[shape])
     ov_model.inputs[0].get_tensor().set_names({"input"})
     ov_model.outputs[0].get_tensor().set_names({"logits"})
     for key, value in (metadata or {}).items():
@@ -55,6 +70,8 @@ def load_openvino(path: str | os.PathLike, threads: int = 1) -> Callable[[np.nda
     batch runs a larger input in chunks of that batch."""
     ov = _openvino()
     core = ov.Core()
+    if openvino_ops.uses_extension(path):  # written with --fused-ops: its micronet.ShiftMax needs the extension
+        core.add_extension(str(openvino_ops.library_path()))
     config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
     compiled = core.compile_model(str(Path(path).with_suffix(".xml")), "CPU", config)
     request = compiled.create_infer_request()

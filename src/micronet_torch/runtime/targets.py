@@ -104,9 +104,10 @@ def _export_program(model: nn.Module, path: Path, shape: tuple[int, ...], **opti
 def _export_openvino(
     model: nn.Module, path: Path, shape: tuple[int, ...], metadata: dict | None = None, **options: Any
 ) -> ExportResult:
-    dynamic = bool(options.get("dynamic_batch"))
-    written = openvino.export_openvino(model, path, shape, metadata, dynamic_batch=dynamic)  # type: ignore[arg-type]
-    res = ExportResult(written, "openvino", exporter="openvino.convert_model (fp32 IR)")
+    dynamic, fused = bool(options.get("dynamic_batch")), bool(options.get("fused_ops"))
+    written = openvino.export_openvino(model, path, shape, metadata, dynamic, fused)  # type: ignore[arg-type]
+    how = "ONNX with micronet.ShiftMax + openvino.convert_model" if fused else "openvino.convert_model"
+    res = ExportResult(written, "openvino", exporter=f"{how} (fp32 IR)")
     res.notes.append(f"input {'batch dynamic' if dynamic else 'shape fixed to ' + 'x'.join(map(str, shape))}")
     return res
 

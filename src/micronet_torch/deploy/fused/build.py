@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..._env import cache_root
-from ..._native import NativeBuildError, build_library
+from ..._native import NativeBuildError, build_library, one_line
 from .op import DOMAIN
 
 SOURCE = Path(__file__).parent / "csrc" / "ort_shift_max.c"
@@ -48,15 +48,9 @@ def library_path(directory: str | os.PathLike | None = None, compiler: str | Non
             what="the fused ONNX Runtime operator library (export without --fused-ops to do without it)",
         )
     except NativeBuildError as err:  # NativeCacheError too: an untrusted cache folder loads nothing
-        raise FusedOpsUnavailable(_one_line(str(err))) from err
+        raise FusedOpsUnavailable(one_line(str(err))) from err
     except OSError as err:  # the cache folder cannot be created or written
-        raise FusedOpsUnavailable(_one_line(f"cannot build the fused operator library: {err}")) from err
-
-
-def _one_line(text: str, limit: int = 600) -> str:
-    """A build error as one line (a compiler's output spans many); the first lines say the most."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+        raise FusedOpsUnavailable(one_line(f"cannot build the fused operator library: {err}")) from err
 
 
 def register(session_options: Any) -> Path:
