@@ -251,7 +251,7 @@ def _fold_perms_into_convs(ops: list[Op]) -> list[Op]:
         j = i - 1
         while j >= 0 and isinstance(ops[j], Pointwise):
             j -= 1
-        if j >= 0 and isinstance(ops[j], Conv):
+        if j >= 0 and isinstance(ops[j], Conv) and ops[j].edge is None:  # a merged pair's border terms stay put
             moved = conv_output_perm(ops[j], op.index)
             if moved is not None and _is_identity(moved[1]):
                 ops[j] = moved[0]
@@ -260,7 +260,7 @@ def _fold_perms_into_convs(ops: list[Op]) -> list[Op]:
         k = i + 1
         while k < len(ops) and isinstance(ops[k], Pointwise):
             k += 1
-        if k < len(ops) and isinstance(ops[k], Conv):
+        if k < len(ops) and isinstance(ops[k], Conv) and ops[k].edge is None:
             moved = conv_input_perm(ops[k], op.index)
             if moved is not None:
                 ops[k], q = moved
