@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import SHARED_FIXTURES
 
 import micronet_torch
 from micronet_torch.cli import main
@@ -51,6 +52,19 @@ def test_parity_and_one_operation_per_dsm(name: str, library: str, tmp_path) -> 
         ref = model(x)
     out = torch.as_tensor(load_exported(res.path, "openvino")(x))
     assert float((out - ref).abs().max() / ref.abs().max()) <= TOL
+
+
+def test_published_fixture_through_the_extension(library: str, tmp_path) -> None:
+    """The published-format M0 checkpoint's reference logits, through the fused IR."""
+    ckpt = SHARED_FIXTURES / "official" / "micronet-m0-official-random.pth.tar"
+    if not ckpt.is_file():
+        pytest.skip("fixtures not available")
+    ref = torch.load(SHARED_FIXTURES / "official" / "micronet-m0-official-io.pt", weights_only=True)
+    model = micronet_torch.create_model("micronet_m0", pretrained=str(ckpt)).eval()
+    shape = (1, *ref["input"].shape[1:])
+    res = export_model(model, tmp_path / "m0", shape, ExportOptions(format="openvino", fused_ops=True))
+    out = torch.as_tensor(load_exported(res.path, "openvino")(ref["input"]))
+    assert float((out - ref["logits"]).abs().max() / ref["logits"].abs().max()) <= TOL
 
 
 def test_ir_needs_the_extension(library: str, tmp_path) -> None:
