@@ -367,6 +367,20 @@ def loads_and_answers(path: Path) -> bool:
     return ctypes.CDLL(str(path)).micronet_test_answer() == 42
 
 
+def test_cache_key_covers_local_includes(c_source, tmp_path) -> None:
+    """A library is rebuilt when a header it includes from its own folder changes, not only its source."""
+    header = c_source.parent / "answer_value.h"
+    header.write_text("#define ANSWER 42\n")
+    c_source.write_text('#include "answer_value.h"\n' + C_SOURCE.replace("return 42", "return ANSWER"))
+    assert _native.local_includes(c_source) == [header]
+    folder = tmp_path / "cache"
+    first = build(c_source, folder)
+    assert loads_and_answers(first) and build(c_source, folder) == first
+    header.write_text("#define ANSWER 43\n")
+    second = build(c_source, folder)
+    assert second != first
+
+
 def test_cache_build_records_sha256_and_reuses(c_source, tmp_path) -> None:
     folder = tmp_path / "cache"
     with warnings.catch_warnings():

@@ -1,9 +1,10 @@
 """Small C libraries compiled on first use with the system C compiler, and cached.
 
-The fused Dynamic Shift-Max kernels (the ONNX Runtime operator, the training kernel) are single C files
-with no headers of other projects: built here with ``cc`` into ``$MICRONET_TORCH_HOME/<folder>``, keyed by
-source, flags and CPU (``-march=native`` code may not run on another CPU), atomically (concurrent first
-uses are safe), and retried without the flags a compiler rejects.
+The fused Dynamic Shift-Max kernels (the ONNX Runtime operator, the training kernel, the OpenVINO extension)
+are single source files, with at most headers of their own folder (``#include "name.h"``): built here with
+``cc`` (``c++``) into ``$MICRONET_TORCH_HOME/<folder>``, keyed by source, those headers, flags and CPU
+(``-march=native`` code may not run on another CPU), atomically (concurrent first uses are safe), and retried
+without the flags a compiler rejects.
 
 A library is code that runs in the user's process, so the cache is not trusted by name: its folder must
 be a real folder owned by the user and writable by no one else (created 0700), and a library is returned
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import shutil
 import stat
 import subprocess
@@ -145,15 +147,23 @@ def _trusted_library(out: Path) -> Path | None:
     return None
 
 
+def local_includes(source: Path) -> list[Path]:
+    """The files ``source`` includes from its own folder (``#include "name.h"``): part of the build's key."""
+    names = re.findall(rb'^\s*#\s*include\s+"([^"/]+)"', source.read_bytes(), flags=re.MULTILINE)
+    return [source.parent / n for n in dict.fromkeys(n.decode() for n in names) if n != source.name]
+
+
 def one_line(text: str, limit: int = 600) -> str:
     """A build error as one line (a compiler's output spans many); the first lines say the most."""
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
-def find_compiler(compiler: str | None = None) -> str | None:
-    """``compiler``, else ``$CC``, else the first of cc, gcc, clang on the PATH."""
-    return compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+def find_compiler(compiler: str | None = None, cxx: bool = False) -> str | None:
+    """``compiler``, else ``$CC``, else the first of cc, gcc, clang on the PATH (``cxx``: ``$CXX``, c++, g++,
+    clang++)."""
+    env, names = ("CXX", ("c++", "g++", "clang++")) if cxx else ("CC", ("cc", "gcc", "clang"))
+    return compiler or os.environ.get(env) or next(filter(None, map(shutil.which, names)), None)
 
 
 def build_library(
@@ -171,7 +181,7 @@ def build_library(
     refuses it. ``directory`` defaults to ``cache_root() / folder``. The path returned is a regular file of
     this user whose SHA-256 matches the record written after its build (see the module's docstring).
     """
-    code = source.read_bytes()
+    code = source.read_bytes() + b"".join(h.read_bytes() for h in local_includes(source))
     all_flags = (*BASE_FLAGS, *flags)
     tag = f"{platform.machine()}-{cpu_name()}"
     key = hashlib.sha256(code + " ".join(all_flags + NATIVE_FLAGS).encode() + tag.encode()).hexdigest()[:16]

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 from .._env import cache_root
-from .._native import NativeBuildError, build_library, one_line
-from ..deploy.fused.build import FusedOpsUnavailable
+from .._native import find_compiler
+from ..deploy.fused.build import FusedOpsUnavailable, build_fused_library
 
 SOURCE = Path(__file__).resolve().parent.parent / "deploy" / "fused" / "csrc" / "ov_shift_max.cpp"
 EXTRA = "pip install micronet-torch[openvino]"
@@ -45,33 +44,23 @@ def _flags(ov_dir: Path) -> tuple[str, ...]:
     return ("-std=c++17", f"-I{include}", "-Wl,--no-as-needed", *needed, f"-Wl,-rpath,{libs}")
 
 
-def find_cxx(compiler: str | None = None) -> str | None:
-    """``compiler``, else ``$CXX``, else the first of c++, g++, clang++ on the PATH."""
-    return compiler or os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-
-
 def library_path(directory: str | os.PathLike | None = None, compiler: str | None = None) -> Path:
     """The path of the compiled extension, building it first if this source / OpenVINO / CPU has no build yet."""
-    cxx = find_cxx(compiler)
+    cxx = find_compiler(compiler, cxx=True)
     if cxx is None:
         raise FusedOpsUnavailable(
             "the OpenVINO micronet.ShiftMax extension is compiled on first use, but no C++ compiler was found; "
             "install one (e.g. apt-get install g++) or set CXX, or export without --fused-ops"
         )
-    try:
-        return build_library(
-            SOURCE,
-            "micronet_ov_ops",
-            "ov_ops",
-            _flags(_openvino_dir()),
-            directory=directory if directory is not None else cache_root() / "ov_ops",
-            compiler=cxx,
-            what="the OpenVINO micronet.ShiftMax extension (export without --fused-ops to do without it)",
-        )
-    except NativeBuildError as err:
-        raise FusedOpsUnavailable(one_line(str(err))) from err
-    except OSError as err:
-        raise FusedOpsUnavailable(one_line(f"cannot build the OpenVINO extension: {err}")) from err
+    return build_fused_library(
+        SOURCE,
+        "micronet_ov_ops",
+        _flags(_openvino_dir()),
+        Path(directory) if directory is not None else cache_root() / "ov_ops",
+        cxx,
+        "the OpenVINO micronet.ShiftMax extension (export without --fused-ops to do without it)",
+        "the OpenVINO extension",
+    )
 
 
 def uses_extension(xml: str | os.PathLike) -> bool:

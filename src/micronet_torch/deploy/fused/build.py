@@ -35,22 +35,30 @@ def cache_dir() -> Path:
     return cache_root() / "ort_ops"
 
 
-def library_path(directory: str | os.PathLike | None = None, compiler: str | None = None) -> Path:
-    """The path of the compiled operator library, building it first if this source / CPU has no build yet."""
+def build_fused_library(
+    source: Path, name: str, flags: tuple[str, ...], directory: Path, compiler: str | None, what: str, label: str
+) -> Path:
+    """``build_library`` for a fused-operator library: any build or cache failure is one ``FusedOpsUnavailable``
+    line (``label`` names the library in the message of a folder that cannot be written)."""
     try:
-        return build_library(
-            SOURCE,
-            "micronet_ort_ops",
-            "ort_ops",
-            CFLAGS,
-            directory=directory if directory is not None else cache_dir(),
-            compiler=compiler,
-            what="the fused ONNX Runtime operator library (export without --fused-ops to do without it)",
-        )
+        return build_library(source, name, directory.name, flags, directory=directory, compiler=compiler, what=what)
     except NativeBuildError as err:  # NativeCacheError too: an untrusted cache folder loads nothing
         raise FusedOpsUnavailable(one_line(str(err))) from err
     except OSError as err:  # the cache folder cannot be created or written
-        raise FusedOpsUnavailable(one_line(f"cannot build the fused operator library: {err}")) from err
+        raise FusedOpsUnavailable(one_line(f"cannot build {label}: {err}")) from err
+
+
+def library_path(directory: str | os.PathLike | None = None, compiler: str | None = None) -> Path:
+    """The path of the compiled operator library, building it first if this source / CPU has no build yet."""
+    return build_fused_library(
+        SOURCE,
+        "micronet_ort_ops",
+        CFLAGS,
+        Path(directory) if directory is not None else cache_dir(),
+        compiler,
+        "the fused ONNX Runtime operator library (export without --fused-ops to do without it)",
+        "the fused operator library",
+    )
 
 
 def register(session_options: Any) -> Path:

@@ -16,6 +16,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "shift_max_row.h"
+
 #define EXPORT __attribute__((visibility("default")))
 
 /* Opaque ONNX Runtime types. */
@@ -125,31 +127,9 @@ static void shift_max_rows(const Work *w, int64_t begin, int64_t end) {
     const int64_t hw = w->pixels, kj = kn->k * kn->j;
     for (int64_t r = begin; r < end; ++r) {
         const int64_t n = r / kn->c_out, a = r % kn->c_out;
-        const float *c = w->coef + r * kj;
-        const float *restrict x0 = w->x + (n * w->c_in + kn->index[a * kn->j]) * hw;
-        float *restrict out = w->y + r * hw;
-        if (kn->j == 2) {
-            const float *restrict x1 = w->x + (n * w->c_in + kn->index[a * 2 + 1]) * hw;
-            if (kn->k == 2) {
-                const float c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
-                for (int64_t p = 0; p < hw; ++p) {
-                    const float u = c0 * x0[p] + c1 * x1[p], v = c2 * x0[p] + c3 * x1[p];
-                    out[p] = u > v ? u : v;
-                }
-            } else {
-                const float c0 = c[0], c1 = c[1];
-                for (int64_t p = 0; p < hw; ++p) out[p] = c0 * x0[p] + c1 * x1[p];
-            }
-        } else if (kn->k == 2) {
-            const float c0 = c[0], c1 = c[1];
-            for (int64_t p = 0; p < hw; ++p) {
-                const float u = c0 * x0[p], v = c1 * x0[p];
-                out[p] = u > v ? u : v;
-            }
-        } else {
-            const float c0 = c[0];
-            for (int64_t p = 0; p < hw; ++p) out[p] = c0 * x0[p];
-        }
+        const float *x0 = w->x + (n * w->c_in + kn->index[a * kn->j]) * hw;
+        const float *x1 = w->x + (n * w->c_in + kn->index[a * kn->j + kn->j - 1]) * hw; /* read only when J = 2 */
+        shift_max_row(w->coef + r * kj, x0, x1, w->y + r * hw, hw, kn->k, kn->j);
     }
 }
 

@@ -19,6 +19,8 @@
 #include <memory>
 #include <vector>
 
+#include "shift_max_row.h"
+
 namespace micronet {
 
 class ShiftMax : public ov::op::Op {
@@ -81,34 +83,12 @@ public:
     }
 
 private:
-    // output row (b, a): one pass over its one or two input rows
+    // output row (b, a): one pass over its one or two input rows (the loop ONNX Runtime's operator runs too)
     void rows(const float* x, const float* coef, float* y, int64_t b, int64_t a, int64_t c_in, int64_t hw) const {
-        const int64_t c_out = static_cast<int64_t>(index_.size()) / j_;
-        const float* c = coef + (b * c_out + a) * k_ * j_;
+        const int64_t c_out = static_cast<int64_t>(index_.size()) / j_, r = b * c_out + a;
         const float* x0 = x + (b * c_in + index_[a * j_]) * hw;
-        float* out = y + (b * c_out + a) * hw;
-        if (j_ == 2) {
-            const float* x1 = x + (b * c_in + index_[a * 2 + 1]) * hw;
-            if (k_ == 2) {
-                const float c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
-                for (int64_t p = 0; p < hw; ++p) {
-                    const float u = c0 * x0[p] + c1 * x1[p], v = c2 * x0[p] + c3 * x1[p];
-                    out[p] = u > v ? u : v;
-                }
-            } else {
-                const float c0 = c[0], c1 = c[1];
-                for (int64_t p = 0; p < hw; ++p) out[p] = c0 * x0[p] + c1 * x1[p];
-            }
-        } else if (k_ == 2) {
-            const float c0 = c[0], c1 = c[1];
-            for (int64_t p = 0; p < hw; ++p) {
-                const float u = c0 * x0[p], v = c1 * x0[p];
-                out[p] = u > v ? u : v;
-            }
-        } else {
-            const float c0 = c[0];
-            for (int64_t p = 0; p < hw; ++p) out[p] = c0 * x0[p];
-        }
+        const float* x1 = x + (b * c_in + index_[a * j_ + j_ - 1]) * hw;  // read only when j == 2
+        shift_max_row(coef + r * k_ * j_, x0, x1, y + r * hw, hw, k_, j_);
     }
 
     std::vector<int64_t> index_;
