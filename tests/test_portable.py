@@ -10,13 +10,17 @@ import micronet_torch
 from micronet_torch.deploy import channel_runs, convert_to_deploy
 from micronet_torch.deploy.ir import Perm, ShiftMax
 from micronet_torch.deploy.portable import (
+    ChannelShuffle4d,
+    ChannelSlices,
     ConvShiftMax,
     PortableShiftMax,
     TwinConvShiftMax,
+    block_shuffle,
     move_perms_past_shift_max,
     pair_shift_convs,
     portable_ops,
 )
+from micronet_torch.ops.shuffle import shuffle_permutation
 from micronet_torch.tools.bench import trained_like
 
 TOL = 2e-5
@@ -39,6 +43,7 @@ def test_parity(name: str) -> None:
         assert rel_diff(convert_to_portable(model, scale_into_conv=False)(x), model(x)) <= TOL
         assert rel_diff(convert_to_portable(model, twin_conv=False)(x), model(x)) <= TOL
         assert rel_diff(convert_to_portable(model, move_perms=False)(x), model(x)) <= TOL
+        assert rel_diff(convert_to_portable(model, block_shuffles=False)(x), model(x)) <= TOL  # ncnn
         assert rel_diff(convert_to_portable(model, merge="all")(x), model(x)) <= TOL  # OpenVINO / LiteRT / ncnn
 
 
@@ -119,3 +124,25 @@ def test_perm_moved_past_shift_max_is_exact() -> None:
             out = PortableShiftMax(conj)(t)[:, perm.index]
         assert len(PortableShiftMax(conj).rolls) <= len(PortableShiftMax(dsm).rolls)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("channels", "groups", "block"), [(48, 2, 4), (48, 4, 4), (12, 3, 1), (480, 10, 1), (8, 2, 2)])
+def test_block_shuffle_is_one_transpose(channels: int, groups: int, block: int) -> None:
+    """A shuffle of channel blocks is recognised with its (groups, block) and its 4-D module is that gather."""
+    blocks = shuffle_permutation(channels // block, groups).view(-1, 1) * block + torch.arange(block).view(1, -1)
+    index = blocks.reshape(-1)
+    assert block_shuffle(index) == (groups, block)
+    x = torch.randn(2, channels, 3, 5)
+    torch.testing.assert_close(ChannelShuffle4d(groups, block)(x), x[:, index], rtol=0, atol=0)
+    assert block_shuffle(torch.arange(channels)) is None
+    assert block_shuffle(torch.roll(index, 1)) is None
+
+
+def test_every_explicit_permutation_is_a_shuffle() -> None:
+    """M0's stem shuffles blocks of 4 channels: one transpose, not 12 slices (unless ``block_shuffles`` is off)."""
+    model = micronet_torch.create_model("micronet_m0").eval()
+    perms = [m for m in convert_to_portable(model).modules() if isinstance(m, ChannelShuffle4d | ChannelSlices)]
+    assert perms and all(isinstance(m, ChannelShuffle4d) for m in perms)
+    assert [m.block for m in perms] == [4, 1]
+    off = [m for m in convert_to_portable(model, block_shuffles=False).modules() if isinstance(m, ChannelSlices)]
+    assert [m.runs for m in off] == [channel_runs(p.index) for p in portable_ops(model) if isinstance(p, Perm)][:1]

@@ -101,8 +101,8 @@ def convert_to_deploy(
 
     ``portable`` builds the gather-free graph of at most 4-D tensors that OpenVINO, ExecuTorch/XNNPACK,
     LiteRT and ncnn lower to their fast kernels (``portable.py``); ``options`` are its keywords
-    (``scale_into_conv``, ``densify``, ``merge``, ``expand``, ``twin_conv``, ``move_perms``;
-    ``portable.RUNTIME_OPTIONS`` has each runtime's).
+    (``scale_into_conv``, ``densify``, ``merge``, ``expand``, ``twin_conv``, ``move_perms``,
+    ``block_shuffles``; ``portable.RUNTIME_OPTIONS`` has each runtime's).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
