@@ -67,7 +67,8 @@ def test_fixture_through_openvino(tmp_path) -> None:
 def test_executorch_dsm_inside_delegate(tmp_path) -> None:
     """Every Dynamic Shift-Max of M0 runs inside the one XNNPACK partition (only layout copies stay outside)."""
     _target("executorch")
-    portable = convert_to_deploy(micronet_torch.create_model("micronet_m0").eval(), backend="portable")
+    model = micronet_torch.create_model("micronet_m0").eval()
+    portable = convert_to_deploy(model, backend="portable", **RUNTIME_OPTIONS["executorch"])
     _, report = et.write_executorch(portable, tmp_path / "m0", (1, 3, 64, 64), {"mean": "[0.5, 0.5, 0.5]"})
     assert report.shift_max_outside == []
     assert report.partitions == 1

@@ -459,13 +459,13 @@ def portable_features(
     return _build(pair_shift_convs(ops) if twin_conv else list(ops), dtype, block_shuffles)
 
 
-# the portable options each runtime measured fastest with (micronet bench --runtimes, M0 and M3 at 224^2,
-# 1 thread, shared 2-core machine): merging the factorized pairs helps OpenVINO, LiteRT and ncnn, not ORT/ExecuTorch;
-# ncnn runs a block shuffle's reshapes slower than the slices (M3 6.53 vs 6.15 ms, M0 1.90 vs 1.75)
+# the portable options each runtime measured fastest with (M0 and M3 at 224^2, 1 thread, docs/benchmarks.md): merging
+# the factorized pairs helps every runtime of the portable form (ExecuTorch since the twin convs: M0 0.967 vs 1.092
+# ms, M3 4.073 vs 4.409); ncnn runs a block shuffle's reshapes slower than the slices (M3 6.53 vs 6.15 ms)
 RUNTIME_OPTIONS: dict[str, dict[str, object]] = {
     "onnx": {},
     "openvino": {"merge": "all"},
-    "executorch": {},
+    "executorch": {"merge": "all"},
     "litert": {"merge": "all"},
     "ncnn": {"merge": "all", "block_shuffles": False},
 }
