@@ -125,8 +125,8 @@ def test_cli_export_and_refusals(library: str, tmp_path, capsys) -> None:
     assert main([*args, str(out)]) == 0
     text = capsys.readouterr().out
     assert "core.add_extension(" in text and "OK" in text
-    with pytest.raises(ExportError, match="--format executorch"):
-        ExportOptions(format="executorch", fused_ops=True).validate()
+    with pytest.raises(ExportError, match="--format tflite"):
+        ExportOptions(format="tflite", fused_ops=True).validate()
     refused = ["export", "--model", "micronet_m0", "--format", "tflite", "--fused-ops", "-o", str(tmp_path / "x")]
     assert main(refused) == 2
     assert "--fused-ops" in capsys.readouterr().err

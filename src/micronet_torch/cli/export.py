@@ -74,8 +74,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         "--fused-ops",
         action="store_true",
         help="each Dynamic Shift-Max as one micronet.ShiftMax operator, for --format onnx (ONNX Runtime sessions "
-        "need the library from micronet_torch.fused_ops) or openvino (a Core needs the extension the export names); "
-        "faster; built with the system C / C++ compiler on first use",
+        "need the library from micronet_torch.fused_ops), openvino (a Core needs the extension the export names) or "
+        "executorch (micronet::shift_max kernel, loaded before the program); faster; built with the system C / C++ "
+        "compiler on first use",
     )
     p.add_argument("--int8", action="store_true", help="also quantize (ONNX Runtime static int8); writes OUTPUT")
     p.add_argument(

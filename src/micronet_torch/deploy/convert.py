@@ -96,8 +96,9 @@ def convert_to_deploy(
     correction (``merge_separable``): every pair for ``eager``; for ``onnx`` only the stem's pair (and, for
     M0's stem on phases, the depthwise pair after it): a merged k x k depthwise conv does k*k instead of
     2k multiply-adds and needs its border map added, which made it slower than the two convs in ORT.
-    ``fused_ops`` (``onnx`` only) computes every Dynamic Shift-Max's fusion and max with one
-    ``micronet.ShiftMax`` operator, which ONNX Runtime runs from the library in ``fused_ops.py``.
+    ``fused_ops`` computes every Dynamic Shift-Max's fusion and max with one ``micronet.ShiftMax`` operator,
+    which ONNX Runtime runs from the library in ``fused/build.py`` (``onnx``; OpenVINO reads it through its
+    extension), or with ``portable`` one ``micronet::shift_max`` call, ExecuTorch's kernel (``executorch_ops``).
 
     ``portable`` builds the gather-free graph of at most 4-D tensors that OpenVINO, ExecuTorch/XNNPACK,
     LiteRT and ncnn lower to their fast kernels (``portable.py``); ``options`` are its keywords
@@ -106,15 +107,15 @@ def convert_to_deploy(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    if fused_ops and backend != "onnx":
-        raise ValueError("fused_ops=True makes an ONNX Runtime graph; use it with backend='onnx'")
+    if fused_ops and backend == "eager":
+        raise ValueError("fused_ops=True makes an ONNX Runtime or ExecuTorch graph; use backend='onnx' or 'portable'")
     unknown = [k for k in options if backend != "portable" or k not in PORTABLE_OPTIONS]
     if unknown:
         raise TypeError(f"convert_to_deploy(backend={backend!r}) takes no option(s) {unknown}")
     if not hasattr(model, "features") or not hasattr(model, "classifier"):
         raise TypeError(f"convert_to_deploy expects a MicroNet; got {type(model).__name__}")
     if backend == "portable":
-        features = portable_features(model, dtype, **options)  # type: ignore[arg-type]
+        features = portable_features(model, dtype, **options, fused_ops=fused_ops)  # type: ignore[arg-type]
         portable = PortableMicroNet(features, _head(model, dtype), getattr(model, "num_classes", 0))
         return portable.eval().requires_grad_(False)
     ops = optimize(lower(model))

@@ -24,6 +24,7 @@ from .ir import Conv, Op, Perm, Pointwise, ShiftMax
 from .lower import lower
 from .modules import DeployMicroNet, _conv_module, nest_residuals
 from .permutations import _is_identity, conv_input_perm, conv_output_perm
+from .portable_fused import PortableFusedShiftMax
 
 __all__ = [
     "PORTABLE_OPTIONS",
@@ -328,14 +329,16 @@ def move_perms_past_shift_max(ops: list[Op]) -> list[Op]:
     return ops
 
 
-def _build(ops: list[Op | ConvShiftMax], dtype: torch.dtype, block_shuffles: bool = True) -> nn.Sequential:
+def _build(
+    ops: list[Op | ConvShiftMax], dtype: torch.dtype, block_shuffles: bool = True, fused_ops: bool = False
+) -> nn.Sequential:
     def make(op: Op) -> nn.Module:
         if isinstance(op, Conv):
             return _conv_module(op, dtype)
         if isinstance(op, Perm):
             return _perm_module(op.index, block_shuffles)
         if isinstance(op, ShiftMax):
-            return PortableShiftMax(op, dtype)
+            return PortableFusedShiftMax(op, dtype) if fused_ops else PortableShiftMax(op, dtype)
         if isinstance(op, ConvShiftMax):
             return TwinConvShiftMax(op, dtype)
         return op.module
@@ -443,6 +446,7 @@ def portable_features(
     twin_conv: bool = True,
     move_perms: bool = True,
     block_shuffles: bool = True,
+    fused_ops: bool = False,
 ) -> nn.Sequential:
     """The feature extractor of an eval-mode MicroNet in portable modules (``portable_ops`` for the options).
 
@@ -451,12 +455,15 @@ def portable_features(
     computes the shift of each Dynamic Shift-Max fed by a dense 1 x 1 conv as a twin of that conv
     (``TwinConvShiftMax``) instead of channel rolls; ``move_perms`` moves a shuffle before a Dynamic Shift-Max
     past it into the next conv where that needs no more rolls (``move_perms_past_shift_max``);
-    ``block_shuffles`` writes a shuffle of channel blocks (M0-M3's stems) as one 4-D transpose, not slices.
+    ``block_shuffles`` writes a shuffle of channel blocks (M0-M3's stems) as one 4-D transpose, not slices;
+    ``fused_ops`` computes each Dynamic Shift-Max's fusion and max with one ``micronet::shift_max`` call
+    (``PortableFusedShiftMax``, ExecuTorch's kernel) instead of standard operators (no twin convs then).
     """
     if merge not in ("none", "stem", "plain", "all"):
         raise ValueError(f"merge={merge!r}: choose none, stem, plain or all")
     ops = portable_ops(model, scale_into_conv, densify, merge, expand, move_perms)
-    return _build(pair_shift_convs(ops) if twin_conv else list(ops), dtype, block_shuffles)
+    paired = pair_shift_convs(ops) if twin_conv and not fused_ops else list(ops)
+    return _build(paired, dtype, block_shuffles, fused_ops)
 
 
 # the portable options each runtime measured fastest with (M0 and M3 at 224^2, 1 thread, docs/benchmarks.md): merging

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import executorch_ops
 from .metadata import write_json_beside
 from .onnx import _warm
 
@@ -26,20 +27,32 @@ def _require() -> None:
         raise ImportError(f"ExecuTorch export needs the executorch package: {EXTRA}") from err
 
 
-def lower_xnnpack(model: nn.Module, input_shape: tuple[int, int, int, int], metadata: dict[str, Any] | None = None):
+def lower_xnnpack(
+    model: nn.Module,
+    input_shape: tuple[int, int, int, int],
+    metadata: dict[str, Any] | None = None,
+    fused_ops: bool = False,
+):
     """``torch.export`` at a static shape, then ``to_edge_transform_and_lower`` with the XNNPACK partitioner;
     numeric metadata (numbers, lists of numbers, also as JSON text) become constant methods of the program
-    (read with ``load_method(name)``)."""
+    (read with ``load_method(name)``). ``fused_ops``: the graph calls ``micronet::shift_max`` (not an ATen
+    operator, so the edge dialect's ATen-only check is off, and it gets its out variant)."""
     _require()
     # executorch is an optional heavy dependency: imported only when exporting to it
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     _warm(model.eval(), torch.zeros(*input_shape))  # per-input-size constants (border maps) exist before tracing
     with torch.no_grad():
         program = torch.export.export(model.eval(), (torch.randn(*input_shape),))
     constants = {k: v for k, v in map(_numeric, (metadata or {}).items()) if v is not None}
-    return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=constants)
+    config = None
+    if fused_ops:
+        executorch_ops.register_out_variant()
+        config = EdgeCompileConfig(_check_ir_validity=False)
+    return to_edge_transform_and_lower(
+        program, partitioner=[XnnpackPartitioner()], constant_methods=constants, compile_config=config
+    )
 
 
 def ops_outside_delegate(edge: Any) -> list[str]:
@@ -58,13 +71,16 @@ def ops_outside_delegate(edge: Any) -> list[str]:
 
 # layout conversions the partitioner places between the delegate and constant buffers: data movement, not compute
 LAYOUT_COPIES = ("_to_dim_order_copy", "_clone_dim_order", "_to_copy")
-# the modules of a portable Dynamic Shift-Max (the twin conv computes its shift)
-SHIFT_MAX_MODULES = ("PortableShiftMax", "TwinConvShiftMax")
+# the modules of a portable Dynamic Shift-Max (the twin conv computes its shift); PortableFusedShiftMax's kernel
+# call is outside by design, its hyper-function is not
+SHIFT_MAX_MODULES = ("PortableShiftMax", "TwinConvShiftMax", "PortableFusedShiftMax")
+KERNEL_CALL = "micronet.shift_max"  # how the edge program names that call
 
 
 def shift_max_ops_outside(edge: Any) -> list[str]:
     """Operators of a Dynamic Shift-Max (by the module that produced them) left outside the delegate, layout
-    copies excepted: any entry here means a Dynamic Shift-Max is not run by XNNPACK."""
+    copies and the ``micronet::shift_max`` kernel call excepted: any entry here means a Dynamic Shift-Max is not
+    run by XNNPACK (or its kernel)."""
     graph = edge.exported_program().graph_module.graph
     out = []
     for node in graph.nodes:
@@ -72,7 +88,9 @@ def shift_max_ops_outside(edge: Any) -> list[str]:
         if node.op != "call_function" or "executorch_call_delegate" in name or name == "getitem":
             continue
         stack = [str(cls) for _, cls in (node.meta.get("nn_module_stack") or {}).values()]
-        if any(m in cls for cls in stack for m in SHIFT_MAX_MODULES) and not any(c in name for c in LAYOUT_COPIES):
+        if KERNEL_CALL in str(node.target) or any(c in name for c in LAYOUT_COPIES):
+            continue
+        if any(m in cls for cls in stack for m in SHIFT_MAX_MODULES):
             out.append(name)
     return out
 
@@ -99,12 +117,13 @@ def write_executorch(
     path: str | os.PathLike,
     input_shape: tuple[int, int, int, int],
     metadata: dict[str, Any] | None = None,
+    fused_ops: bool = False,
 ) -> tuple[Path, DelegateReport]:
     """``export_executorch`` that also says what the XNNPACK delegate covers (read before ``to_executorch``,
     which rewrites the edge program in place into out-variants and allocations)."""
     path = Path(path).with_suffix(".pte")
     path.parent.mkdir(parents=True, exist_ok=True)
-    edge = lower_xnnpack(model, input_shape, metadata)
+    edge = lower_xnnpack(model, input_shape, metadata, fused_ops)
     report = DelegateReport(delegate_count(edge), ops_outside_delegate(edge), shift_max_ops_outside(edge))
     path.write_bytes(edge.to_executorch().buffer)
     write_json_beside(path, metadata)
@@ -144,6 +163,8 @@ def load_executorch(path: str | os.PathLike, threads: int = 1) -> Callable[[np.n
     from executorch.runtime import Runtime  # optional heavy dependency
 
     _set_threads(threads)
+    if executorch_ops.uses_kernels(path):  # written with --fused-ops: its micronet::shift_max needs the kernel
+        executorch_ops.load_kernels()
     method = Runtime.get().load_program(Path(path)).load_method("forward")
 
     def run(x: np.ndarray) -> np.ndarray:

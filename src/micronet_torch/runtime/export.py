@@ -22,7 +22,7 @@ from torch import nn
 from ..deploy import convert_to_deploy
 from ..deploy.fused import FusedOpsUnavailable, library_path
 from ..models import LoadedModel
-from . import openvino_ops
+from . import executorch_ops, openvino_ops
 from .calibration import calibration_images
 from .metadata import export_metadata, write_onnx_metadata
 from .onnx import DEFAULT_OPSET
@@ -75,7 +75,7 @@ class ExportOptions:
             clash = [
                 flag
                 for flag, on in (
-                    ("--format " + self.format, self.format not in ("onnx", "openvino")),
+                    ("--format " + self.format, self.format not in ("onnx", "openvino", "executorch")),
                     ("--no-deploy", not self.deploy),
                     ("--int8", self.int8),
                     ("--exporter legacy", self.exporter == "legacy"),
@@ -84,8 +84,7 @@ class ExportOptions:
             ]
             if clash:
                 raise ExportError(
-                    "--fused-ops writes an fp32 ONNX (or OpenVINO) deploy graph through the dynamo exporter; drop "
-                    + ", ".join(clash)
+                    "--fused-ops writes an fp32 ONNX (or OpenVINO / ExecuTorch) deploy graph; drop " + ", ".join(clash)
                 )
 
 
@@ -100,7 +99,9 @@ def export_model(
     ``path``; a runtime whose package is missing raises ``ExportError`` naming the pip extra."""
     target = TARGETS[options.format]
     graph = model
-    if options.deploy and options.fused_ops:  # micronet.ShiftMax nodes: ONNX's deploy graph (OpenVINO reads it)
+    if options.deploy and options.fused_ops and target.backend == "portable":  # ExecuTorch: micronet::shift_max
+        graph = convert_to_deploy(model, backend="portable", fused_ops=True, **target.options)
+    elif options.deploy and options.fused_ops:  # micronet.ShiftMax nodes: ONNX's deploy graph (OpenVINO reads it)
         graph = convert_to_deploy(model, backend="onnx", fused_ops=True)
     elif options.deploy:
         graph = convert_to_deploy(model, backend=target.backend, **target.options)
@@ -121,7 +122,8 @@ def export_and_check(
     library = None
     if options.fused_ops:
         try:
-            library = openvino_ops.library_path() if options.format == "openvino" else library_path()
+            libraries = {"openvino": openvino_ops.library_path, "executorch": executorch_ops.library_path}
+            library = libraries.get(options.format, library_path)()
         except FusedOpsUnavailable as err:
             raise ExportError(str(err)) from err
     model, cfg = loaded.model.eval(), loaded.data_config
@@ -142,7 +144,12 @@ def export_and_check(
         log(f"  note: {note}")
     for failure in res.failures:
         log(f"  FAIL: {failure}")
-    if library is not None and options.format == "openvino":
+    if library is not None and options.format == "executorch":
+        log(
+            f"  note: calls the micronet::shift_max kernel; load it before the program: "
+            f"ctypes.CDLL('{library}', mode=ctypes.RTLD_GLOBAL)"
+        )
+    elif library is not None and options.format == "openvino":
         log(f"  note: uses the micronet.ShiftMax operation; an openvino.Core needs core.add_extension('{library}')")
     elif library is not None:
         log(

@@ -115,8 +115,10 @@ def _export_openvino(
 def _export_executorch(
     model: nn.Module, path: Path, shape: tuple[int, ...], metadata: dict | None = None, **options: Any
 ) -> ExportResult:
-    written, report = executorch.write_executorch(model, path, shape, metadata)  # type: ignore[arg-type]
-    res = ExportResult(written, "executorch", exporter="torch.export + XNNPACK partitioner")
+    fused = bool(options.get("fused_ops"))
+    written, report = executorch.write_executorch(model, path, shape, metadata, fused)  # type: ignore[arg-type]
+    how = "torch.export + XNNPACK partitioner" + (" + micronet::shift_max kernel" if fused else "")
+    res = ExportResult(written, "executorch", exporter=how)
     counts = {op: report.outside.count(op) for op in dict.fromkeys(report.outside)}
     res.notes.append(
         f"{report.partitions} XNNPACK partition(s); outside the delegate: "

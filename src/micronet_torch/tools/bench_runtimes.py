@@ -33,7 +33,7 @@ from .bench_report import save_report
 # bench name -> export format (``runtime.targets.TARGETS``)
 RUNTIMES = {"ort": "onnx", "openvino": "openvino", "executorch": "executorch", "tflite": "tflite", "ncnn": "ncnn"}
 # the same runtimes with each MicroNet's Dynamic Shift-Max as one micronet.ShiftMax operation (--fused-ops)
-FUSED_RUNTIMES = {"ort-ops": "onnx", "openvino-ops": "openvino"}
+FUSED_RUNTIMES = {"ort-ops": "onnx", "openvino-ops": "openvino", "executorch-ops": "executorch"}
 ALL_RUNTIMES = {**RUNTIMES, **FUSED_RUNTIMES}
 # (MicroNet, its MobileNetV3-Small reference, the largest latency ratio the issue accepts)
 RATIO_TARGETS = (("micronet_m0", "mobilenetv3_small_050", 0.85), ("micronet_m3", "mobilenetv3_small_100", 1.0))
@@ -173,6 +173,7 @@ def _versions(runtimes: tuple[str, ...]) -> dict[str, str]:
         "ncnn": ("pnnx", "ncnn"),
         "ort-ops": ("onnxruntime",),
         "openvino-ops": ("openvino",),
+        "executorch-ops": ("executorch",),
     }
     out = {}
     for rt in runtimes:

@@ -1,5 +1,6 @@
 /* One output row of micronet.ShiftMax (Dynamic Shift-Max's fusion and max), shared by the ONNX Runtime operator
- * (ort_shift_max.c) and the OpenVINO extension (ov_shift_max.cpp), so both runtimes compute the same loop.
+ * (ort_shift_max.c), the OpenVINO extension (ov_shift_max.cpp) and the ExecuTorch kernel (et_shift_max.cpp), so every
+ * runtime computes the same loop.
  *
  *   out[p] = max_k sum_j c[k*J + j] * x_j[p]   for p < hw, with J inputs x0 (and x1 when J = 2), K = 1 or 2
  */
