@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import micronet_torch
+from micronet_torch.deploy.fused import FusedOpsUnavailable
+from micronet_torch.runtime import TARGETS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,3 +38,15 @@ ABLATION_VARIANTS = [
     dict(pointwise="plain"),
     dict(shift="group"),
 ]
+
+
+def runtime_library_or_skip(fmt: str, build) -> str:
+    """The path ``build()`` returns for a runtime's fused-operator library, or a skip naming why there is none
+    (the runtime ``fmt`` not installed, no compiler)."""
+    why = TARGETS[fmt].missing()
+    if why:
+        pytest.skip(why)
+    try:
+        return str(build())
+    except FusedOpsUnavailable as err:
+        pytest.skip(str(err))

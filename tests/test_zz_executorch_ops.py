@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import SHARED_FIXTURES
+from helpers import SHARED_FIXTURES, runtime_library_or_skip
 
 import micronet_torch
 from micronet_torch.cli import main
@@ -15,7 +15,7 @@ from micronet_torch.deploy import convert_to_deploy
 from micronet_torch.deploy.fused import FusedOpsUnavailable
 from micronet_torch.deploy.fused.op import shift_max
 from micronet_torch.ops.shift_max import DynamicShiftMax
-from micronet_torch.runtime import TARGETS, ExportOptions, executorch_ops, export_model, load_exported
+from micronet_torch.runtime import ExportOptions, executorch_ops, export_model, load_exported
 from micronet_torch.runtime import executorch as et
 from micronet_torch.tools.bench import trained_like
 from micronet_torch.tools.bench_runtimes import RuntimeRecord, parse_runtimes, ratio_lines
@@ -25,13 +25,7 @@ TOL = 2e-5
 
 @pytest.fixture(scope="module")
 def library() -> str:
-    why = TARGETS["executorch"].missing()
-    if why:
-        pytest.skip(why)
-    try:
-        return str(executorch_ops.load_kernels())
-    except FusedOpsUnavailable as err:
-        pytest.skip(str(err))
+    return runtime_library_or_skip("executorch", executorch_ops.load_kernels)
 
 
 def _rel(out, ref: torch.Tensor) -> float:
@@ -42,7 +36,7 @@ def _rel(out, ref: torch.Tensor) -> float:
 def test_parity_and_one_kernel_call_per_dsm(name: str, library: str, tmp_path) -> None:
     model = trained_like(micronet_torch.create_model(name))
     graph = convert_to_deploy(model, backend="portable", fused_ops=True)
-    path, report = et.write_executorch(graph, tmp_path / name, (1, 3, 64, 64), fused_ops=True)
+    path, report = et.write_executorch(graph, tmp_path / name, (1, 3, 64, 64))
     assert executorch_ops.uses_kernels(path)
     assert report.outside.count("micronet.shift_max.default") == sum(
         isinstance(m, DynamicShiftMax) for m in model.modules()

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import SHARED_FIXTURES
+from helpers import SHARED_FIXTURES, runtime_library_or_skip
 
 import micronet_torch
 from micronet_torch.cli import main
 from micronet_torch.deploy.fused import FusedOpsUnavailable
 from micronet_torch.ops.shift_max import DynamicShiftMax
-from micronet_torch.runtime import TARGETS, ExportError, ExportOptions, export_model, load_exported, openvino_ops
+from micronet_torch.runtime import ExportError, ExportOptions, export_model, load_exported, openvino_ops
 from micronet_torch.tools.bench import trained_like
 from micronet_torch.tools.bench_runtimes import RuntimeRecord, parse_runtimes, ratio_lines
 
@@ -21,13 +21,7 @@ TOL = 2e-5
 
 @pytest.fixture(scope="module")
 def library() -> str:
-    why = TARGETS["openvino"].missing()
-    if why:
-        pytest.skip(why)
-    try:
-        return str(openvino_ops.library_path())
-    except FusedOpsUnavailable as err:
-        pytest.skip(str(err))
+    return runtime_library_or_skip("openvino", openvino_ops.library_path)
 
 
 def _ops(xml, library: str) -> list[str]:

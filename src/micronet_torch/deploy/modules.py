@@ -79,9 +79,10 @@ class FusedShiftMax(nn.Module):
         # the fused operator's attribute: the input channels each output channel reads, (x, shift) per channel
         self.fused_index = (self.pair_index if j == 2 else self.x_index).tolist()
 
-    def coefficients(self, x: torch.Tensor) -> torch.Tensor:
-        """The fused coefficients, (N, C_out * K * J) in (c, k, j) order (divided by the scale if ``scaled``)."""
-        z = self.fc2(F.relu(self.fc1(x.mean((2, 3)))))
+    def coefficients(self, x: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """The fused coefficients, (N, C_out * K * J) in (c, k, j) order (divided by the scale if ``scaled``),
+        from x's spatial mean (or ``pooled``, that mean computed another way: (N, C))."""
+        z = self.fc2(F.relu(self.fc1(x.mean((2, 3)) if pooled is None else pooled)))
         if self.scaled:
             return F.hardsigmoid(z) + self.offset
         return torch.clamp(z, self.lo, self.hi) + self.offset

@@ -5,7 +5,6 @@ delegate lowers (keepdim mean, Linear, ReLU, h-sigmoid), the fusion and max as o
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .fused.op import shift_max
@@ -22,8 +21,7 @@ class PortableFusedShiftMax(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.fused
-        z = f.fc2(F.relu(f.fc1(torch.flatten(x.mean((2, 3), keepdim=True), 1))))
-        coef = (F.hardsigmoid(z) if f.scaled else torch.clamp(z, f.lo, f.hi)) + f.offset
+        coef = f.coefficients(x, torch.flatten(x.mean((2, 3), keepdim=True), 1))  # XNNPACK takes keepdim means
         return shift_max(x, coef, f.fused_index, f.k, f.j)
 
     def extra_repr(self) -> str:

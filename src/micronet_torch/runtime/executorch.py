@@ -18,6 +18,7 @@ from .metadata import write_json_beside
 from .onnx import _warm
 
 EXTRA = "pip install micronet-torch[executorch]"
+KERNEL_CALL = "micronet.shift_max"  # how an exported program names a call of the micronet::shift_max kernel
 
 
 def _require() -> None:
@@ -27,16 +28,11 @@ def _require() -> None:
         raise ImportError(f"ExecuTorch export needs the executorch package: {EXTRA}") from err
 
 
-def lower_xnnpack(
-    model: nn.Module,
-    input_shape: tuple[int, int, int, int],
-    metadata: dict[str, Any] | None = None,
-    fused_ops: bool = False,
-):
+def lower_xnnpack(model: nn.Module, input_shape: tuple[int, int, int, int], metadata: dict[str, Any] | None = None):
     """``torch.export`` at a static shape, then ``to_edge_transform_and_lower`` with the XNNPACK partitioner;
     numeric metadata (numbers, lists of numbers, also as JSON text) become constant methods of the program
-    (read with ``load_method(name)``). ``fused_ops``: the graph calls ``micronet::shift_max`` (not an ATen
-    operator, so the edge dialect's ATen-only check is off, and it gets its out variant)."""
+    (read with ``load_method(name)``). A graph that calls ``micronet::shift_max`` (``fused_ops=True``) gets
+    its out variant, and the edge dialect's ATen-only check is off for it."""
     _require()
     # executorch is an optional heavy dependency: imported only when exporting to it
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -47,7 +43,7 @@ def lower_xnnpack(
         program = torch.export.export(model.eval(), (torch.randn(*input_shape),))
     constants = {k: v for k, v in map(_numeric, (metadata or {}).items()) if v is not None}
     config = None
-    if fused_ops:
+    if any(KERNEL_CALL in str(node.target) for node in program.graph.nodes):
         executorch_ops.register_out_variant()
         config = EdgeCompileConfig(_check_ir_validity=False)
     return to_edge_transform_and_lower(
@@ -74,7 +70,6 @@ LAYOUT_COPIES = ("_to_dim_order_copy", "_clone_dim_order", "_to_copy")
 # the modules of a portable Dynamic Shift-Max (the twin conv computes its shift); PortableFusedShiftMax's kernel
 # call is outside by design, its hyper-function is not
 SHIFT_MAX_MODULES = ("PortableShiftMax", "TwinConvShiftMax", "PortableFusedShiftMax")
-KERNEL_CALL = "micronet.shift_max"  # how the edge program names that call
 
 
 def shift_max_ops_outside(edge: Any) -> list[str]:
@@ -117,13 +112,12 @@ def write_executorch(
     path: str | os.PathLike,
     input_shape: tuple[int, int, int, int],
     metadata: dict[str, Any] | None = None,
-    fused_ops: bool = False,
 ) -> tuple[Path, DelegateReport]:
     """``export_executorch`` that also says what the XNNPACK delegate covers (read before ``to_executorch``,
     which rewrites the edge program in place into out-variants and allocations)."""
     path = Path(path).with_suffix(".pte")
     path.parent.mkdir(parents=True, exist_ok=True)
-    edge = lower_xnnpack(model, input_shape, metadata, fused_ops)
+    edge = lower_xnnpack(model, input_shape, metadata)
     report = DelegateReport(delegate_count(edge), ops_outside_delegate(edge), shift_max_ops_outside(edge))
     path.write_bytes(edge.to_executorch().buffer)
     write_json_beside(path, metadata)

@@ -20,8 +20,6 @@ from pathlib import Path
 
 import torch
 
-from .._env import cache_root
-from .._native import find_compiler
 from ..deploy.fused.build import FusedOpsUnavailable, build_fused_library
 from ..deploy.fused.op import shift_max
 
@@ -64,20 +62,15 @@ def _flags(et_dir: Path) -> tuple[str, ...]:
 
 def library_path(directory: str | os.PathLike | None = None, compiler: str | None = None) -> Path:
     """The path of the compiled kernel library, building it first if this source / executorch / CPU has none."""
-    cxx = find_compiler(compiler, cxx=True)
-    if cxx is None:
-        raise FusedOpsUnavailable(
-            "the ExecuTorch micronet::shift_max kernel is compiled on first use, but no C++ compiler was found; "
-            "install one (e.g. apt-get install g++) or set CXX, or export without --fused-ops"
-        )
     return build_fused_library(
         SOURCE,
         "micronet_et_ops",
         _flags(_executorch_dir()),
-        Path(directory) if directory is not None else cache_root() / "et_ops",
-        cxx,
-        "the ExecuTorch micronet::shift_max kernel (export without --fused-ops to do without it)",
-        "the ExecuTorch kernel",
+        directory,
+        "et_ops",
+        compiler,
+        "the ExecuTorch micronet::shift_max kernel",
+        cxx=True,
     )
 
 

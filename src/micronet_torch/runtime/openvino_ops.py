@@ -13,8 +13,6 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .._env import cache_root
-from .._native import find_compiler
 from ..deploy.fused.build import FusedOpsUnavailable, build_fused_library
 
 SOURCE = Path(__file__).resolve().parent.parent / "deploy" / "fused" / "csrc" / "ov_shift_max.cpp"
@@ -46,20 +44,15 @@ def _flags(ov_dir: Path) -> tuple[str, ...]:
 
 def library_path(directory: str | os.PathLike | None = None, compiler: str | None = None) -> Path:
     """The path of the compiled extension, building it first if this source / OpenVINO / CPU has no build yet."""
-    cxx = find_compiler(compiler, cxx=True)
-    if cxx is None:
-        raise FusedOpsUnavailable(
-            "the OpenVINO micronet.ShiftMax extension is compiled on first use, but no C++ compiler was found; "
-            "install one (e.g. apt-get install g++) or set CXX, or export without --fused-ops"
-        )
     return build_fused_library(
         SOURCE,
         "micronet_ov_ops",
         _flags(_openvino_dir()),
-        Path(directory) if directory is not None else cache_root() / "ov_ops",
-        cxx,
-        "the OpenVINO micronet.ShiftMax extension (export without --fused-ops to do without it)",
-        "the OpenVINO extension",
+        directory,
+        "ov_ops",
+        compiler,
+        "the OpenVINO micronet.ShiftMax extension",
+        cxx=True,
     )
 
 

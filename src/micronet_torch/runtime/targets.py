@@ -115,8 +115,8 @@ def _export_openvino(
 def _export_executorch(
     model: nn.Module, path: Path, shape: tuple[int, ...], metadata: dict | None = None, **options: Any
 ) -> ExportResult:
-    fused = bool(options.get("fused_ops"))
-    written, report = executorch.write_executorch(model, path, shape, metadata, fused)  # type: ignore[arg-type]
+    written, report = executorch.write_executorch(model, path, shape, metadata)  # type: ignore[arg-type]
+    fused = any(executorch.KERNEL_CALL in op for op in report.outside)
     how = "torch.export + XNNPACK partitioner" + (" + micronet::shift_max kernel" if fused else "")
     res = ExportResult(written, "executorch", exporter=how)
     counts = {op: report.outside.count(op) for op in dict.fromkeys(report.outside)}

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..._env import cache_root
-from ..._native import NativeBuildError, build_library, one_line
+from ..._native import NativeBuildError, build_library, find_compiler, one_line
 from .op import DOMAIN
 
 SOURCE = Path(__file__).parent / "csrc" / "ort_shift_max.c"
@@ -36,28 +36,37 @@ def cache_dir() -> Path:
 
 
 def build_fused_library(
-    source: Path, name: str, flags: tuple[str, ...], directory: Path, compiler: str | None, what: str, label: str
+    source: Path,
+    name: str,
+    flags: tuple[str, ...],
+    directory: str | os.PathLike | None,
+    folder: str,
+    compiler: str | None,
+    what: str,
+    cxx: bool = False,
 ) -> Path:
-    """``build_library`` for a fused-operator library: any build or cache failure is one ``FusedOpsUnavailable``
-    line (``label`` names the library in the message of a folder that cannot be written)."""
+    """``build_library`` for a fused-operator library (``what`` names it in messages): any build or cache failure,
+    and with ``cxx`` a missing C++ compiler, is one ``FusedOpsUnavailable`` line."""
+    if cxx:  # build_library looks for a C compiler by itself; a C++ one is found here
+        compiler = find_compiler(compiler, cxx=True)
+        if compiler is None:
+            raise FusedOpsUnavailable(
+                f"{what} is compiled on first use, but no C++ compiler was found; install one (e.g. apt-get install "
+                "g++) or set CXX, or export without --fused-ops"
+            )
+    how = f"{what} (export without --fused-ops to do without it)"
     try:
-        return build_library(source, name, directory.name, flags, directory=directory, compiler=compiler, what=what)
+        return build_library(source, name, folder, flags, directory=directory, compiler=compiler, what=how)
     except NativeBuildError as err:  # NativeCacheError too: an untrusted cache folder loads nothing
         raise FusedOpsUnavailable(one_line(str(err))) from err
     except OSError as err:  # the cache folder cannot be created or written
-        raise FusedOpsUnavailable(one_line(f"cannot build {label}: {err}")) from err
+        raise FusedOpsUnavailable(one_line(f"cannot build {what}: {err}")) from err
 
 
 def library_path(directory: str | os.PathLike | None = None, compiler: str | None = None) -> Path:
     """The path of the compiled operator library, building it first if this source / CPU has no build yet."""
     return build_fused_library(
-        SOURCE,
-        "micronet_ort_ops",
-        CFLAGS,
-        Path(directory) if directory is not None else cache_dir(),
-        compiler,
-        "the fused ONNX Runtime operator library (export without --fused-ops to do without it)",
-        "the fused operator library",
+        SOURCE, "micronet_ort_ops", CFLAGS, directory, "ort_ops", compiler, "the fused ONNX Runtime operator library"
     )
 
 
