@@ -37,8 +37,13 @@ def _rel(out, ref: torch.Tensor) -> float:
     return float(abs(torch.as_tensor(out) - ref).max() / ref.abs().max())
 
 
-@pytest.mark.parametrize("fmt", RUNTIME_FORMATS)
-@pytest.mark.parametrize("name", ["micronet_m0", "micronet_m3"])
+# M0 in ExecuTorch: test_executorch_dsm_inside_delegate, which checks its parity too
+PARITY_CASES = [
+    (n, f) for n in ("micronet_m0", "micronet_m3") for f in RUNTIME_FORMATS if (n, f) != ("micronet_m0", "executorch")
+]
+
+
+@pytest.mark.parametrize(("name", "fmt"), PARITY_CASES)
 def test_parity(fmt: str, name: str, tmp_path) -> None:
     """The file ``micronet export --format`` writes (portable form, the runtime's options) matches eager."""
     target = _target(fmt)
@@ -65,14 +70,19 @@ def test_fixture_through_openvino(tmp_path) -> None:
 
 
 def test_executorch_dsm_inside_delegate(tmp_path) -> None:
-    """Every Dynamic Shift-Max of M0 runs inside the one XNNPACK partition (only layout copies stay outside)."""
+    """Every Dynamic Shift-Max of M0 runs inside the one XNNPACK partition (only layout copies stay outside), and
+    the program matches eager."""
     _target("executorch")
-    model = micronet_torch.create_model("micronet_m0").eval()
+    model = trained_like(micronet_torch.create_model("micronet_m0"))
     portable = convert_to_deploy(model, backend="portable", **RUNTIME_OPTIONS["executorch"])
-    _, report = et.write_executorch(portable, tmp_path / "m0", (1, 3, 64, 64), {"mean": "[0.5, 0.5, 0.5]"})
+    path, report = et.write_executorch(portable, tmp_path / "m0", (1, 3, 64, 64), {"mean": "[0.5, 0.5, 0.5]"})
     assert report.shift_max_outside == []
     assert report.partitions == 1
     assert all(any(c in op for c in et.LAYOUT_COPIES) for op in report.outside), report.outside
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    assert _rel(load_exported(path, "executorch")(x), ref) <= TOL
 
 
 def test_missing_runtime_names_the_extra(monkeypatch) -> None:
