@@ -110,3 +110,30 @@ def test_cli_errors(tmp_path, capsys) -> None:
     rc = main(["export", "--model", "micronet_m0", "--format", "torchscript", "--int8", "--calib", "x", "-o", "y"])
     assert rc == 2
     assert main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--output", str(tmp_path / "x.onnx")]) == 2
+
+
+class _Converted(Exception):
+    """Stops ``export_model`` right after it chose the deploy graph."""
+
+
+@pytest.mark.parametrize(
+    ("fmt", "backend"),
+    [("onnx", "onnx"), ("openvino", "onnx"), ("executorch", "portable")],
+)
+def test_fused_ops_graph_per_format(fmt: str, backend: str, m0, tmp_path, monkeypatch) -> None:
+    """``--fused-ops``: ONNX Runtime and OpenVINO (through ONNX, its extension) get ONNX's fused deploy graph,
+    measured the faster one for the extension (docs/benchmarks.md, session 17); ExecuTorch the portable graph with
+    its kernel calls."""
+    from micronet_torch.runtime import ExportOptions, export_model
+    from micronet_torch.runtime import export as export_module
+
+    seen: list[dict] = []
+
+    def record(model, **kwargs):
+        seen.append(kwargs)
+        raise _Converted
+
+    monkeypatch.setattr(export_module, "convert_to_deploy", record)
+    with pytest.raises(_Converted):
+        export_model(m0, tmp_path / "m", (1, 3, 32, 32), ExportOptions(format=fmt, fused_ops=True))
+    assert seen[0]["backend"] == backend and seen[0]["fused_ops"] is True

@@ -99,7 +99,7 @@ def export_model(
     ``path``; a runtime whose package is missing raises ``ExportError`` naming the pip extra."""
     target = TARGETS[options.format]
     graph = model
-    if options.deploy and options.fused_ops and target.backend == "portable":  # ExecuTorch: micronet::shift_max
+    if options.deploy and options.fused_ops and options.format == "executorch":  # micronet::shift_max kernel calls
         graph = convert_to_deploy(model, backend="portable", fused_ops=True, **target.options)
     elif options.deploy and options.fused_ops:  # micronet.ShiftMax nodes: ONNX's deploy graph (OpenVINO reads it)
         graph = convert_to_deploy(model, backend="onnx", fused_ops=True)
