@@ -18,7 +18,7 @@ from .metadata import write_json_beside
 from .onnx import _warm
 
 EXTRA = "pip install micronet-torch[executorch]"
-KERNEL_CALL = "micronet.shift_max"  # how an exported program names a call of the micronet::shift_max kernel
+KERNEL_CALL = executorch_ops.KERNEL.replace("::", ".")  # how an exported program names a call of that kernel
 
 
 def _require() -> None:
