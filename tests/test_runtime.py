@@ -10,6 +10,8 @@ import micronet_torch
 from micronet_torch.cli import main
 from micronet_torch.deploy import convert_to_deploy
 from micronet_torch.runtime import (
+    ExportOptions,
+    export_model,
     export_onnx,
     ort_nodes_after_optimization,
     ort_session,
@@ -17,6 +19,7 @@ from micronet_torch.runtime import (
     run_ort,
     synthetic_images,
 )
+from micronet_torch.runtime import export as export_module
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +127,6 @@ def test_fused_ops_graph_per_format(fmt: str, backend: str, m0, tmp_path, monkey
     """``--fused-ops``: ONNX Runtime and OpenVINO (through ONNX, its extension) get ONNX's fused deploy graph,
     measured the faster one for the extension (docs/benchmarks.md, session 17); ExecuTorch the portable graph with
     its kernel calls."""
-    from micronet_torch.runtime import ExportOptions, export_model
-    from micronet_torch.runtime import export as export_module
-
     seen: list[dict] = []
 
     def record(model, **kwargs):
