@@ -64,5 +64,7 @@ def test_profile_cli_table_and_models(capsys):
     assert "micronet_v1_m1" in text and "published MicroNet-M2" in text
     assert cli_main(["profile", "micronet_x"]) == 2
     assert "unknown model 'micronet_x'" in capsys.readouterr().err
-    assert cli_main(["profile", "micronet_m0", "--img-size", "0"]) == 2
-    assert "img_size must be a positive number of pixels" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # argparse refuses the value before any work
+        cli_main(["profile", "micronet_m0", "--img-size", "0"])
+    assert stop.value.code == 2
+    assert "argument --img-size: got 0; use a whole number of 1 or more" in capsys.readouterr().err

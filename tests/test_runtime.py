@@ -51,6 +51,23 @@ def test_deploy_graph_is_smaller(m0, tmp_path) -> None:
     assert ort_nodes_after_optimization(dep.path) < ort_nodes_after_optimization(plain.path)
 
 
+def test_opset_is_the_one_asked_for(m0, tmp_path, capsys) -> None:
+    """An opset below the dynamo exporter's 18 falls back to the legacy exporter (which writes it) instead of a
+    silent opset-18 file; one no exporter writes is refused before any work, naming the flag."""
+    import onnx
+
+    res = export_onnx(convert_to_deploy(m0, backend="onnx"), tmp_path / "o13.onnx", (1, 3, 32, 32), opset=13)
+    assert res.exporter == "legacy" and "wrote opset 18, not the requested 13" in res.notes[0]
+    assert [o.version for o in onnx.load(str(res.path)).opset_import if o.domain in ("", "ai.onnx")] == [13]
+    with pytest.raises(ValueError, match="--opset 3: ONNX export writes opsets 7-"):
+        export_onnx(m0, tmp_path / "o3.onnx", (1, 3, 32, 32), opset=3)
+    assert main(["export", "--model", "micronet_m0", "--opset", "99", "-o", str(tmp_path / "x.onnx")]) == 2
+    assert "--opset 99" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
+    fused = ["export", "--model", "micronet_m0", "--fused-ops", "--opset", "13", "-o", str(tmp_path / "f.onnx")]
+    assert main(fused) == 2
+    assert "drop --opset 13 (the dynamo exporter writes 18 and up)" in capsys.readouterr().err
+
+
 def test_legacy_exporter(m0, tmp_path) -> None:
     res = export_onnx(convert_to_deploy(m0, backend="onnx"), tmp_path / "l.onnx", (1, 3, 32, 32), exporter="legacy")
     x = torch.randn(2, 3, 32, 32)

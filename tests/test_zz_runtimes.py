@@ -117,3 +117,27 @@ def test_cli_export_openvino(tmp_path, capsys) -> None:
     ov_model = openvino.Core().read_model(str(out))
     assert ov_model.get_rt_info(["micronet", "model"]).astype(str) == "micronet_m0"
     assert json.loads(ov_model.get_rt_info(["micronet", "input_size"]).astype(str)) == [3, 32, 32]
+
+
+def test_ncnn_converter_log_is_captured_and_quoted(tmp_path, monkeypatch, capfd) -> None:
+    """pnnx logs its passes below Python: a good export prints none of it, a failed one quotes its last lines."""
+    _target("ncnn")
+    import pnnx
+
+    from micronet_torch.runtime import ConversionError
+    from micronet_torch.runtime.ncnn import export_ncnn
+
+    model = micronet_torch.create_model("micronet_m0", num_classes=10).eval()
+    export_ncnn(model, tmp_path / "m0.param", (1, 3, 32, 32))
+    out, err = capfd.readouterr()
+    assert (tmp_path / "m0.bin").is_file() and "pass_level" not in out + err
+
+    def fails(*args, **kwargs):  # what a pnnx that rejects the graph does: logs, writes nothing, returns
+        import os
+
+        os.write(2, b"############# pass_level2\nunsupported op aten::frob\n")
+
+    monkeypatch.setattr(pnnx, "export", fails)
+    with pytest.raises(ConversionError, match=r"pnnx wrote no ncnn model; its log ends: .*unsupported op aten::frob"):
+        export_ncnn(model, tmp_path / "bad.param", (1, 3, 32, 32))
+    assert not (tmp_path / "bad.param").exists() and "frob" not in "".join(capfd.readouterr())

@@ -14,7 +14,7 @@ from ..runtime import calibration_images
 from ..tools.bench import DEFAULT_MODELS, DEFAULT_PATHS, PATHS, environment, run_benchmark
 from ..tools.bench_report import environment_line, markdown, save
 from ..tools.bench_runtimes import ALL_RUNTIMES, markdown_runtimes, parse_runtimes, run_runtime_benchmark, save_runtimes
-from .common import CLIError
+from .common import CLIError, nonnegative_int, positive_float, positive_int
 
 
 def run_bench_runtimes(args: argparse.Namespace, log: Callable[[str], None]) -> int:
@@ -100,19 +100,21 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         help="with --runtimes: also time each MicroNet with every Dynamic Shift-Max replaced by ReLU (+relu) and "
         "without its shift term (+noshift), in the same deploy graph: the least a cheaper operator could reach",
     )
-    p.add_argument("--runs", type=int, default=50, help="timed runs per measurement [50]")
-    p.add_argument("--warmup", type=int, default=10, help="warm-up runs [10]")
-    p.add_argument("--img-size", type=int, default=224, help="input size [224]")
-    p.add_argument("--threads", type=int, help="'all threads' setting [os.cpu_count()]")
-    p.add_argument("--batch", type=int, default=32, help="throughput batch size (1 skips it) [32]")
+    p.add_argument("--runs", type=positive_int, default=50, help="timed runs per measurement [50]")
+    p.add_argument("--warmup", type=nonnegative_int, default=10, help="warm-up runs [10]")
+    p.add_argument("--img-size", type=positive_int, default=224, help="input size [224]")
+    p.add_argument("--threads", type=positive_int, help="'all threads' setting [os.cpu_count()]")
+    p.add_argument("--batch", type=positive_int, default=32, help="throughput batch size (1 skips it) [32]")
     p.add_argument("--calib", help="int8 calibration images (folder or fashion-mnist) [synthetic]")
     p.add_argument(
         "--block",
-        type=int,
+        type=positive_int,
         default=10,
         help="batch-1 calls of one job per turn, the first untimed (steady-state latency; 1 = strict alternation) [10]",
     )
-    p.add_argument("--max-seconds", type=float, default=600.0, help="cap on the timed rounds of one setting [600]")
+    p.add_argument(
+        "--max-seconds", type=positive_float, default=600.0, help="cap on the timed rounds of one setting [600]"
+    )
     p.add_argument("--out-dir", help="save bench.json and bench.md here")
     p.add_argument("--json", action="store_true", help="print the records as JSON (progress goes to stderr)")
     p.add_argument("--targets", action="store_true", help="also print the project's speed targets (for its docs)")

@@ -9,6 +9,7 @@ from typing import Any
 
 from .._env import available_cores
 from ..tools.bench_train import VARIANTS, environment, markdown, run, save
+from .common import nonnegative_int, positive_int
 
 DEFAULT_MODELS = ("micronet_m0", "micronet_m1", "micronet_m2", "micronet_m3", "mobilenetv3_small_050",
                   "mobilenetv3_small_100")  # fmt: skip
@@ -46,9 +47,9 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     p.add_argument("--settings", nargs="+", type=_setting, default=[(224, 32), (32, 128)], help="SIZExBATCH ...")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per variant (interleaved) [5]")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps after the first [1]")
-    p.add_argument("--threads", type=int, nargs="+", help="CPU thread counts [1 and all cores]")
+    p.add_argument("--steps", type=positive_int, default=5, help="timed steps per variant (interleaved) [5]")
+    p.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed steps after the first [1]")
+    p.add_argument("--threads", type=positive_int, nargs="+", help="CPU thread counts [1 and all cores]")
     p.add_argument("--out-dir", help="save bench_train.json and bench_train.md here")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=run_bench_train)

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from ..tools.demo import DEMO, run_demo
+from .common import nonnegative_int, positive_int
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -30,12 +31,12 @@ def register_cli(subparsers: Any) -> None:
         "everything is.",
     )
     p.add_argument("--output", "-o", default="runs/demo", help="run folder [runs/demo]")
-    p.add_argument("--epochs", type=int, help=f"[{DEMO['epochs']}]")
-    p.add_argument("--batch-size", type=int, help=f"[{DEMO['batch_size']}]")
-    p.add_argument("--img-size", type=int, help=f"[{DEMO['img_size']}]")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--epochs", type=positive_int, help=f"[{DEMO['epochs']}]")
+    p.add_argument("--batch-size", type=positive_int, help=f"[{DEMO['batch_size']}]")
+    p.add_argument("--img-size", type=positive_int, help=f"[{DEMO['img_size']}]")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--device", help="auto, cpu, cuda [auto]")
     p.add_argument("--data-root", help="Fashion-MNIST location [$MICRONET_TORCH_HOME/data, from Debian's files]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--fresh", action="store_true", help="start over instead of continuing the run in --output")
     p.set_defaults(func=_run)

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from ..tools.evaluate import evaluate_checkpoint
+from .common import nonnegative_int, positive_int
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -41,11 +42,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data", default="fashion-mnist", help="class-folder tree (DIR/val when present) or a built-in test split"
     )
-    p.add_argument("--img-size", type=int, help="input size [the checkpoint's; 224 for published weights]")
+    p.add_argument("--img-size", type=positive_int, help="input size [the checkpoint's; 224 for published weights]")
     p.add_argument("--json", action="store_true", help="print one JSON object (top1, top5, loss, n, ...)")
-    p.add_argument("--batch-size", "-b", type=int, default=256)
-    p.add_argument("--workers", "-j", type=int)
-    p.add_argument("--threads", type=int)
+    p.add_argument("--batch-size", "-b", type=positive_int, default=256)
+    p.add_argument("--workers", "-j", type=nonnegative_int)
+    p.add_argument("--threads", type=positive_int)
     p.add_argument("--device", help="auto, cpu, cuda [auto]")
     p.add_argument("--data-root")
     p.add_argument("--download", action="store_true")

@@ -7,6 +7,7 @@ import argparse
 from ..tools.experiment import load_config, run_experiments
 from ..tools.experiment_report import write_report
 from ..train import Interrupted
+from .common import nonnegative_int
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -33,7 +34,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     r = esub.add_parser("run", help="train every run not yet in the results CSV (resumes interrupted ones)")
     r.add_argument("config", help="experiment TOML, e.g. benchmarks/fashion_mnist.toml")
     r.add_argument("--only", nargs="+", default=None, help="run names to train")
-    r.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds to train (default: the config's)")
+    r.add_argument(
+        "--seeds", nargs="+", type=nonnegative_int, default=None, help="seeds to train (default: the config's)"
+    )
     r.add_argument("--dry-run", action="store_true", help="list what would be trained")
     r.set_defaults(func=_run)
     q = esub.add_parser("report", help="write the results Markdown and the accuracy-vs-MAdds figure")

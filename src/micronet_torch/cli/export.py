@@ -7,6 +7,7 @@ import argparse
 from ..models import build_model, load_model, published_data_config
 from ..models.loader import LoadedModel
 from ..runtime import DEFAULT_OPSET, FORMATS, INT8_FORMATS, ExportOptions, export_and_check
+from .common import positive_int
 
 
 def _loaded(args: argparse.Namespace) -> LoadedModel:
@@ -63,10 +64,10 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--output", "-o", required=True, help="file to write (.onnx, .ts/.pt, .pt2, .xml, .pte, .tflite, .param)"
     )
-    p.add_argument("--img-size", type=int, help="input size [checkpoint's, else 224]")
-    p.add_argument("--num-classes", type=int, help="classes [checkpoint's, else 1000]")
-    p.add_argument("--in-chans", type=int, help="input channels [checkpoint's, else 3]")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset [{DEFAULT_OPSET}]")
+    p.add_argument("--img-size", type=positive_int, help="input size [checkpoint's, else 224]")
+    p.add_argument("--num-classes", type=positive_int, help="classes [checkpoint's, else 1000]")
+    p.add_argument("--in-chans", type=positive_int, help="input channels [checkpoint's, else 3]")
+    p.add_argument("--opset", type=positive_int, default=DEFAULT_OPSET, help=f"ONNX opset [{DEFAULT_OPSET}]")
     p.add_argument("--exporter", choices=("auto", "dynamo", "legacy"), default="auto", help="ONNX exporter [auto]")
     p.add_argument("--no-slim", action="store_true", help="skip onnxslim")
     p.add_argument("--no-deploy", action="store_true", help="export the eager model as it is (for comparison)")
@@ -86,11 +87,11 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--keep-failed", action="store_true", help="keep an int8 file that fails its check, as OUTPUT-FAILED.onnx"
     )
-    p.add_argument("--calib-count", type=int, default=512, help="images used to calibrate [512]")
+    p.add_argument("--calib-count", type=positive_int, default=512, help="images used to calibrate [512]")
     p.add_argument("--int8-format", choices=INT8_FORMATS, default="qdq", help="ORT quantization format [qdq]")
     p.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default per-channel)")
     p.add_argument(
-        "--float-convs", type=int, default=0, help="keep the first N convs and the head linears in float [0]"
+        "--float-convs", type=positive_int, default=0, help="keep the first N convs and the head linears in float [0]"
     )
     p.add_argument("--dynamic-batch", action="store_true", help="openvino: keep the batch axis dynamic (slower)")
     p.set_defaults(func=run_export)

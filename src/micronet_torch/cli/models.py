@@ -15,7 +15,7 @@ from ..models import (
     resolve_name,
     save_safetensors,
 )
-from .common import CLIError
+from .common import CLIError, positive_int
 
 
 def run_models(args: argparse.Namespace) -> int:
@@ -71,15 +71,15 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the models with parameters and MAdds")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", type=positive_int, default=224)
     p.add_argument("--json", action="store_true", help="print one JSON list")
     p.set_defaults(func=run_models)
 
     p = sub.add_parser("profile", help="parameters and MAdds by the paper's rule, per part and per layer")
     p.add_argument("model", help="model name, e.g. micronet_m3")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--img-size", type=positive_int, default=224)
+    p.add_argument("--num-classes", type=positive_int, default=1000)
+    p.add_argument("--in-chans", type=positive_int, default=3)
     p.add_argument("--summary", action="store_true", help="totals and parts only, no per-layer table")
     p.add_argument("--json", action="store_true", help="print one JSON object (model, params, madds, parts, layers)")
     p.set_defaults(func=run_profile)
@@ -88,5 +88,5 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", help="checkpoint: .pth/.pth.tar/.pt, .pdparams or .safetensors")
     p.add_argument("output", help="the .safetensors file to write")
     p.add_argument("--model", default=None, help="model name (default: read from the file or guessed)")
-    p.add_argument("--num-classes", type=int, default=None, help="class count (default: the file's)")
+    p.add_argument("--num-classes", type=positive_int, default=None, help="class count (default: the file's)")
     p.set_defaults(func=run_convert)

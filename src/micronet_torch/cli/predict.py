@@ -16,6 +16,7 @@ import torch
 from .._env import default_threads, pick_device
 from ..tools.evaluate import open_model
 from ..tools.predict import format_errors, format_predictions, predict_images
+from .common import positive_int
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -51,10 +52,10 @@ def register_cli(subparsers: Any) -> None:
         "--checkpoint", "-c", required=True, help="best.pt/last.pt, .pth(.tar), .pdparams, .safetensors, .onnx"
     )
     p.add_argument("--model", help="model name (read from training checkpoints when left out)")
-    p.add_argument("--topk", "-k", type=int, default=5)
-    p.add_argument("--img-size", type=int, help="input size [the checkpoint's]")
+    p.add_argument("--topk", "-k", type=positive_int, default=5)
+    p.add_argument("--img-size", type=positive_int, help="input size [the checkpoint's]")
     p.add_argument("--json", action="store_true", help="print one JSON list (bad images as {image, error})")
     p.add_argument("--skip-bad-images", action="store_true", help="report unreadable images as skipped, exit 0")
     p.add_argument("--device", help="auto, cpu, cuda [auto]")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=positive_int)
     p.set_defaults(func=run_predict)

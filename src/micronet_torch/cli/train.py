@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from ..models import resolve_name
 from ..train import RECIPES, Interrupted, TrainConfig, train
-from .common import USER_ERRORS
+from .common import USER_ERRORS, nonnegative_int, positive_int
 
 
 def _float_pair(text: str) -> tuple[float, float]:
@@ -100,12 +100,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "torch.compile of the eager fusion [auto]",
     )
     x.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")
-    x.add_argument("--workers", "-j", type=int, help="DataLoader worker processes")
-    x.add_argument("--threads", type=int, help="torch CPU threads per process [cores / processes]")
-    x.add_argument("--eval-batch-size", type=int)
+    x.add_argument("--workers", "-j", type=nonnegative_int, help="DataLoader worker processes")
+    x.add_argument("--threads", type=positive_int, help="torch CPU threads per process [cores / processes]")
+    x.add_argument("--eval-batch-size", type=positive_int)
     x.add_argument("--cache", choices=("auto", "memory", "none"), help="decode small-image folders into memory [auto]")
     x.add_argument("--skip-bad-images", action="store_true", default=None, help="skip unreadable images (counted)")
-    x.add_argument("--log-interval", type=int, help="steps between plain log lines [every 30 s]")
+    x.add_argument("--log-interval", type=nonnegative_int, help="steps between plain log lines [every 30 s]")
     x.add_argument("--quiet", "-q", action="store_true", default=None)
 
 

@@ -12,7 +12,7 @@ from .metadata import export_metadata
 from .onnx import DEFAULT_OPSET, count_nodes, export_onnx
 from .ort import INT8_FORMATS, ort_nodes_after_optimization, ort_session, quantize_onnx, run_ort
 from .parity import FP32_TOLERANCE, INT8_MIN_AGREEMENT, check_fp32, check_int8, reference_logits
-from .result import ExportResult
+from .result import ConversionError, ExportResult
 from .targets import FORMATS, TARGETS, Target, load_exported
 from .torch_export import export_program, export_torchscript
 
@@ -23,6 +23,7 @@ __all__ = [
     "INT8_FORMATS",
     "INT8_MIN_AGREEMENT",
     "TARGETS",
+    "ConversionError",
     "ExportError",
     "ExportOptions",
     "ExportResult",

@@ -15,6 +15,7 @@ from torch import nn
 
 from . import executorch_ops
 from .metadata import write_json_beside
+from .native_log import captured
 from .onnx import _warm
 
 EXTRA = "pip install micronet-torch[executorch]"
@@ -34,9 +35,11 @@ def lower_xnnpack(model: nn.Module, input_shape: tuple[int, int, int, int], meta
     (read with ``load_method(name)``). A graph that calls ``micronet::shift_max`` (``fused_ops=True``) gets
     its out variant, and the edge dialect's ATen-only check is off for it."""
     _require()
-    # executorch is an optional heavy dependency: imported only when exporting to it
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+    # executorch is an optional heavy dependency: imported only when exporting to it (its import logs a
+    # deprecation warning of torch's to stderr, not the user's concern)
+    with captured():
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     _warm(model.eval(), torch.zeros(*input_shape))  # per-input-size constants (border maps) exist before tracing
     with torch.no_grad():
@@ -156,10 +159,11 @@ def load_executorch(path: str | os.PathLike, threads: int = 1) -> Callable[[np.n
     _require()
     from executorch.runtime import Runtime  # optional heavy dependency
 
-    _set_threads(threads)
     if executorch_ops.uses_kernels(path):  # written with --fused-ops: its micronet::shift_max needs the kernel
         executorch_ops.load_kernels()
-    method = Runtime.get().load_program(Path(path)).load_method("forward")
+    with captured():  # the threadpool's CPU probing logs to stderr on first use
+        _set_threads(threads)
+        method = Runtime.get().load_program(Path(path)).load_method("forward")
 
     def run(x: np.ndarray) -> np.ndarray:
         return method.execute([torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))])[0].numpy()

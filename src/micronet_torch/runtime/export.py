@@ -25,7 +25,7 @@ from ..models import LoadedModel
 from . import executorch_ops, openvino_ops
 from .calibration import calibration_images
 from .metadata import export_metadata, write_onnx_metadata
-from .onnx import DEFAULT_OPSET
+from .onnx import DEFAULT_OPSET, check_opset
 from .ort import INT8_FORMATS, quantize_onnx
 from .parity import FP32_TOLERANCE, INT8_MIN_AGREEMENT, check_fp32, check_int8
 from .result import ExportResult
@@ -63,6 +63,8 @@ class ExportOptions:
         missing = TARGETS[self.format].missing()
         if missing:
             raise ExportError(missing)
+        if self.format == "onnx":
+            check_opset(self.opset)
         if self.dynamic_batch and self.format != "openvino":
             raise ExportError("--dynamic-batch is for --format openvino (ONNX always has a dynamic batch axis)")
         if self.int8 and self.format != "onnx":
@@ -79,6 +81,7 @@ class ExportOptions:
                     ("--no-deploy", not self.deploy),
                     ("--int8", self.int8),
                     ("--exporter legacy", self.exporter == "legacy"),
+                    (f"--opset {self.opset} (the dynamo exporter writes 18 and up)", self.opset < 18),
                 )
                 if on
             ]

@@ -13,9 +13,28 @@ import torch
 from torch import nn
 
 from ..deploy.fused import onnx_translation_table
-from .result import ExportResult
+from .result import ConversionError, ExportResult
 
 DEFAULT_OPSET = 18
+MIN_OPSET = 7  # the legacy exporter's oldest; it writes 7-20, the dynamo one 18 and up
+
+
+def check_opset(opset: int) -> None:
+    """Refuse an opset older than any exporter writes or newer than the installed onnx knows, naming the flag
+    (the file's opset is checked again after writing: no request is silently changed)."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise ValueError(f"--opset {opset}: ONNX export writes opsets {MIN_OPSET}-{newest} (onnx {onnx.__version__})")
+
+
+def written_opset(path: str | os.PathLike) -> int:
+    """The default-domain opset an ONNX file declares."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _example(input_shape: tuple[int, ...]) -> torch.Tensor:
@@ -69,7 +88,7 @@ def _onnx_legacy(model: nn.Module, path: Path, example: torch.Tensor, opset: int
             example,
             str(path),
             dynamo=False,
-            opset_version=min(opset, 17),
+            opset_version=opset,
             input_names=["input"],
             output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
@@ -95,15 +114,19 @@ def export_onnx(
     result = ExportResult(path, "onnx")
     order = {"auto": ("dynamo", "legacy"), "dynamo": ("dynamo",), "legacy": ("legacy",)}[exporter]
     errors = []
+    check_opset(opset)
     for name in order:
         try:
             (_onnx_dynamo if name == "dynamo" else _onnx_legacy)(model, path, example, opset)
+            got = written_opset(path)
+            if got != opset:  # dynamo writes 18+ whatever was asked, the legacy exporter at most 20
+                raise RuntimeError(f"it wrote opset {got}, not the requested {opset}")
             result.exporter = name
             break
         except Exception as err:
             errors.append(f"{name}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
     else:
-        raise RuntimeError("ONNX export failed: " + "; ".join(errors))
+        raise ConversionError("ONNX export failed: " + "; ".join(errors))
     if errors:
         result.notes.append("fell back to the legacy exporter (" + errors[0] + ")")
     result.nodes = result.nodes_before_slim = count_nodes(path)

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+class ConversionError(RuntimeError):
+    """Every converter a target tried refused the model: the message gives each one's reason."""
+
+
 @dataclass
 class ExportResult:
     """What an export produced and how it was checked."""

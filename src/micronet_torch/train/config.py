@@ -150,8 +150,50 @@ def data_config(cfg: TrainConfig) -> DataConfig:
     )
 
 
+# the range of each numeric setting a flag, a config file or an experiment grid may set: (low, high, high
+# included); low is always included, None is unbounded; a setting left at None (the recipe's, or off) passes
+RANGES: dict[str, tuple[float, float | None, bool]] = {
+    "eval_batch_size": (1, None, False),
+    "min_lr": (0, None, False),
+    "warmup_lr": (0, None, False),
+    "warmup_epochs": (0, None, False),
+    "momentum": (0, 1, False),
+    "weight_decay": (0, None, False),
+    "label_smoothing": (0, 1, False),
+    "mixup": (0, None, False),
+    "cutmix": (0, None, False),
+    "drop_rate": (0, 1, False),
+    "hflip": (0, 1, True),
+    "pad": (0, None, False),
+    "crop_pct": (0.05, 1, True),
+    "ema_decay": (0, 1, False),
+    "max_image_pixels": (0, None, False),
+    "workers": (0, None, False),
+    "seed": (0, None, False),
+    "log_interval": (0, None, False),
+    "threads": (1, None, False),
+}
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    for name, (low, high, high_in) in RANGES.items():
+        value = getattr(cfg, name)
+        if value is None or isinstance(value, bool):
+            continue
+        inside = math.isfinite(value) and value >= low and (high is None or value < high or (high_in and value == high))
+        if not inside:
+            span = f"{low} or more" if high is None else f"a value in [{low}, {high}{']' if high_in else ')'}"
+            raise TrainingError(f"--{name.replace('_', '-')} {value}: use {span}")
+    if cfg.clip_grad is not None and not (math.isfinite(cfg.clip_grad) and cfg.clip_grad > 0):
+        raise TrainingError(f"--clip-grad {cfg.clip_grad}: the largest gradient norm must be a number above 0")
+    lo, hi = cfg.scale
+    if not (0 < lo <= hi <= 1):
+        raise TrainingError(f"--scale {lo},{hi}: the crop's area fractions need 0 < low <= high <= 1")
+
+
 def validate(cfg: TrainConfig, world: int) -> None:
     """Reject settings that cannot work, with the flag to change."""
+    _check_ranges(cfg)
     if cfg.batch_size < 2:
         raise TrainingError(
             f"--batch-size {cfg.batch_size}: MicroNet's head ends in BatchNorm1d, which cannot train on a "

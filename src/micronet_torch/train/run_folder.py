@@ -202,7 +202,8 @@ def run_status(out: str | os.PathLike) -> dict[str, Any]:
     out = Path(out)
     summary_path = out / "summary.json"
     if not out.is_dir():
-        raise FileNotFoundError(f"{out} is not a run folder (it does not exist)")
+        why = "a file: give the folder that holds it" if out.exists() else "it does not exist"
+        raise FileNotFoundError(f"{out} is not a run folder ({why})")
     summary: dict[str, Any] = {}
     if summary_path.is_file():
         try:
