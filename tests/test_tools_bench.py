@@ -114,6 +114,13 @@ def test_cli_json(tmp_path, capsys) -> None:
     for r in records:
         assert {"model", "path", "threads", "batch", "median_ms"} <= set(r)
     assert (tmp_path / "bench.json").is_file() and (tmp_path / "bench.md").is_file()
+    before = (tmp_path / "bench.json").read_bytes()
+    assert main(["bench", "--paths", "eager", "--runs", "1", "--out-dir", str(tmp_path)]) == 2  # before any work
+    assert "holds an earlier run's bench.json: give a new --out-dir, or --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "bench.json").read_bytes() == before
+    (tmp_path / "bench-runtimes.json").write_text("{}")  # each table's own file: --runtimes checks its own
+    assert main(["bench", "--runtimes", "ort", "--out-dir", str(tmp_path), "--runs", "1"]) == 2
+    assert "holds an earlier run's bench-runtimes.json" in capsys.readouterr().err
 
 
 def test_cli_unknown_model(capsys) -> None:

@@ -31,6 +31,9 @@ def test_cli_table_and_json(tmp_path, capsys) -> None:
         and "| mobilenetv3_small_050 | 1 | 32², batch 4 | eager |" in out
     )
     rows = json.loads((tmp_path / "bench_train.json").read_text())["rows"]
+    assert main(args) == 2  # a second run into the same folder would replace these rows
+    assert "holds an earlier run's bench_train.json" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
     variants = {(r["model"], r["variant"]) for r in rows}
     assert variants == {
         ("micronet_m0", "eager"),

@@ -12,7 +12,7 @@ from typing import Any
 from ..data import DataConfig, default_policy
 from ..runtime import calibration_images
 from ..tools.bench import DEFAULT_MODELS, DEFAULT_PATHS, PATHS, environment, run_benchmark
-from ..tools.bench_report import environment_line, markdown, save
+from ..tools.bench_report import check_out_dir, environment_line, markdown, save
 from ..tools.bench_runtimes import ALL_RUNTIMES, markdown_runtimes, parse_runtimes, run_runtime_benchmark, save_runtimes
 from .common import CLIError, nonnegative_int, positive_float, positive_int
 
@@ -38,6 +38,7 @@ def run_bench_runtimes(args: argparse.Namespace, log: Callable[[str], None]) -> 
 def run_bench(args: argparse.Namespace) -> int:
     if args.floors and not args.runtimes:
         raise CLIError("--floors times deployment runtimes: give --runtimes too (e.g. --runtimes ort,openvino)")
+    check_out_dir(args.out_dir, "bench-runtimes" if args.runtimes else "bench", args.overwrite)
     calib = None
     if args.calib:
         cfg = DataConfig(img_size=args.img_size, in_chans=3, policy=default_policy(args.img_size))
@@ -115,7 +116,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-seconds", type=positive_float, default=600.0, help="cap on the timed rounds of one setting [600]"
     )
-    p.add_argument("--out-dir", help="save bench.json and bench.md here")
+    p.add_argument("--out-dir", help="save bench.json and bench.md here (bench-runtimes.* with --runtimes)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out-dir")
     p.add_argument("--json", action="store_true", help="print the records as JSON (progress goes to stderr)")
     p.add_argument("--targets", action="store_true", help="also print the project's speed targets (for its docs)")
     p.set_defaults(func=run_bench)

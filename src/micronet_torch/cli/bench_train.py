@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from .._env import available_cores
+from ..tools.bench_report import check_out_dir
 from ..tools.bench_train import VARIANTS, environment, markdown, run, save
 from .common import nonnegative_int, positive_int
 
@@ -27,6 +28,7 @@ def run_bench_train(args: argparse.Namespace) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    check_out_dir(args.out_dir, "bench_train", args.overwrite)
     env = environment(args.steps, args.warmup)
     rows = []
     for threads in args.threads or sorted({1, available_cores()}):
@@ -51,5 +53,6 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed steps after the first [1]")
     p.add_argument("--threads", type=positive_int, nargs="+", help="CPU thread counts [1 and all cores]")
     p.add_argument("--out-dir", help="save bench_train.json and bench_train.md here")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out-dir")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=run_bench_train)

@@ -131,6 +131,16 @@ def markdown(records: list[Record], env: dict[str, Any], show_targets: bool = Fa
     return "\n".join(lines) + "\n"
 
 
+def check_out_dir(out_dir: str | os.PathLike | None, stem: str, overwrite: bool = False) -> None:
+    """Before any timing: refuse an ``out_dir`` that holds an earlier run's ``<stem>.json`` (its results would be
+    replaced, maybe by a shorter run's) unless ``overwrite``; other benchmarks' files may share the folder."""
+    if out_dir and not overwrite and (Path(out_dir) / f"{stem}.json").exists():
+        raise ValueError(
+            f"--out-dir {out_dir} holds an earlier run's {stem}.json: give a new --out-dir, or --overwrite to "
+            "replace it"
+        )
+
+
 def save_report(out_dir: str | os.PathLike, stem: str, payload: dict[str, Any], table: str) -> tuple[Path, Path]:
     """``<stem>.json`` (``payload``) and ``<stem>.md`` (``table``) in ``out_dir``, each written atomically: what
     every benchmark command saves (``bench``, ``bench --runtimes``, ``bench-train``)."""
