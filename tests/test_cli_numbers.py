@@ -69,8 +69,9 @@ def test_native_output_is_captured_and_restored(capfd: pytest.CaptureFixture) ->
         os.write(1, b"from fd 1\n")
         os.write(2, b"from fd 2\n")
         subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write('child stderr\\n')"], check=True)
-    assert log.text.splitlines() == ["from fd 1", "from fd 2", "child stderr"]
-    assert log.tail(2) == "from fd 2 | child stderr"
+        print("python print")
+    assert log.text.splitlines() == ["from fd 1", "from fd 2", "child stderr", "python print"]
+    assert log.tail(2) == "child stderr | python print"
     os.write(1, b"after\n")
     out, err = capfd.readouterr()
     assert out == "after\n" and err == ""

@@ -68,6 +68,13 @@ def test_opset_is_the_one_asked_for(m0, tmp_path, capsys) -> None:
     assert "drop --opset 13 (the dynamo exporter writes 18 and up)" in capsys.readouterr().err
 
 
+def test_output_folder_is_refused(tmp_path, capsys) -> None:
+    assert main(["export", "--model", "micronet_m0", "--format", "torchscript", "-o", str(tmp_path)]) == 2
+    assert f"--output {tmp_path} is a folder: give the file to write, e.g. {tmp_path}/micronet_m0.ts" in (
+        capsys.readouterr().err
+    )
+
+
 def test_legacy_exporter(m0, tmp_path) -> None:
     res = export_onnx(convert_to_deploy(m0, backend="onnx"), tmp_path / "l.onnx", (1, 3, 32, 32), exporter="legacy")
     x = torch.randn(2, 3, 32, 32)

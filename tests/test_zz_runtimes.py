@@ -141,3 +141,37 @@ def test_ncnn_converter_log_is_captured_and_quoted(tmp_path, monkeypatch, capfd)
     with pytest.raises(ConversionError, match=r"pnnx wrote no ncnn model; its log ends: .*unsupported op aten::frob"):
         export_ncnn(model, tmp_path / "bad.param", (1, 3, 32, 32))
     assert not (tmp_path / "bad.param").exists() and "frob" not in "".join(capfd.readouterr())
+
+    def raises(*args, **kwargs):
+        import os
+
+        os.write(2, b"tracing the graph\n")
+        raise RuntimeError("aten::frob is not supported")
+
+    monkeypatch.setattr(pnnx, "export", raises)
+    match = r"pnnx could not convert the model \(aten::frob is not supported\); its log ends: tracing the graph"
+    with pytest.raises(ConversionError, match=match):
+        export_ncnn(model, tmp_path / "bad.param", (1, 3, 32, 32))
+
+
+def test_litert_converter_log_is_captured_and_quoted(tmp_path, monkeypatch, capfd) -> None:
+    """litert_torch's progress log and TensorFlow's start-up lines stay off the terminal; a failure is one error."""
+    _target("tflite")
+    import litert_torch
+
+    from micronet_torch.runtime import ConversionError
+    from micronet_torch.runtime.litert import export_litert, load_litert
+
+    model = micronet_torch.create_model("micronet_m0", num_classes=10).eval()
+    path = export_litert(model, tmp_path / "m0.tflite", (1, 3, 32, 32))
+    assert load_litert(path)(torch.zeros(1, 3, 32, 32).numpy()).shape == (1, 10)
+    out, err = capfd.readouterr()
+    assert "LiteRT-Torch Convert" not in out + err and "XNNPACK delegate" not in out + err
+
+    def fails(*args, **kwargs):
+        print("(00:00) [START] LiteRT-Torch Convert", flush=True)
+        raise RuntimeError("failed to legalize operation 'tfl.frob'")
+
+    monkeypatch.setattr(litert_torch, "convert", fails)
+    with pytest.raises(ConversionError, match=r"litert_torch could not convert the model \(failed to legalize"):
+        export_litert(model, tmp_path / "bad.tflite", (1, 3, 32, 32))

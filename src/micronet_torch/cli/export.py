@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..models import build_model, load_model, published_data_config
 from ..models.loader import LoadedModel
-from ..runtime import DEFAULT_OPSET, FORMATS, INT8_FORMATS, ExportOptions, export_and_check
-from .common import positive_int
+from ..runtime import DEFAULT_OPSET, FORMATS, INT8_FORMATS, TARGETS, ExportOptions, export_and_check
+from .common import CLIError, positive_int
 
 
 def _loaded(args: argparse.Namespace) -> LoadedModel:
@@ -43,6 +44,9 @@ def run_export(args: argparse.Namespace) -> int:
         dynamic_batch=args.dynamic_batch,
     )
     options.validate()  # before the (slow) model load
+    if Path(args.output).is_dir():
+        example = Path(args.output) / f"{args.model or 'model'}{TARGETS[args.format].suffix}"
+        raise CLIError(f"--output {args.output} is a folder: give the file to write, e.g. {example}")
     return 0 if export_and_check(_loaded(args), args.output, options) else 1
 
 

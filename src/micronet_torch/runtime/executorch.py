@@ -15,7 +15,7 @@ from torch import nn
 
 from . import executorch_ops
 from .metadata import write_json_beside
-from .native_log import captured
+from .native_log import captured, converting
 from .onnx import _warm
 
 EXTRA = "pip install micronet-torch[executorch]"
@@ -42,16 +42,17 @@ def lower_xnnpack(model: nn.Module, input_shape: tuple[int, int, int, int], meta
         from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     _warm(model.eval(), torch.zeros(*input_shape))  # per-input-size constants (border maps) exist before tracing
-    with torch.no_grad():
-        program = torch.export.export(model.eval(), (torch.randn(*input_shape),))
     constants = {k: v for k, v in map(_numeric, (metadata or {}).items()) if v is not None}
-    config = None
-    if any(KERNEL_CALL in str(node.target) for node in program.graph.nodes):
-        executorch_ops.register_out_variant()
-        config = EdgeCompileConfig(_check_ir_validity=False)
-    return to_edge_transform_and_lower(
-        program, partitioner=[XnnpackPartitioner()], constant_methods=constants, compile_config=config
-    )
+    with converting("torch.export + ExecuTorch's XNNPACK lowering"):
+        with torch.no_grad():
+            program = torch.export.export(model.eval(), (torch.randn(*input_shape),))
+        config = None
+        if any(KERNEL_CALL in str(node.target) for node in program.graph.nodes):
+            executorch_ops.register_out_variant()
+            config = EdgeCompileConfig(_check_ir_validity=False)
+        return to_edge_transform_and_lower(
+            program, partitioner=[XnnpackPartitioner()], constant_methods=constants, compile_config=config
+        )
 
 
 def ops_outside_delegate(edge: Any) -> list[str]:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .metadata import write_json_beside
+from .native_log import captured, converting
 from .onnx import _warm
 
 EXTRA = "pip install micronet-torch[litert]"
@@ -25,16 +26,17 @@ def export_litert(
 ) -> Path:
     """Convert ``model`` at a fixed ``input_shape`` (NCHW input kept) to a ``.tflite`` flatbuffer; ``metadata``
     goes into a ``.json`` next to it (the flatbuffer's metadata table needs the TFLite support tooling)."""
-    try:
-        import litert_torch  # optional heavy dependency: only when exporting
-    except ImportError as err:
-        raise ImportError(f"LiteRT export needs the litert-torch package: {EXTRA}") from err
     path = Path(path).with_suffix(".tflite")
     path.parent.mkdir(parents=True, exist_ok=True)
     _warm(model.eval(), torch.zeros(*input_shape))  # per-input-size constants (border maps) exist before tracing
-    with torch.no_grad():
-        edge_model = litert_torch.convert(model.eval(), (torch.randn(*input_shape),))
-    edge_model.export(str(path))
+    with converting("litert_torch"):  # its progress log and TensorFlow's start-up lines stay off the terminal
+        try:
+            import litert_torch  # optional heavy dependency: only when exporting
+        except ImportError as err:
+            raise ImportError(f"LiteRT export needs the litert-torch package: {EXTRA}") from err
+        with torch.no_grad():
+            edge_model = litert_torch.convert(model.eval(), (torch.randn(*input_shape),))
+        edge_model.export(str(path))
     write_json_beside(path, metadata)
     return path
 
@@ -45,8 +47,9 @@ def load_litert(path: str | os.PathLike, threads: int = 1) -> Callable[[np.ndarr
         from ai_edge_litert.interpreter import Interpreter  # optional heavy dependency
     except ImportError as err:
         raise ImportError(f"running LiteRT models needs the ai-edge-litert package: {EXTRA}") from err
-    interp = Interpreter(model_path=str(path), num_threads=threads)
-    interp.allocate_tensors()
+    with captured():  # the XNNPACK delegate announces itself on stderr
+        interp = Interpreter(model_path=str(path), num_threads=threads)
+        interp.allocate_tensors()
     inp, out = interp.get_input_details()[0]["index"], interp.get_output_details()[0]["index"]
 
     def run(x: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .metadata import write_json_beside
-from .native_log import captured
+from .native_log import converting
 from .onnx import _warm
 from .result import ConversionError
 
@@ -38,15 +38,8 @@ def export_ncnn(
     with tempfile.TemporaryDirectory() as tmp:
         pt = Path(tmp) / "model.pt"
         _warm(model.eval(), torch.zeros(*input_shape))  # per-input-size constants (border maps) exist before tracing
-        failure = None
-        with torch.no_grad(), captured() as log:  # pnnx's pass log and torch.jit's warnings, kept for errors
-            try:
-                pnnx.export(model.eval(), str(pt), (torch.randn(*input_shape),), fp16=False)  # fp32 weights
-            except Exception as err:  # tracing or conversion refused the graph: quoted below, with the log
-                failure = err
-        if failure is not None:
-            why = f"pnnx could not convert the model ({failure}); its log ends: {log.tail()}"
-            raise ConversionError(why) from failure
+        with torch.no_grad(), converting("pnnx") as log:  # pnnx's pass log and torch.jit's warnings
+            pnnx.export(model.eval(), str(pt), (torch.randn(*input_shape),), fp16=False)  # fp32 weights
         if not (Path(tmp) / "model.ncnn.param").is_file() or not (Path(tmp) / "model.ncnn.bin").is_file():
             raise ConversionError(f"pnnx wrote no ncnn model; its log ends: {log.tail()}")
         shutil.copy(Path(tmp) / "model.ncnn.param", path)

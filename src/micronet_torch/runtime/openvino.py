@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import openvino_ops
+from .native_log import converting
 from .onnx import _warm, export_onnx
 
 EXTRA = "pip install micronet-torch[openvino]"
@@ -52,10 +53,11 @@ def export_openvino(
         library = str(openvino_ops.library_path())
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             onnx_file = export_onnx(model, Path(tmp) / "fused.onnx", input_shape, simplify=False).path
-            ov_model = ov.convert_model(str(onnx_file), extension=library, input=[shape])
+            with converting("openvino.convert_model"):
+                ov_model = ov.convert_model(str(onnx_file), extension=library, input=[shape])
         metadata = {**(metadata or {}), "custom_ops": f"{openvino_ops.OP_VERSION}.{openvino_ops.OP_TYPE}"}
     else:
-        with torch.no_grad():
+        with torch.no_grad(), converting("openvino.convert_model"):  # its torch.jit trace warns on stderr
             ov_model = ov.convert_model(model.eval(), example_input=(example,), input=[shape])
     ov_model.inputs[0].get_tensor().set_names({"input"})
     ov_model.outputs[0].get_tensor().set_names({"logits"})
