@@ -35,7 +35,8 @@ def captured() -> Iterator[NativeLog]:
     """Send file descriptors 1 and 2 to a temporary file inside the block; the text is in the yielded log."""
     log = NativeLog()
     for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+        if stream is not None:  # None under pythonw
+            stream.flush()
     with tempfile.TemporaryFile() as sink:
         saved = (os.dup(1), os.dup(2))
         # Python-level writes go to the same file in order, also where sys.stdout is not descriptor 1 (a notebook)
