@@ -83,3 +83,9 @@ def test_status_of_a_file_says_so(tmp_path, capsys: pytest.CaptureFixture) -> No
     assert "is not a run folder (a file: give the folder that holds it)" in capsys.readouterr().err
     assert main(["status", str(tmp_path / "gone")]) == 2
     assert "is not a run folder (it does not exist)" in capsys.readouterr().err
+
+
+def test_refused_training_settings_leave_no_folder(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--momentum", "1.5", "--output", str(out)]) == 2
+    assert "--momentum 1.5: use a value in [0, 1)" in capsys.readouterr().err and not out.exists()

@@ -56,6 +56,8 @@ class Trainer:
     def _setup(self) -> None:
         self.env = env = setup_distributed(self.requested.device)
         self.out = Path(self.requested.output)
+        if self.resume_from is None:  # a new run's settings are checked before its folder exists
+            validate(resolve(self.requested), env.world)
         if env.is_main:  # the folder's lock first: a second run stops here, before reading or cleaning anything
             self.lock = check_output_dir(self.out, resume=self.resume_from is not None, overwrite=self.overwrite)
             if self.lock.took_over:
