@@ -53,6 +53,8 @@ def test_bad_number_is_one_line(argv: list[str], message: str, capsys: pytest.Ca
         ("eval_batch_size", 0, "--eval-batch-size 0: use 1 or more"),
         ("clip_grad", 0.0, "--clip-grad 0.0: the largest gradient norm must be a number above 0"),
         ("scale", (0.5, 0.2), "--scale 0.5,0.2: the crop's area fractions need 0 < low <= high <= 1"),
+        ("momentum", "0.9", "--momentum '0.9': use a number"),  # a config file's string
+        ("seed", True, "--seed True: use a number"),
     ],
 )
 def test_training_settings_out_of_range(setting: str, value: object, message: str) -> None:
