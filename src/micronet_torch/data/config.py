@@ -73,20 +73,16 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise ``DataError`` naming the first field that is of the wrong type or out of range."""
-
-        def num(v: Any) -> bool:
-            return type(v) in (int, float) and math.isfinite(v)
-
         checks = (
             ("img_size", type(self.img_size) is int and 1 <= self.img_size <= MAX_IMG_SIZE),
             ("in_chans", type(self.in_chans) is int and 1 <= self.in_chans <= 64),
             ("policy", self.policy in ("small", "crop")),
-            ("crop_pct", num(self.crop_pct) and 0.05 <= self.crop_pct <= 1.0),
-            ("mean", 1 <= len(self.mean) <= 64 and all(num(v) for v in self.mean)),
-            ("std", 1 <= len(self.std) <= 64 and all(num(v) and v > 0 for v in self.std)),
-            ("hflip", num(self.hflip) and 0.0 <= self.hflip <= 1.0),
+            ("crop_pct", is_number(self.crop_pct) and 0.05 <= self.crop_pct <= 1.0),
+            ("mean", 1 <= len(self.mean) <= 64 and all(is_number(v) for v in self.mean)),
+            ("std", 1 <= len(self.std) <= 64 and all(is_number(v) and v > 0 for v in self.std)),
+            ("hflip", is_number(self.hflip) and 0.0 <= self.hflip <= 1.0),
             ("pad", type(self.pad) is int and -1 <= self.pad <= MAX_IMG_SIZE),
-            ("scale", len(self.scale) == 2 and all(num(v) and 0 < v <= 1 for v in self.scale)),
+            ("scale", len(self.scale) == 2 and all(is_number(v) and 0 < v <= 1 for v in self.scale)),
             ("max_image_pixels", type(self.max_image_pixels) is int and self.max_image_pixels >= 0),
         )
         for name, ok in checks:
@@ -100,6 +96,11 @@ class DataConfig:
     @property
     def resize_size(self) -> int:
         return math.floor(self.img_size / self.crop_pct)
+
+
+def is_number(v: Any) -> bool:
+    """A finite int or float (no bool, no numeric string): what a setting read from a file must be."""
+    return type(v) in (int, float) and math.isfinite(v)
 
 
 def default_policy(img_size: int) -> str:

@@ -35,15 +35,14 @@ def lower_xnnpack(model: nn.Module, input_shape: tuple[int, int, int, int], meta
     (read with ``load_method(name)``). A graph that calls ``micronet::shift_max`` (``fused_ops=True``) gets
     its out variant, and the edge dialect's ATen-only check is off for it."""
     _require()
-    # executorch is an optional heavy dependency: imported only when exporting to it (its import logs a
-    # deprecation warning of torch's to stderr, not the user's concern)
-    with captured():
+    _warm(model.eval(), torch.zeros(*input_shape))  # per-input-size constants (border maps) exist before tracing
+    constants = {k: v for k, v in map(_numeric, (metadata or {}).items()) if v is not None}
+    # the import's deprecation warning (torch's) and the lowering's logs stay off the terminal
+    with converting("torch.export + ExecuTorch's XNNPACK lowering"):
+        # executorch is an optional heavy dependency: imported only when exporting to it
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
-    _warm(model.eval(), torch.zeros(*input_shape))  # per-input-size constants (border maps) exist before tracing
-    constants = {k: v for k, v in map(_numeric, (metadata or {}).items()) if v is not None}
-    with converting("torch.export + ExecuTorch's XNNPACK lowering"):
         with torch.no_grad():
             program = torch.export.export(model.eval(), (torch.randn(*input_shape),))
         config = None

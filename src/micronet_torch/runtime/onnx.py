@@ -8,6 +8,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,12 +30,9 @@ def check_opset(opset: int) -> None:
         raise ValueError(f"--opset {opset}: ONNX export writes opsets {MIN_OPSET}-{newest} (onnx {onnx.__version__})")
 
 
-def written_opset(path: str | os.PathLike) -> int:
-    """The default-domain opset an ONNX file declares."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+def _default_opset(proto: Any) -> int:
+    """The default-domain opset an ONNX ``ModelProto`` declares."""
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _example(input_shape: tuple[int, ...]) -> torch.Tensor:
@@ -107,6 +105,9 @@ def export_onnx(
 
     ``simplify`` runs onnxslim and keeps its result only when it has fewer nodes.
     """
+    import onnx
+
+    check_opset(opset)  # before any work
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     example = _example(input_shape)
@@ -114,11 +115,11 @@ def export_onnx(
     result = ExportResult(path, "onnx")
     order = {"auto": ("dynamo", "legacy"), "dynamo": ("dynamo",), "legacy": ("legacy",)}[exporter]
     errors = []
-    check_opset(opset)
     for name in order:
         try:
             (_onnx_dynamo if name == "dynamo" else _onnx_legacy)(model, path, example, opset)
-            got = written_opset(path)
+            written = onnx.load(str(path), load_external_data=False)
+            got = _default_opset(written)
             if got != opset:  # dynamo writes 18+ whatever was asked, the legacy exporter at most 20
                 raise RuntimeError(f"it wrote opset {got}, not the requested {opset}")
             result.exporter = name
@@ -129,7 +130,7 @@ def export_onnx(
         raise ConversionError("ONNX export failed: " + "; ".join(errors))
     if errors:
         result.notes.append("fell back to the legacy exporter (" + errors[0] + ")")
-    result.nodes = result.nodes_before_slim = count_nodes(path)
+    result.nodes = result.nodes_before_slim = len(written.graph.node)
     if simplify:
         result.nodes = _slim(path, result)
     return result

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..data import DataConfig, default_policy
-from ..data.config import DEFAULT_MAX_IMAGE_PIXELS
+from ..data.config import DEFAULT_MAX_IMAGE_PIXELS, is_number
 from ..models import build_model, resolve_name
 from .recipes import RECIPES, recipe_values
 
@@ -178,20 +178,20 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
 def _check_ranges(cfg: TrainConfig) -> None:
     """Each numeric setting a number in its ``RANGES`` span, ``clip_grad`` above 0, ``scale`` within (0, 1]."""
     for name, (low, high, high_in) in RANGES.items():
-        value = getattr(cfg, name)
+        value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TrainingError(f"--{name.replace('_', '-')} {value!r}: use a number")
+        if type(value) not in (int, float):  # a bool or a file's string
+            raise TrainingError(f"{flag} {value!r}: use a number")
         inside = math.isfinite(value) and value >= low and (high is None or value < high or (high_in and value == high))
         if not inside:
             span = f"{low} or more" if high is None else f"a value in [{low}, {high}{']' if high_in else ')'}"
-            raise TrainingError(f"--{name.replace('_', '-')} {value}: use {span}")
+            raise TrainingError(f"{flag} {value}: use {span}")
     clip = cfg.clip_grad
-    if clip is not None and not (type(clip) in (int, float) and math.isfinite(clip) and clip > 0):
+    if clip is not None and not (is_number(clip) and clip > 0):
         raise TrainingError(f"--clip-grad {clip}: the largest gradient norm must be a number above 0")
     lo, hi = cfg.scale
-    if not all(type(v) in (int, float) for v in (lo, hi)) or not (0 < lo <= hi <= 1):
+    if not (is_number(lo) and is_number(hi) and 0 < lo <= hi <= 1):
         raise TrainingError(f"--scale {lo},{hi}: the crop's area fractions need 0 < low <= high <= 1")
 
 

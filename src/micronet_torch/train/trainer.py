@@ -56,8 +56,9 @@ class Trainer:
     def _setup(self) -> None:
         self.env = env = setup_distributed(self.requested.device)
         self.out = Path(self.requested.output)
-        if self.resume_from is None:  # a new run's settings are checked before its folder exists
-            validate(resolve(self.requested), env.world)
+        fresh = None if self.resume_from else resolve(self.requested)
+        if fresh is not None:  # a new run's settings are checked before its folder exists
+            validate(fresh, env.world)
         if env.is_main:  # the folder's lock first: a second run stops here, before reading or cleaning anything
             self.lock = check_output_dir(self.out, resume=self.resume_from is not None, overwrite=self.overwrite)
             if self.lock.took_over:
@@ -67,8 +68,9 @@ class Trainer:
             dist.barrier()
         self.state = self._resume_state()
         self.schedule_note: str | None = None
-        self.cfg = cfg = self._merge_resumed(self.state["config"]) if self.state else resolve(self.requested)
-        validate(cfg, env.world)
+        self.cfg = cfg = self._merge_resumed(self.state["config"]) if self.state else fresh or resolve(self.requested)
+        if cfg is not fresh:  # a resumed run's (or one --resume found nothing to resume)
+            validate(cfg, env.world)
         torch.set_num_threads(cfg.threads or default_threads(cfg.img_size, env.local_world))
         seed_everything(cfg.seed + env.rank)
         self.log = Progress(env.is_main and not cfg.quiet, cfg.log_interval)
