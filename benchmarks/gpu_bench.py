@@ -66,7 +66,7 @@ def bench_model(name: str, device: torch.device, args: argparse.Namespace) -> li
     for dsm, compiled in variants:
         model = build(name).to(device).to(memory_format=torch.channels_last)
         set_shift_max_impl(model, dsm)
-        run = torch.compile(model) if compiled else model
+        run = torch.compile(model, backend=args.compile_backend) if compiled else model
         x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device).to(
             memory_format=torch.channels_last
         )
@@ -155,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--no-amp", dest="amp", action="store_false")
     p.add_argument("--quick", action="store_true", help="tiny settings: a smoke test of every code path")
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend of the whole-model rows [inductor]; the CPU smoke test takes aot_eager, which "
+        "traces forward and backward like inductor but generates no C++",
+    )
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     if args.quick:

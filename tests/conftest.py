@@ -1,16 +1,30 @@
-"""Shared fixtures for the training/evaluation tests: tiny image folders and a tiny Fashion-MNIST."""
+"""Shared fixtures (tiny image folders, a trained run, a tiny Fashion-MNIST), one native-library cache for the
+whole test run, and the isolation of the deployment-runtime tests (``isolation.py``)."""
 
 from __future__ import annotations
 
 import gzip
+import os
+import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from isolation import configure as configure_isolation
+from isolation import (  # noqa: F401  (hooks: pytest finds them in the conftest's namespace)
+    pytest_collection_finish,
+    pytest_collection_modifyitems,
+    pytest_runtest_logreport,
+    pytest_runtest_protocol,
+)
+
 from micronet_torch.cli import main as cli_main
+
+CACHE_ENV = "MICRONET_TORCH_HOME"
 
 CLASSES = ("circle", "cross", "stripes")
 
@@ -79,14 +93,12 @@ def fake_fashion_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return src
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _fused_ops_cache(tmp_path_factory):
-    """Build the fused-operator library (micronet_torch.fused_ops) into a temporary cache, not ~/.cache."""
-    from micronet_torch.deploy.fused import build as fused_build
-
-    mp = pytest.MonkeyPatch()
-    cache = tmp_path_factory.mktemp("micronet-ort-ops")
-    mp.setattr(fused_build, "cache_dir", lambda: cache)
-    mp.setenv("MICRONET_TORCH_HOME", str(tmp_path_factory.mktemp("micronet-home")))  # the training kernel's cache
-    yield
-    mp.undo()
+def pytest_configure(config: pytest.Config) -> None:
+    """One cache home for the whole run, made by the first process (xdist's workers and the runtime tests' child
+    processes inherit it), so every C / C++ library is compiled once per test run and never into ~/.cache."""
+    configure_isolation(config)
+    if not os.environ.get("MICRONET_TEST_HOME"):
+        home = tempfile.mkdtemp(prefix="micronet-test-home-")
+        os.environ["MICRONET_TEST_HOME"] = home
+        config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
+    os.environ[CACHE_ENV] = os.environ["MICRONET_TEST_HOME"]

@@ -16,6 +16,8 @@ from micronet_torch.tools.bench_runtimes import (
     run_runtime_benchmark,
 )
 
+pytestmark = pytest.mark.runtime  # native runtime libraries: run in a child process (tests/isolation.py)
+
 
 def test_parse_runtimes() -> None:
     assert parse_runtimes("ort,openvino") == ("ort", "openvino")

@@ -20,6 +20,8 @@ from micronet_torch.runtime import TARGETS, ExportError, ExportOptions, export_m
 from micronet_torch.runtime import executorch as et
 from micronet_torch.tools.bench import trained_like
 
+pytestmark = pytest.mark.runtime  # native runtime libraries: run in a child process (tests/isolation.py)
+
 TOL = 2e-5
 RUNTIME_FORMATS = ("openvino", "executorch", "tflite", "ncnn")
 FIXTURES = SHARED_FIXTURES / "official"

@@ -20,6 +20,8 @@ from micronet_torch.runtime import executorch as et
 from micronet_torch.tools.bench import trained_like
 from micronet_torch.tools.bench_runtimes import RuntimeRecord, parse_runtimes, ratio_lines
 
+pytestmark = pytest.mark.runtime  # native runtime libraries: run in a child process (tests/isolation.py)
+
 TOL = 2e-5
 
 
