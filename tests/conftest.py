@@ -12,8 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from isolation import configure as configure_isolation
 from isolation import (  # noqa: F401  (hooks: pytest finds them in the conftest's namespace)
     pytest_collection_finish,
@@ -21,6 +19,7 @@ from isolation import (  # noqa: F401  (hooks: pytest finds them in the conftest
     pytest_runtest_logreport,
     pytest_runtest_protocol,
 )
+from PIL import Image
 
 from micronet_torch.cli import main as cli_main
 

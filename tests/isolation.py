@@ -37,6 +37,8 @@ def _isolated(item: pytest.Item) -> bool:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Keep each module's ``runtime`` items on one xdist worker (``--dist loadgroup``), so its child runs once."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
     for item in items:
         if _isolated(item):
             item.add_marker(pytest.mark.xdist_group(f"runtime-{item.path.stem}"))

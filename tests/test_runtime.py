@@ -149,7 +149,7 @@ class _Converted(Exception):
 )
 def test_fused_ops_graph_per_format(fmt: str, backend: str, m0, tmp_path, monkeypatch) -> None:
     """``--fused-ops``: ONNX Runtime and OpenVINO (through ONNX, its extension) get ONNX's fused deploy graph,
-    measured the faster one for the extension (docs/benchmarks.md, session 17); ExecuTorch the portable graph with
+    measured the faster one for the extension (docs/benchmarks.md); ExecuTorch the portable graph with
     its kernel calls."""
     seen: list[dict] = []
 

@@ -159,7 +159,17 @@ def test_gpu_script_smoke_on_cpu(tmp_path) -> None:
     out = tmp_path / "gpu.json"
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
     proc = subprocess.run(
-        [sys.executable, str(script), "--device", "cpu", "--quick", "--compile-backend", "aot_eager", "--json", str(out)],
+        [
+            sys.executable,
+            str(script),
+            "--device",
+            "cpu",
+            "--quick",
+            "--compile-backend",
+            "aot_eager",
+            "--json",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=600,

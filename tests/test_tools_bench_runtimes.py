@@ -30,13 +30,17 @@ def test_ratio_lines() -> None:
     def rec(model: str, ms: float) -> RuntimeRecord:
         return RuntimeRecord("openvino", model, ms, ms, ms, 10, 1e-7, 1.0)
 
-    lines = ratio_lines([rec("micronet_m0", 0.4), rec("mobilenetv3_small_050", 0.5), rec("micronet_m3", 1.2)])
+    records = [rec("micronet_m0", 0.4), rec("mobilenetv3_small_050", 0.5), rec("micronet_m3", 1.2)]
+    (plain,) = ratio_lines(records)
+    ratio = "openvino: micronet_m0 / mobilenetv3_small_050 = 0.400 / 0.500 ms = 0.80x"
+    assert plain == f"{ratio}, fastest runs 0.400 / 0.500 ms = 0.80x"  # no target in the printed tables
+    lines = ratio_lines(records, show_targets=True)
     assert len(lines) == 1 and "openvino" in lines[0] and "0.80x" in lines[0] and "met" in lines[0]
     assert "NOT" not in lines[0]
     # the verdict is on the medians; the fastest runs come beside it
     noisy = [RuntimeRecord("ort", "micronet_m0", 1.0, 1.0, 0.3, 10, 1e-7, 1.0)]
     noisy.append(RuntimeRecord("ort", "mobilenetv3_small_050", 1.0, 1.0, 0.6, 10, 1e-7, 1.0))
-    (line,) = ratio_lines(noisy)
+    (line,) = ratio_lines(noisy, show_targets=True)
     assert "= 1.00x (target <= 0.85x: NOT met), fastest runs 0.300 / 0.600 ms = 0.50x" in line
     table = markdown_runtimes(noisy, {})
     assert "| micronet_m0 | 1.000 | 0.300 | 1.00x | 1.0e-07 |" in table

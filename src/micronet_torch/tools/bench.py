@@ -3,8 +3,8 @@
 Paths: ``eager`` (PyTorch eval mode), ``deploy`` (deploy-mode PyTorch), ``ort`` (ONNX Runtime fp32 of
 the deploy graph), ``ort-int8`` (ONNX Runtime static int8), and ``ort-plain`` (ONNX Runtime fp32 of the
 eager graph through the dynamo exporter + onnxslim, MicroNet only), and ``ort-legacy`` (ONNX Runtime fp32
-of the eager graph through the legacy TorchScript exporter, unsimplified: the "plain export" of the issue
-reports, the baseline of the M3 target), and ``ort-fused`` (ONNX Runtime fp32 of the deploy graph with every
+of the eager graph through the legacy TorchScript exporter, unsimplified: the "plain export" most
+users start from), and ``ort-fused`` (ONNX Runtime fp32 of the deploy graph with every
 Dynamic Shift-Max as one ``micronet.ShiftMax`` operator from the library in ``fused_ops.py``; MicroNet
 only). All paths of one
 setting (threads, batch) are timed round-robin, one call each in turn, so that a change in machine

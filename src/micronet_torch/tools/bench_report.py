@@ -47,7 +47,7 @@ def _lookup(records: list[Record], model: str, path: str, threads: int, batch: i
 
 
 def targets(records: list[Record]) -> list[str]:
-    """The issue's three targets (1 thread, batch 1), when the run has the records they need."""
+    """The project's internal latency targets (1 thread, batch 1), when the run has the records they need."""
     out = []
     ref = _lookup(records, REFERENCE, "ort", 1, 1)
     for path in ("ort", "ort-fused"):  # standard operators only, then with the fused Dynamic Shift-Max
