@@ -12,7 +12,6 @@ import json
 import math
 import pickle
 import struct
-from typing import Any
 
 from .errors import CheckpointError
 
@@ -47,7 +46,8 @@ _MAGICS = (
 
 
 def sniff(data: bytes) -> str:
-    """The format of a file's bytes: ``safetensors``, ``torch`` (zip or legacy), ``pickle``, or ``other``."""
+    """The format of a file's bytes, a key of ``readers.READERS``: ``torch`` (zip or legacy), ``safetensors``,
+    ``pdparams`` (any other pickle: PaddleClas's are pickles of numpy arrays), or ``other``."""
     if data.startswith(b"PK\x03\x04") or data.startswith(b"PK\x05\x06"):
         return "torch"  # torch.save's zip format; other zips are named after torch refuses them
     if data.startswith(_TORCH_LEGACY_MAGIC):
@@ -55,7 +55,7 @@ def sniff(data: bytes) -> str:
     if len(data) >= 10 and data[8:9] == b"{":
         return "safetensors"
     if len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5:
-        return "pickle"  # PaddleClas .pdparams (a pickle of numpy arrays)
+        return "pdparams"
     return "other"
 
 
@@ -149,12 +149,4 @@ def check_safetensors(data: bytes, source: str) -> dict[str, str]:
     return meta
 
 
-def parse_plain_json(text: str) -> Any:
-    """``json.loads`` for a metadata value; None when it is not JSON."""
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-
-
-__all__ = ["SAFETENSORS_ITEMSIZE", "check_safetensors", "describe", "parse_plain_json", "sniff"]
+__all__ = ["SAFETENSORS_ITEMSIZE", "check_safetensors", "describe", "sniff"]

@@ -1,4 +1,4 @@
-"""The package's one checkpoint error, at the bottom of the models layer so that every reader can raise it."""
+"""The package's one checkpoint error, at the bottom of ``checkpoints`` so that every reader can raise it."""
 
 from __future__ import annotations
 
