@@ -65,7 +65,7 @@ SUBMODULES: dict[str, tuple[str, ...]] = {
         "checkpoints.errors",
     ),
     "pdparams": ("checkpoints.pdparams", "checkpoints.state_dict", "checkpoints.files", "checkpoints.errors"),
-    "formats": ("checkpoints.formats", "checkpoints.loader"),
+    "formats": ("checkpoints.formats", "checkpoints.safetensors_header", "checkpoints.loader"),
     "loader": ("checkpoints.loader",),
     "pretrained": ("checkpoints.pretrained",),
     "choices": ("checkpoints.choices",),

@@ -12,7 +12,7 @@ asked for (``create_model(..., pretrained=...)``).
 """
 
 from .choices import CLASSIFIER_PREFIX, STEM_CONV_KEY, check_model_choice, guess_model
-from .errors import CheckpointError, CheckpointNotFound
+from .errors import CheckpointError, CheckpointNotFound, CheckpointWriteError
 from .files import MAX_BYTES_ENV, max_checkpoint_bytes, read_file_bounded
 from .loader import LoadedModel, canonical_name, imagenet_class_names, load_model, published_data_config
 from .pretrained import PADDLECLAS_SHA256, PADDLECLAS_URLS, fetch_pretrained, load_pretrained
@@ -43,6 +43,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "CheckpointNotFound",
+    "CheckpointWriteError",
     "LoadedModel",
     "canonical_name",
     "check_model_choice",

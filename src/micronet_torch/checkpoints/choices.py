@@ -66,6 +66,17 @@ def check_model_choice(name: Any, kwargs: Any, source: str) -> tuple[str, dict[s
     return name, dict(kwargs)
 
 
+def training_choice(obj: Mapping[str, Any], source: str) -> tuple[str, dict[str, Any]] | None:
+    """The model name and arguments a PyTorch checkpoint records (and its saved config would build), checked;
+    None when it names no model."""
+    config = obj.get("config")
+    if isinstance(config, Mapping) and ("model" in config or "model_kwargs" in config):
+        check_model_choice(config.get("model"), config.get("model_kwargs"), f"{source} (its saved config)")
+    if "model_name" in obj:
+        return check_model_choice(obj["model_name"], obj.get("model_kwargs"), source)
+    return None
+
+
 def guess_model(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     """The registered model whose backbone tensors (names and shapes) the state dict matches best."""
     theirs = {k: tuple(v.shape) for k, v in state_dict.items() if not k.startswith(CLASSIFIER_PREFIX)}
@@ -111,4 +122,5 @@ __all__ = [
     "choose_model",
     "guess_model",
     "is_buildable_name",
+    "training_choice",
 ]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import stat
+from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import CheckpointError
 
@@ -39,6 +41,26 @@ def file_limit() -> int:
     return max_checkpoint_bytes() if os.environ.get(MAX_BYTES_ENV, "").strip() else DEFAULT_MAX_TORCH_BYTES
 
 
+@dataclass(frozen=True)
+class Limits:
+    """The bounds one read is made under: ``file`` for the file and for all tensors of a PyTorch or safetensors
+    file, ``pdparams`` for a ``.pdparams`` and the tensors made from it (read once, so that a read is consistent)."""
+
+    file: int
+    pdparams: int
+
+
+def limits() -> Limits:
+    """The bounds in force now (``$MICRONET_MAX_CHECKPOINT_BYTES``, else the defaults)."""
+    return Limits(file=file_limit(), pdparams=max_checkpoint_bytes())
+
+
+def read_checkpoint_file(path: str | os.PathLike) -> tuple[bytes, Limits]:
+    """A checkpoint file's bytes, bounded, with the limits they were read under (for the parsers that follow)."""
+    bounds = limits()
+    return read_file_bounded(Path(path), bounds.file), bounds
+
+
 def read_file_bounded(path: str | os.PathLike, max_bytes: int, what: str = "checkpoint") -> bytes:
     """The bytes of a regular file of at most ``max_bytes`` (a FIFO or device is refused, never opened)."""
     try:
@@ -63,7 +85,10 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_TORCH_BYTES",
     "MAX_BYTES_ENV",
+    "Limits",
     "file_limit",
+    "limits",
     "max_checkpoint_bytes",
+    "read_checkpoint_file",
     "read_file_bounded",
 ]

@@ -186,7 +186,7 @@ def _from_training_checkpoint(ck: Checkpoint, model_name: str | None, img_size: 
     state = obj["model"]
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: its 'model' entry is not a dict of tensors")
-    check_tensors(state, str(path))
+    check_tensors(state, str(path), ck.limits.file)
     model = _build(name, path, f"the {name} it names", num_classes=n_cls, in_chans=in_chans, **kwargs)
     try:
         model.load_state_dict(state)

@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from safetensors.torch import load as safetensors_load
 
-from .choices import check_model_choice
+from .choices import training_choice
 from .errors import CheckpointError, CheckpointNotFound, one_line
-from .files import MAX_BYTES_ENV, file_limit, max_checkpoint_bytes, read_file_bounded
-from .formats import check_safetensors, describe, sniff
+from .files import MAX_BYTES_ENV, Limits, limits, read_checkpoint_file
+from .formats import describe, sniff
 from .pdparams import unpickle_pdparams
+from .safetensors_header import check_safetensors
 
 PathLike = str | os.PathLike
 
@@ -50,6 +51,7 @@ class Checkpoint:
     metadata: dict[str, Any] = field(default_factory=dict)
     training: bool = False
     model_choice: tuple[str, dict[str, Any]] | None = None
+    limits: Limits = field(default_factory=limits)
 
 
 CheckpointFile = Checkpoint  # the name before checkpoints/ existed
@@ -65,13 +67,12 @@ def _torch_reason(err: BaseException) -> str:
     return one_line(f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": "), 200)
 
 
-def _bound_tensors(obj: Any, source: str) -> None:
+def _bound_tensors(obj: Any, source: str, budget: int) -> None:
     """Refuse a PyTorch file whose tensors (model, EMA, optimiser state alike) claim more than the size limit.
 
     A stored tensor's logical size is its storage's in any real file; a stride-0 view of a billion elements
     costs a few bytes of file and gigabytes once an optimiser or ``contiguous()`` copies it.
     """
-    budget = file_limit()
     stack, seen = [obj], 0
     while stack:
         item = stack.pop()
@@ -91,17 +92,7 @@ def _bound_tensors(obj: Any, source: str) -> None:
             stack.extend(item)
 
 
-def _training_choice(obj: dict[str, Any], source: str) -> tuple[str, dict[str, Any]] | None:
-    """The model name and arguments a training checkpoint (and its saved config) would build: known ones only."""
-    config = obj.get("config")
-    if isinstance(config, Mapping) and ("model" in config or "model_kwargs" in config):
-        check_model_choice(config.get("model"), config.get("model_kwargs"), f"{source} (its saved config)")
-    if "model_name" in obj:
-        return check_model_choice(obj["model_name"], obj.get("model_kwargs"), source)
-    return None
-
-
-def read_torch(data: bytes, path: Path) -> Checkpoint:
+def read_torch(data: bytes, path: Path, bounds: Limits) -> Checkpoint:
     """A ``torch.save`` file (zip or legacy) through ``torch.load(weights_only=True)``, its tensors bounded."""
     source = str(path)
     try:
@@ -120,41 +111,42 @@ def read_torch(data: bytes, path: Path) -> Checkpoint:
         ) from err
     if not isinstance(obj, dict):
         raise CheckpointError(f"{source}: holds a {type(obj).__name__}, not a dict of tensors")
-    _bound_tensors(obj, source)
+    _bound_tensors(obj, source, bounds.file)
     meta = {k: obj[k] for k in ("model_name", "arch", "num_classes", "class_names", "in_chans") if k in obj}
-    return Checkpoint(path, "torch", obj, meta, is_training_checkpoint(obj), _training_choice(obj, source))
+    choice = training_choice(obj, source) if "model_name" in obj or "config" in obj else None
+    return Checkpoint(path, "torch", obj, meta, is_training_checkpoint(obj), choice, bounds)
 
 
-def read_safetensors(data: bytes, path: Path) -> Checkpoint:
+def read_safetensors(data: bytes, path: Path, bounds: Limits) -> Checkpoint:
     """A ``.safetensors`` file, its header checked against the file's size before the library sees it."""
     meta = check_safetensors(data, str(path))
     try:
         tensors = safetensors_load(data)
     except Exception as err:  # safetensors raises its own error types
         raise CheckpointError(f"{path}: not a readable .safetensors file ({one_line(err, 200)})") from err
-    return Checkpoint(path, "safetensors", tensors, meta)
+    return Checkpoint(path, "safetensors", tensors, meta, limits=bounds)
 
 
-def read_pdparams_checkpoint(data: bytes, path: Path) -> Checkpoint:
+def read_pdparams_checkpoint(data: bytes, path: Path, bounds: Limits) -> Checkpoint:
     """A PaddleClas ``.pdparams`` through the numpy-free unpickler, bounded by the ``.pdparams`` size limit."""
-    return Checkpoint(path, "pdparams", unpickle_pdparams(data, str(path), max_checkpoint_bytes()))
+    return Checkpoint(path, "pdparams", unpickle_pdparams(data, str(path), bounds.pdparams), limits=bounds)
 
 
 # format (as ``formats.sniff`` names it) -> its reader
-READERS: dict[str, Callable[[bytes, Path], Checkpoint]] = {
+READERS: dict[str, Callable[[bytes, Path, Limits], Checkpoint]] = {
     "torch": read_torch,
     "safetensors": read_safetensors,
     "pdparams": read_pdparams_checkpoint,
 }
 
 
-def checkpoint_from_bytes(data: bytes, path: PathLike) -> Checkpoint:
+def checkpoint_from_bytes(data: bytes, path: PathLike, bounds: Limits | None = None) -> Checkpoint:
     """A checkpoint from bytes already read (``path`` names it in errors); by content, never by name."""
     path = Path(path)
     reader = READERS.get(sniff(data))
     if reader is None:
         raise CheckpointError(f"{path}: not a checkpoint this package reads: {describe(data, path.suffix)}")
-    return reader(data, path)
+    return reader(data, path, bounds or limits())
 
 
 def open_checkpoint(path: PathLike) -> Checkpoint:
@@ -169,7 +161,8 @@ def open_checkpoint(path: PathLike) -> Checkpoint:
         raise CheckpointNotFound(f"checkpoint {path} does not exist")
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder, not a file")
-    return checkpoint_from_bytes(read_file_bounded(path, file_limit()), path)
+    data, bounds = read_checkpoint_file(path)
+    return checkpoint_from_bytes(data, path, bounds)
 
 
 def read_checkpoint(path: PathLike) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -14,6 +15,35 @@ from torch import nn
 
 from .._fs import atomic_write
 from .choices import CLASSIFIER_PREFIX, STEM_CONV_KEY
+from .errors import CheckpointWriteError
+
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The first of ``path``'s folders that exists but is not a folder."""
+    for folder in reversed(path.parents):
+        if folder.exists() and not folder.is_dir():
+            return folder
+    return None
+
+
+def why_not_written(path: Path, err: OSError) -> str:
+    """Why writing ``path`` failed, in words a user can act on (the file system's error, named)."""
+    code = err.errno
+    if code == errno.ENAMETOOLONG:
+        return f"the name is too long for the file system ({len(path.name.encode())} bytes); choose a shorter one"
+    if code in (errno.EEXIST, errno.ENOTDIR) and (blocker := _blocking_file(path)) is not None:
+        return f"{blocker} is a file, not a folder"
+    if code == errno.EROFS:
+        return f"{path.parent} is on a read-only file system"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"no permission to create files in {path.parent}"
+    if code in _DISK_FULL:
+        return f"the disk holding {path.parent} is full"
+    if code == errno.EFBIG:
+        return "the file would be larger than the file-size limit (ulimit -f)"
+    return err.strerror or type(err).__name__
 
 
 def save_safetensors(
@@ -31,7 +61,7 @@ def save_safetensors(
     as the original checkpoint did: the model and its arguments, the input size and preprocessing
     (``data_config``: ``DataConfig.to_dict()``), and the class names, each as JSON. Missing parent folders
     are created; a write that fails (no permission, full disk) leaves nothing behind: not the file, not a
-    temporary file, not a folder it created.
+    temporary file, not a folder it created; it raises ``CheckpointWriteError`` saying why.
     """
     sd = model_or_sd.state_dict() if isinstance(model_or_sd, nn.Module) else dict(model_or_sd)
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
@@ -54,12 +84,16 @@ def save_safetensors(
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         return atomic_write(path, lambda out: out.write(payload))
-    except BaseException:
+    except BaseException as err:
         for folder in created:  # innermost first; only the empty folders this call made
             try:
                 folder.rmdir()
             except OSError:
                 break
+        if isinstance(err, OSError):
+            failed = CheckpointWriteError(f"cannot write {path}: {why_not_written(path, err)}; nothing was written")
+            failed.errno = err.errno
+            raise failed from err
         raise
 
 

@@ -127,7 +127,7 @@ def check_tensors(sd: Mapping[str, torch.Tensor], source: str, limit: int | None
 def state_dict_of(ck: Checkpoint, model: nn.Module | None = None) -> StateDict:
     """The checked state dict of a read checkpoint, with this project's names (its format's filter applied)."""
     sd = FILTERS[ck.format](ck.content, model, source=str(ck.path))
-    check_tensors(sd, str(ck.path))
+    check_tensors(sd, str(ck.path), ck.limits.file)
     return sd
 
 
