@@ -169,7 +169,8 @@ def _convert(name: str, paddle_file: Path, target: Path, expected: str | None, d
         paddle_file.unlink(missing_ok=True)
         raise CheckpointError(
             f"{paddle_file}: this copy of {name}'s published weights has SHA-256 {got}, expected {expected} "
-            "(truncated or replaced); it was deleted and will be downloaded again next time"
+            f"(pinned, passed or recorded in {record_path()}; truncated or replaced); it was deleted and will be "
+            "downloaded again next time"
         )
     try:
         sd = state_dict_of(checkpoint_from_bytes(data, paddle_file))
