@@ -16,8 +16,9 @@ import pytest
 import torch
 from helpers import SHARED_FIXTURES
 
-from micronet_torch.models.errors import CheckpointError
-from micronet_torch.models.pdparams import RawArray, parse_pdparams, pdparams_from_bytes
+from micronet_torch.checkpoints.errors import CheckpointError
+from micronet_torch.checkpoints.pdparams import RawArray, parse_pdparams
+from micronet_torch.checkpoints.state_dict import pdparams_from_bytes
 
 M0_PDPARAMS = SHARED_FIXTURES / "paddleclas" / "MicroNet_M0_random.pdparams"
 SEED = 1515
@@ -133,7 +134,7 @@ def test_fuzz_real_pdparams(real) -> None:
     assert outcomes["loaded"] > 10 and outcomes["refused"] > 100, outcomes
 
 
-# ---- the one loader (models/loader.py): .pth and .safetensors mutated the same way ------------------------
+# ---- the one loader (checkpoints/loader.py): .pth and .safetensors mutated the same way ------------------------
 M0_OFFICIAL = SHARED_FIXTURES / "official" / "micronet-m0-official-random.pth.tar"
 MUTATIONS_OTHER = 60
 
@@ -151,7 +152,7 @@ def _mutated_files(data: bytes, rng: random.Random, count: int) -> list[bytes]:
 @pytest.mark.parametrize("fmt", [".pth", ".safetensors"])
 def test_fuzz_loader_other_formats(fmt, tmp_path) -> None:
     """The checkpoint loader returns a dict of tensors or raises CheckpointError for any mutated file."""
-    from micronet_torch.models import loader
+    from micronet_torch.checkpoints import loader
 
     if not M0_OFFICIAL.is_file():
         pytest.skip("fixtures not available")

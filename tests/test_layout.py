@@ -16,8 +16,8 @@ PKG = ROOT / "src" / "micronet_torch"
     ("old", "name", "new_home"),
     [
         ("model", "MicroNet", "micronet_torch.models.micronet"),
-        ("weights", "load_pretrained", "micronet_torch.models.pretrained"),
-        ("weights", "read_state_dict", "micronet_torch.models.weights"),
+        ("weights", "load_pretrained", "micronet_torch.checkpoints.pretrained"),
+        ("weights", "read_state_dict", "micronet_torch.checkpoints.state_dict"),
         ("export", "export_onnx", "micronet_torch.runtime.onnx"),
         ("export", "ort_session", "micronet_torch.runtime.ort"),
         ("engine", "TrainConfig", "micronet_torch.train.config"),
@@ -64,12 +64,12 @@ def test_architecture_doc_names_every_module() -> None:
 
 
 def test_one_builder_and_one_loader() -> None:
-    """Only models.registry builds a model from a name and only models.loader loads a model from a file."""
-    pattern = re.compile(r"^def (build_model|load_model|load_for_inference)\(", re.M)
+    """Only models.registry builds a model from a name and only checkpoints.loader loads a model from a file."""
+    pattern = re.compile(r"^def (build_model|create_model|load_model|load_for_inference)\(", re.M)
     found = sorted(
         f"{p.relative_to(PKG)}:{m.group(1)}" for p in PKG.rglob("*.py") for m in pattern.finditer(p.read_text())
     )
-    assert found == ["models/loader.py:load_model", "models/registry.py:build_model"]
+    assert found == ["checkpoints/loader.py:load_model", "models/registry.py:create_model"]
 
 
 def test_import_graph_has_no_cycles_or_oversize_modules() -> None:

@@ -13,8 +13,7 @@ import torch
 from helpers import SHARED_FIXTURES as FIXTURES
 
 from micronet_torch import create_model
-from micronet_torch.cli import main as cli_main
-from micronet_torch.models import (
+from micronet_torch.checkpoints import (
     CheckpointError,
     checkpoint_metadata,
     fetch_pretrained,
@@ -22,6 +21,7 @@ from micronet_torch.models import (
     read_state_dict,
     save_safetensors,
 )
+from micronet_torch.cli import main as cli_main
 
 TOL = 2e-5
 
@@ -182,7 +182,7 @@ def test_convert_command_writes_named_safetensors(tmp_path, capsys):
 def test_pretrained_true_downloads_converts_and_caches(tmp_path, monkeypatch):
     """The download path, offline: a file:// URL stands in for PaddleClas's server."""
     monkeypatch.setenv("MICRONET_TORCH_HOME", str(tmp_path / "cache"))
-    from micronet_torch.models import pretrained as registry
+    from micronet_torch.checkpoints import pretrained as registry
 
     src = FIXTURES / "paddleclas/MicroNet_M0_random.pdparams"
     monkeypatch.setitem(registry.PADDLECLAS_URLS, "micronet_m0", src.as_uri())
@@ -198,7 +198,7 @@ def test_pretrained_true_downloads_converts_and_caches(tmp_path, monkeypatch):
 
 def test_pretrained_true_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("MICRONET_TORCH_HOME", str(tmp_path / "cache"))
-    from micronet_torch.models import pretrained as registry
+    from micronet_torch.checkpoints import pretrained as registry
 
     monkeypatch.setitem(registry.PADDLECLAS_URLS, "micronet_m1", (tmp_path / "absent.pdparams").as_uri())
     monkeypatch.setitem(registry.PADDLECLAS_SHA256, "micronet_m1", "0" * 64)
@@ -226,7 +226,7 @@ def test_timm_pretrained_with_local_file_and_features_only():
 def test_download_needs_a_known_sha256_and_keeps_only_a_match(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MICRONET_TORCH_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("MICRONET_TRUST_UNVERIFIED_DOWNLOAD", raising=False)
-    from micronet_torch.models import pretrained as registry
+    from micronet_torch.checkpoints import pretrained as registry
 
     src = FIXTURES / "paddleclas/MicroNet_M0_random.pdparams"
     good = hashlib.sha256(src.read_bytes()).hexdigest()
@@ -246,7 +246,7 @@ def test_download_needs_a_known_sha256_and_keeps_only_a_match(tmp_path, monkeypa
 
 def test_cached_file_that_fails_its_check_or_does_not_parse_is_deleted(tmp_path, monkeypatch):
     monkeypatch.setenv("MICRONET_TORCH_HOME", str(tmp_path / "cache"))
-    from micronet_torch.models import pretrained as registry
+    from micronet_torch.checkpoints import pretrained as registry
 
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -295,7 +295,7 @@ def test_lying_safetensors_header_is_one_line(tmp_path, header, body, reason):
 
 
 def test_rank1_stem_and_chosen_code_are_refused(tmp_path):
-    from micronet_torch.models import load_model
+    from micronet_torch.checkpoints import load_model
 
     sd = _random_model("micronet_m0").state_dict()
     torch.save({**sd, "features.0.stem.0.conv.0.weight": torch.zeros(6)}, tmp_path / "rank1.pt")
@@ -359,7 +359,7 @@ def test_pretrained_file_of_another_model_names_the_flag():
 
 # ---- convert keeps what evaluation needs (issue 14, item 4) -------------------------------------------
 def test_converted_file_evaluates_and_predicts_like_the_checkpoint(tmp_path, capsys, trained, tiny_folder):
-    from micronet_torch.models import load_model
+    from micronet_torch.checkpoints import load_model
 
     conv = tmp_path / "b.safetensors"
     assert cli_main(["convert", str(trained / "best.pt"), str(conv)]) == 0
@@ -381,7 +381,7 @@ def test_converted_file_evaluates_and_predicts_like_the_checkpoint(tmp_path, cap
 
 
 def test_load_model_says_when_preprocessing_was_assumed(tmp_path, capsys):
-    from micronet_torch.models import load_model
+    from micronet_torch.checkpoints import load_model
 
     save_safetensors(create_model("micronet_m0", num_classes=3), tmp_path / "bare.safetensors", "micronet_m0")
     loaded = load_model(tmp_path / "bare.safetensors")

@@ -28,9 +28,10 @@ from helpers import SHARED_FIXTURES
 from PIL import Image
 
 from micronet_torch import _fs, _native
+from micronet_torch.checkpoints.errors import CheckpointError
+from micronet_torch.checkpoints.files import MAX_BYTES_ENV
+from micronet_torch.checkpoints.state_dict import pdparams_from_bytes, read_pdparams
 from micronet_torch.data.scan import ImageFileError, SkipCounts, open_image_safely, walk_images
-from micronet_torch.models.errors import CheckpointError
-from micronet_torch.models.pdparams import MAX_BYTES_ENV, pdparams_from_bytes, read_pdparams
 
 FIXTURES = SHARED_FIXTURES
 M0_PDPARAMS = FIXTURES / "paddleclas" / "MicroNet_M0_random.pdparams"
@@ -202,8 +203,8 @@ def crafted_files(marker: Path) -> dict[str, bytes]:
 
 READER = """
 import json, sys
-from micronet_torch.models.pdparams import read_pdparams
-from micronet_torch.models.errors import CheckpointError
+from micronet_torch.checkpoints.state_dict import read_pdparams
+from micronet_torch.checkpoints.errors import CheckpointError
 results = {}
 for path in sys.argv[1:]:
     try:

@@ -1,8 +1,9 @@
 """micronet-torch: MicroNet (Li et al., ICCV 2021), exact to the published weights.
 
-``create_model`` builds M0-M3 (and the preprint's family) by name; importing the package registers
-them with timm. ``ops`` holds the paper's two operators for use in other networks. The layers, from the
-bottom: ``ops`` → ``models`` → ``deploy`` → ``runtime`` / ``train`` → ``tools`` → ``cli``
+``create_model`` builds M0-M3 (and the preprint's family) by name, with weights when asked
+(``pretrained=``); importing the package registers them with timm. ``checkpoints.load_model`` loads any
+checkpoint file. ``ops`` holds the paper's two operators for use in other networks. The layers, from the
+bottom: ``ops`` → ``models``, ``checkpoints`` → ``deploy`` → ``runtime`` / ``train`` → ``tools`` → ``cli``
 (``docs/architecture.md``).
 """
 

@@ -1,8 +1,10 @@
-"""Old import paths from the flat layout (0.1): five kept one release as aliases, the rest say where they went.
+"""Old import paths: the flat layout's (0.1) and the checkpoint modules that moved from ``models`` to ``checkpoints``.
 
 ``micronet_torch.model``, ``.weights``, ``.export``, ``.engine`` and ``.fused_ops`` still import (with a
 ``DeprecationWarning`` for the first four; ``fused_ops`` is public surface) as views of the modules that now
 hold their names; any other module of the old layout raises ``ModuleNotFoundError`` naming its new home.
+``micronet_torch.models.weights``, ``.pdparams``, ``.formats``, ``.loader``, ``.pretrained``, ``.choices`` and
+``.errors`` import quietly: the module itself where it moved whole, else a view of the modules that split it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ _PKG = __name__.rsplit(".", 1)[0]
 # old module -> the modules that now hold its names, searched in order
 ALIASES: dict[str, tuple[str, ...]] = {
     "model": ("models.micronet",),
-    "weights": ("models.weights", "models.pretrained"),
+    "weights": (
+        "checkpoints.state_dict",
+        "checkpoints.readers",
+        "checkpoints.strict",
+        "checkpoints.save",
+        "checkpoints.pretrained",
+        "checkpoints.errors",
+    ),
     "export": (
         "runtime.export",
         "runtime.onnx",
@@ -44,6 +53,24 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "fused_ops": ("deploy.fused",),
 }
 QUIET = {"fused_ops"}  # public surface: no warning
+# models.<old> -> the checkpoints modules that now hold its names (one: that module itself; several: a view)
+SUBMODULES: dict[str, tuple[str, ...]] = {
+    "weights": (
+        "checkpoints.readers",
+        "checkpoints.state_dict",
+        "checkpoints.strict",
+        "checkpoints.save",
+        "checkpoints.choices",
+        "checkpoints.files",
+        "checkpoints.errors",
+    ),
+    "pdparams": ("checkpoints.pdparams", "checkpoints.state_dict", "checkpoints.files", "checkpoints.errors"),
+    "formats": ("checkpoints.formats", "checkpoints.safetensors_header", "checkpoints.loader"),
+    "loader": ("checkpoints.loader",),
+    "pretrained": ("checkpoints.pretrained",),
+    "choices": ("checkpoints.choices",),
+    "errors": ("checkpoints.errors",),
+}
 MOVED = {
     "registry": "models.registry",
     "specs": "models.specs",
@@ -76,9 +103,30 @@ class _AliasModule(types.ModuleType):
         raise AttributeError(f"{self.__name__} has no {attr!r} (it moved to {', '.join(self.__targets)})")
 
 
+class _SameModule(importlib.abc.Loader):
+    """Loads an old name as the very module that moved (one object: attributes set on either are on both)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.spec: importlib.machinery.ModuleSpec | None = None
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        module = importlib.import_module(f"{_PKG}.{self.target}")
+        self.spec = module.__spec__
+        return module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        module.__spec__ = self.spec  # the import system stamped the old name's spec on it; give it back its own
+
+
 class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         prefix, _, old = fullname.rpartition(".")
+        if prefix == f"{_PKG}.models" and old in SUBMODULES:
+            targets = SUBMODULES[old]
+            if len(targets) == 1:
+                return importlib.machinery.ModuleSpec(fullname, _SameModule(targets[0]))
+            return importlib.machinery.ModuleSpec(fullname, self)
         if prefix != _PKG:
             return None
         if old in ALIASES:
@@ -90,7 +138,9 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
-        old = spec.name.rpartition(".")[2]
+        prefix, _, old = spec.name.rpartition(".")
+        if prefix != _PKG:  # a split module of models/: quiet
+            return _AliasModule(spec.name, SUBMODULES[old])
         if old not in QUIET:
             new = ", ".join(f"{_PKG}.{t}" for t in ALIASES[old])
             warnings.warn(f"{spec.name} is deprecated; import from {new}", DeprecationWarning, stacklevel=2)

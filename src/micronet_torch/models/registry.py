@@ -1,7 +1,10 @@
-"""Model names, the preprint's aliases, timm registration and ``create_model``.
+"""The one door to build a model: ``create_model`` (any name, optionally with weights), names, timm registration.
 
-Importing this module registers every MicroNet with timm, so ``timm.create_model("micronet_m3")``
-works once ``micronet_torch`` is imported.
+``create_model`` builds a MicroNet or a preprint alias, ``mobilenetv3_small_w<width>`` (the paper's baseline at
+any width) or any timm model; ``pretrained=`` loads weights into a MicroNet through ``checkpoints``, which is
+imported only then, so building by name never loads the checkpoint readers. Importing this module registers
+every MicroNet with timm through its public ``register_model``, so ``timm.create_model("micronet_m3")`` works
+once ``micronet_torch`` is imported; timm's entry points call ``create_model`` too.
 """
 
 from __future__ import annotations
@@ -12,15 +15,15 @@ import sys
 from typing import Any
 
 import timm
-from timm.models import build_model_with_cfg, register_model
-from timm.models._features import FeatureListNet
+from timm.models import FeatureListNet, build_model_with_cfg, model_entrypoint, register_model
 from torch import nn
 
 from ..data.config import IMAGENET_MEAN, IMAGENET_STD
 from .baselines import MNV3_SMALL, mobilenetv3_small
 from .micronet import MicroNet
-from .pretrained import PADDLECLAS_URLS, load_pretrained
-from .specs import MODEL_SPECS, PREPRINT_ALIASES, MicroNetSpec
+from .specs import MODEL_SPECS, PADDLECLAS_URLS, PREPRINT_ALIASES, MicroNetSpec
+
+__all__ = ["build_model", "create_model", "is_micronet", "list_models", "pretrained_cfg", "resolve_name"]
 
 _logger = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ def resolve_name(name: str) -> tuple[MicroNetSpec, str | None]:
     return MODEL_SPECS[key], note
 
 
-def _build(
+def _build_micronet(
     spec: MicroNetSpec,
     pretrained: bool | str | os.PathLike | None,
     num_classes: int | None,
@@ -81,6 +84,9 @@ def _build(
         **kwargs,
     )
     if pretrained:
+        # the checkpoint readers load only when weights are asked for: building by name never imports them
+        from ..checkpoints.pretrained import load_pretrained
+
         load_pretrained(model, pretrained, num_classes=num_classes)
     if features_only:
         model = FeatureListNet(model, out_indices=out_indices or tuple(range(5)), flatten_sequential=True)
@@ -96,41 +102,33 @@ def create_model(
     out_indices: tuple[int, ...] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """Create a MicroNet by name.
+    """The one way to turn a name into a model: a MicroNet, ``mobilenetv3_small_w<width>`` or any timm model.
 
     Args:
         name: one of ``list_models()`` (``micronet_m0`` ... ``micronet_m3``, the preprint's
-            ``micronet_v1_m0`` ... ``micronet_v1_m3``).
+            ``micronet_v1_m0`` ... ``micronet_v1_m3``), ``mobilenetv3_small_w<width>`` (the paper's baseline at
+            any width), or a timm model name (random init).
         pretrained: ``None``/``False`` for random init; a path to a checkpoint (published ``.pth``,
             PaddleClas ``.pdparams``, this project's ``.pt`` / ``.safetensors``); ``True`` for the
-            ImageNet weights from the local cache (downloaded once when missing).
+            ImageNet weights from the local cache (downloaded once when missing, its SHA-256 checked).
+            MicroNets only.
         num_classes: classes of the head (default: the checkpoint's, else 1000); a pretrained head of
             another size is replaced by a new one.
         in_chans: input channels (a pretrained stem's weights are summed/tiled to fit).
         features_only: return a timm ``FeatureListNet`` giving the maps at strides 2, 4, 8, 16, 32.
         **kwargs: ``drop_rate``, ``width`` (a width multiplier) and the ablation ``Variant`` fields
-            (``activation``, ``shift``, ``depthwise``, ``pointwise``).
+            (``activation``, ``shift``, ``depthwise``, ``pointwise``); other models take their own.
     """
-    spec, note = resolve_name(name)
-    if note:
-        _logger.info("%s: %s", name, note)
-    return _build(spec, pretrained, num_classes, features_only, out_indices, in_chans=in_chans, **kwargs)
-
-
-def build_model(
-    name: str,
-    num_classes: int | None = None,
-    in_chans: int = 3,
-    pretrained: bool | str | os.PathLike | None = None,
-    **kwargs: Any,
-) -> nn.Module:
-    """The one way to turn a name into a model: a MicroNet (``create_model``), ``mobilenetv3_small_w<width>``
-    (the paper's baseline at any width), or any timm model (random init)."""
     if is_micronet(name):
-        return create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
-    n_cls = 1000 if num_classes is None else num_classes
+        spec, note = resolve_name(name)
+        if note:
+            _logger.info("%s: %s", name, note)
+        return _build_micronet(spec, pretrained, num_classes, features_only, out_indices, in_chans=in_chans, **kwargs)
     if pretrained:
         raise ValueError(f"pretrained weights are only supported for MicroNets; {name} starts from random init")
+    n_cls = 1000 if num_classes is None else num_classes
+    if features_only:
+        kwargs.update(features_only=True, **({"out_indices": out_indices} if out_indices is not None else {}))
     match = MNV3_SMALL.match(name)
     if match:
         return mobilenetv3_small(float(match.group(1)), num_classes=n_cls, in_chans=in_chans, **kwargs)
@@ -142,40 +140,39 @@ def build_model(
     return timm.create_model(name, num_classes=n_cls, in_chans=in_chans, **kwargs)
 
 
+build_model = create_model  # the name of the one door before create_model served every name
+
+
 def is_micronet(name: str) -> bool:
     """Whether ``name`` is one of ``list_models()`` (a MicroNet or a preprint alias)."""
-    return name.lower().replace("-", "_") in list_models()
+    key = name.lower().replace("-", "_")
+    return key.removeprefix("timm/") in list_models()
 
 
-def _entry_point(spec: MicroNetSpec):
+def _timm_entry(name: str, spec: MicroNetSpec):
+    """timm's entry point for ``name``: timm's keyword conventions mapped onto ``create_model``."""
+
     def entry(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        num_classes = kwargs.pop("num_classes", None)
-        features_only = kwargs.pop("features_only", False)
-        out_indices = kwargs.pop("out_indices", None)
         overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
         for key in ("pretrained_cfg", "cache_dir"):
             kwargs.pop(key, None)
         if pretrained and overlay.get("file"):  # timm's way to name a local weights file
             pretrained = overlay["file"]
-        return _build(spec, pretrained, num_classes, features_only, out_indices, **kwargs)
+        return create_model(name, pretrained=pretrained, **kwargs)
 
+    entry.__name__ = name
+    entry.__module__ = __name__
     entry.__doc__ = spec.description
     return entry
 
 
 def _register_with_timm() -> None:
-    from timm.models._registry import _model_entrypoints
-
+    """Register every MicroNet and preprint alias with timm's public ``register_model`` (once per process)."""
     module = sys.modules[__name__]
-    names = dict.fromkeys(MODEL_SPECS)
-    names.update({alias: None for alias in PREPRINT_ALIASES})
-    for name in names:
-        spec, _ = resolve_name(name)
-        if name in _model_entrypoints:
-            continue
-        fn = _entry_point(spec)
-        fn.__name__ = name
-        fn.__module__ = module.__name__
+    for name in [*MODEL_SPECS, *PREPRINT_ALIASES]:
+        if timm.is_model(name) and getattr(model_entrypoint(name), "__module__", None) == __name__:
+            continue  # this module was imported again (a reload): keep the first registration
+        fn = _timm_entry(name, resolve_name(name)[0])
         setattr(module, name, fn)
         register_model(fn)
 

@@ -200,6 +200,13 @@ PREPRINT_ALIASES: dict[str, tuple[str, str]] = {
     "micronet_v1_m2": ("micronet_m3", "preprint MicroNet-M2 (21M budget) is the published MicroNet-M3"),
 }
 
+# Where each model's ImageNet weights are published: PaddleClas's conversion of the paper's (the paper's own
+# download links are dead). ``pretrained_cfg`` names them; ``checkpoints.pretrained`` downloads and checks them.
+PADDLECLAS_URLS: dict[str, str] = {
+    name: f"https://paddle-imagenet-models-name.bj.bcebos.com/dygraph/MicroNet_{name[-2:].upper()}_pretrained.pdparams"
+    for name in ("micronet_m0", "micronet_m1", "micronet_m2", "micronet_m3")
+}
+
 
 def _divisor_for(row: BlockSpec, next_row: BlockSpec | None) -> int:
     """The multiple a row's output width must be: its own groups and shuffles, and the next row's."""

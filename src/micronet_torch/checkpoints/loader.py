@@ -6,14 +6,21 @@ model loaded from one sees images exactly as its training evaluation did; so do 
 ``.pdparams``) and other ``.safetensors`` files get the published evaluation transform (resize 256, centre
 crop 224, bilinear, ImageNet mean/std), with a one-line note saying it was assumed.
 
-Every file goes through ``weights.open_checkpoint`` (bounded, by content, no pickled code), and everything a
-file says that chooses code or sizes (model name, arguments, preprocessing) is checked before it is used.
+The path of one load, each module entered once: ``readers.open_checkpoint`` (the bytes through
+``files.read_file_bounded``, the format by ``formats.sniff``, the content by ``READERS[format]``: ``torch.load``,
+the ``pdparams`` unpickler or safetensors; a training checkpoint's model checked by ``choices``), then for a
+weights file ``state_dict.state_dict_of`` (the format's key map) and ``choices.choose_model`` (which model),
+``models.registry.create_model`` (build) and ``strict.load_into``; for a training checkpoint
+``state_dict.check_tensors``, ``create_model`` and ``load_state_dict``. Everything a file says that chooses code
+or sizes (model name, arguments, preprocessing) is checked before it is used.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,23 +29,12 @@ import torch
 from torch import nn
 
 from ..data.config import DataConfig, default_policy
-from .choices import check_model_choice, is_buildable_name
+from ..models.registry import create_model, pretrained_cfg, resolve_name
+from .choices import CLASSIFIER_PREFIX, STEM_CONV_KEY, choose_model
 from .errors import CheckpointError, CheckpointNotFound, one_line
-from .formats import parse_plain_json
-from .registry import build_model, create_model, pretrained_cfg, resolve_name
-from .weights import (
-    CLASSIFIER_PREFIX,
-    STEM_CONV_KEY,
-    CheckpointFile,
-    check_tensors,
-    guess_model,
-    is_training_checkpoint,
-    load_into,
-    metadata_of,
-    open_checkpoint,
-    read_state_dict,
-    state_dict_of,
-)
+from .readers import Checkpoint, open_checkpoint
+from .state_dict import check_tensors, read_state_dict, state_dict_of
+from .strict import load_into
 
 __all__ = [
     "CheckpointError",
@@ -47,6 +43,7 @@ __all__ = [
     "canonical_name",
     "imagenet_class_names",
     "load_model",
+    "parse_plain_json",
     "published_data_config",
     "read_state_dict",
 ]
@@ -72,9 +69,12 @@ def imagenet_class_names() -> list[str]:
     return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def published_data_config(img_size: int | None = None, in_chans: int = 3) -> DataConfig:
-    """The published evaluation transform (timm's pretrained config) at ``img_size`` (default 224)."""
-    pc = pretrained_cfg("micronet_m0")
+def published_data_config(
+    img_size: int | None = None, in_chans: int = 3, cfg: Mapping[str, Any] | None = None
+) -> DataConfig:
+    """The published evaluation transform (timm's pretrained config, or a built model's ``cfg``) at ``img_size``
+    (default 224)."""
+    pc = cfg or pretrained_cfg("micronet_m0")
     size = img_size or pc["input_size"][-1]
     return DataConfig(
         img_size=size,
@@ -93,8 +93,30 @@ def canonical_name(name: str | None) -> str | None:
     try:
         return resolve_name(name)[0].name
     except ValueError:
-        build_model(name, num_classes=2)  # a baseline / timm model, or the 'unknown model' error
+        create_model(name, num_classes=2)  # a baseline / timm model, or the 'unknown model' error
         return name
+
+
+def parse_plain_json(text: str) -> Any:
+    """``json.loads`` for a metadata value; None when it is not JSON."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+JSON_METADATA = ("data_config", "class_names", "model_kwargs")  # string values that hold JSON (``save_safetensors``)
+
+
+def _decoded(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """A file's metadata with the JSON strings ``save_safetensors`` writes decoded (None when they are not JSON)."""
+    return {k: parse_plain_json(v) if k in JSON_METADATA and isinstance(v, str) else v for k, v in meta.items()}
+
+
+def _built_name(model: nn.Module, name: str) -> str:
+    """The registered name of a built MicroNet (a preprint alias resolved), else the name it was built from."""
+    spec = getattr(model, "spec", None)
+    return spec.name if spec is not None else name
 
 
 def load_model(
@@ -110,13 +132,11 @@ def load_model(
     (else the file's metadata, else the best-matching architecture, is used). ``num_classes`` replaces
     the head (fine-tuning, conversion); the default keeps the file's.
     """
-    path = Path(checkpoint)
-    ck = open_checkpoint(path)
-    wanted = canonical_name(model_name)
-    if ck.format == "torch" and is_training_checkpoint(ck.content):
-        loaded = _from_training_checkpoint(path, ck.content, wanted, img_size)
+    ck = open_checkpoint(checkpoint)
+    if ck.training and ck.model_choice is not None:
+        loaded = _from_training_checkpoint(ck, model_name, img_size)
     else:
-        loaded = _from_weights(ck, wanted, img_size)
+        loaded = _from_weights(ck, model_name, img_size)
     if num_classes is not None and getattr(loaded.model, "num_classes", num_classes) != num_classes:
         loaded.model.reset_classifier(num_classes)
         loaded.class_names = [f"class_{i}" for i in range(num_classes)]
@@ -134,15 +154,17 @@ def _data_config(raw: Any, path: Path) -> DataConfig:
         raise CheckpointError(f"{path}: its recorded preprocessing is not usable ({one_line(err, 200)})") from err
 
 
-def _build(name: str, path: Path, **kwargs: Any) -> nn.Module:
+def _build(name: str, path: Path, what: str, **kwargs: Any) -> nn.Module:
     try:
-        return build_model(name, **kwargs)
+        return create_model(name, **kwargs)
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: cannot build the {name} it names ({one_line(err, 200)})") from err
+        raise CheckpointError(f"{path}: cannot build {what} ({one_line(err, 200)})") from err
 
 
-def _from_training_checkpoint(path: Path, obj: dict[str, Any], wanted: str | None, img_size: int | None) -> LoadedModel:
-    name, kwargs = check_model_choice(obj["model_name"], obj.get("model_kwargs"), str(path))
+def _from_training_checkpoint(ck: Checkpoint, model_name: str | None, img_size: int | None) -> LoadedModel:
+    path, obj = ck.path, ck.content
+    name, kwargs = ck.model_choice
+    wanted = canonical_name(model_name)
     if wanted and wanted != name:
         raise CheckpointError(
             f"--checkpoint {path} holds a {name} (trained by micronet train), not {wanted}; use --model {name}"
@@ -164,8 +186,8 @@ def _from_training_checkpoint(path: Path, obj: dict[str, Any], wanted: str | Non
     state = obj["model"]
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: its 'model' entry is not a dict of tensors")
-    check_tensors(state, str(path))
-    model = _build(name, path, num_classes=n_cls, in_chans=in_chans, **kwargs)
+    check_tensors(state, str(path), ck.limits.file)
+    model = _build(name, path, f"the {name} it names", num_classes=n_cls, in_chans=in_chans, **kwargs)
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, ValueError) as err:
@@ -174,59 +196,40 @@ def _from_training_checkpoint(path: Path, obj: dict[str, Any], wanted: str | Non
     return LoadedModel(model, name, dcfg, class_names, "training", info, kwargs)
 
 
-def _name_from_metadata(meta: dict[str, Any]) -> str | None:
-    """The model a file's metadata names, when it is one this package builds (else None: guessed instead)."""
-    for key in ("model_name", "model", "arch"):
-        if key in meta and is_buildable_name(meta[key]):
-            try:
-                return canonical_name(meta[key])
-            except (TypeError, ValueError):
-                continue
-    return None
-
-
-def _from_weights(ck: CheckpointFile, wanted: str | None, img_size: int | None) -> LoadedModel:
+def _from_weights(ck: Checkpoint, model_name: str | None, img_size: int | None) -> LoadedModel:
     path = ck.path
     sd = state_dict_of(ck)
-    meta = metadata_of(ck)
-    recorded = _name_from_metadata(meta)
-    name = wanted or recorded or guess_model(sd)
-    if name is None:
-        raise CheckpointError(f"cannot tell which model {path} holds; pass --model (one of: micronet models)")
-    kwargs: dict[str, Any] = {}
-    if "model_kwargs" in meta and recorded == name:
-        kwargs = check_model_choice(name, parse_plain_json(str(meta["model_kwargs"])), str(path))[1]
+    meta = _decoded(ck.metadata)
+    name, kwargs = choose_model(model_name, meta, sd, str(path))
     head = sd.get(CLASSIFIER_PREFIX + "linear.0.weight")
     n_cls = int(head.shape[0]) if head is not None else 1000
     in_chans = int(sd[STEM_CONV_KEY].shape[1]) if STEM_CONV_KEY in sd else 3
-    try:
-        model = create_model(name, num_classes=n_cls, in_chans=in_chans, **kwargs)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: cannot build {name} ({one_line(err, 200)})") from err
+    model = _build(name, path, name, num_classes=n_cls, in_chans=in_chans, **kwargs)
     load_into(model, sd, source=str(path))
-    dcfg = _recorded_or_published(meta, path, img_size, in_chans)
+    dcfg = _recorded_or_published(meta, model, path, img_size, in_chans)
     names = meta.get("class_names")
-    if isinstance(names, str):
-        names = parse_plain_json(names)
     if isinstance(names, list) and len(names) == n_cls:
         class_names = [str(c) for c in names]
     elif n_cls == 1000:
         class_names = imagenet_class_names()
     else:
         class_names = [f"class_{i}" for i in range(n_cls)]
-    return LoadedModel(model, name, dcfg, class_names, "weights", {}, kwargs)
+    return LoadedModel(model, _built_name(model, name), dcfg, class_names, "weights", {}, kwargs)
 
 
-def _recorded_or_published(meta: dict[str, Any], path: Path, img_size: int | None, in_chans: int) -> DataConfig:
+def _recorded_or_published(
+    meta: dict[str, Any], model: nn.Module, path: Path, img_size: int | None, in_chans: int
+) -> DataConfig:
     """The preprocessing a file records (``micronet convert`` writes it), else the published one, with a note."""
-    raw = parse_plain_json(meta["data_config"]) if isinstance(meta.get("data_config"), str) else None
+    raw = meta.get("data_config")
     if raw is not None:
         dcfg = _data_config(raw, path)
         if img_size and img_size != dcfg.img_size:
             print(f"note: {path} records {dcfg.img_size} px; evaluating at {img_size} px", file=sys.stderr)
             dcfg.img_size, dcfg.policy = img_size, default_policy(img_size)
         return dcfg
-    dcfg = published_data_config(img_size, in_chans)
+    cfg = getattr(model, "pretrained_cfg", None) if hasattr(model, "spec") else None  # a MicroNet's, as built
+    dcfg = published_data_config(img_size, in_chans, cfg)
     size = f"{img_size} px (--img-size)" if img_size else f"{dcfg.img_size} px"
     print(
         f"note: {path} records no preprocessing; assuming the published ImageNet transform: {size}, "

@@ -1,4 +1,4 @@
-"""The package's one checkpoint error, at the bottom of the models layer so that every reader can raise it."""
+"""The package's one checkpoint error, at the bottom of ``checkpoints`` so that every reader can raise it."""
 
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ class CheckpointNotFound(CheckpointError, FileNotFoundError):
     """A checkpoint path that does not exist (both a checkpoint error and a ``FileNotFoundError``)."""
 
 
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint that could not be written (read-only folder, full disk, name too long, a file in the way);
+    the message says which and why, and that nothing was left behind (both a checkpoint error and an OSError)."""
+
+
 def one_line(text: object, limit: int = 300) -> str:
     """``text`` with every run of whitespace (newlines included) made one space, cut to ``limit`` characters.
 
@@ -21,4 +26,4 @@ def one_line(text: object, limit: int = 300) -> str:
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
-__all__ = ["CheckpointError", "CheckpointNotFound", "one_line"]
+__all__ = ["CheckpointError", "CheckpointNotFound", "CheckpointWriteError", "one_line"]

@@ -1,4 +1,4 @@
-"""PaddleClas ``.pdparams`` read without Paddle and without letting numpy rebuild anything from the file.
+"""The PaddleClas ``.pdparams`` unpickler: tensors with Paddle's names, without Paddle and without numpy.
 
 A ``.pdparams`` is a pickle of a dict from names to numpy arrays. numpy trusts the dtype and array state
 it is given: a crafted dtype with an object field makes it dereference bytes of the file as a pointer,
@@ -6,28 +6,26 @@ a field offset past the item size makes it copy heap memory into the array. So t
 back its own small stand-ins for ``numpy.dtype``, ``numpy.ndarray`` and ``_reconstruct``, accepts only
 plain numeric dtypes and exact byte lengths, bounds the total size, and builds the tensors from the
 file's bytes itself. Every failure is a ``CheckpointError`` with a one-line reason naming the file.
+
+This module only unpickles: the file is read by ``files.read_file_bounded``, and Paddle's names become the
+published code's in ``state_dict.paddleclas_filter_fn``.
 """
 
 from __future__ import annotations
 
 import io
 import math
-import os
 import pickle
 import pickletools
-import stat
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import CheckpointError
+from .files import DEFAULT_MAX_BYTES, MAX_BYTES_ENV
 
-# The largest real MicroNet .pdparams (M3, ~2.6 M parameters) is ~11 MB of float32: allow ~6x that.
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
-MAX_BYTES_ENV = "MICRONET_MAX_CHECKPOINT_BYTES"
 MAX_NDIM = 32
 MAX_ENTRIES = 20_000  # MicroNet M3 has under 600 tensors; a million tiny ones would only cost time and memory
 SKIPPED_KEY = "StructuredToParameterName@@"
@@ -236,30 +234,6 @@ def to_tensor(arr: RawArray) -> torch.Tensor:
     return tensor.to(torch.float32).contiguous()
 
 
-def _paddle_to_torch_name(key: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
-    """Paddle's BatchNorm statistics are ``_mean``/``_variance``; its Linear weights are [in, out]."""
-    if key.endswith("._mean"):
-        return key[: -len("_mean")] + "running_mean", tensor
-    if key.endswith("._variance"):
-        return key[: -len("_variance")] + "running_var", tensor
-    if key.endswith(".weight") and tensor.ndim == 2:  # MicroNet's only 2-D tensors are Linear weights
-        return key, tensor.t().contiguous()
-    return key, tensor
-
-
-def max_checkpoint_bytes(max_bytes: int | None = None) -> int:
-    """The size limit: ``max_bytes``, else ``$MICRONET_MAX_CHECKPOINT_BYTES``, else ``DEFAULT_MAX_BYTES``."""
-    if max_bytes is not None:
-        return int(max_bytes)
-    env = os.environ.get(MAX_BYTES_ENV, "").strip()
-    if not env:
-        return DEFAULT_MAX_BYTES
-    try:
-        return int(env)
-    except ValueError:
-        raise CheckpointError(f"{MAX_BYTES_ENV}={env[:40]!r} is not a whole number of bytes") from None
-
-
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     if not isinstance(err, _Bad):
@@ -267,61 +241,20 @@ def _one_line(err: BaseException) -> str:
     return text[:300]
 
 
-def read_file_bounded(path: str | os.PathLike, max_bytes: int, what: str = "checkpoint") -> bytes:
-    """The bytes of a regular file of at most ``max_bytes`` (a FIFO or device is refused, never opened)."""
-    try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"{path}: not a regular file")
-        if st.st_size > max_bytes:
-            raise CheckpointError(
-                f"{path}: {st.st_size} bytes is more than any MicroNet {what} ({max_bytes}); "
-                f"raise {MAX_BYTES_ENV} if the file is yours"
-            )
-        with open(path, "rb") as fh:
-            data = fh.read(max_bytes + 1)
-    except OSError as err:
-        raise CheckpointError(f"{path}: cannot read the file ({err.strerror or err})") from err
-    if len(data) > max_bytes:
-        raise CheckpointError(f"{path}: the file grew past the size limit ({max_bytes} bytes) while read")
-    return data
+def unpickle_pdparams(
+    data: bytes, source: str = "<bytes>", max_bytes: int = DEFAULT_MAX_BYTES
+) -> dict[str, torch.Tensor]:
+    """The float32 tensors a ``.pdparams`` pickle holds, under Paddle's own names (the skipped entry left out).
 
-
-def pdparams_from_bytes(data: bytes, source: str = "<bytes>", max_bytes: int | None = None) -> dict[str, torch.Tensor]:
-    """``read_pdparams`` for a file already in memory; ``source`` names it in the error message."""
-    limit = max_checkpoint_bytes(max_bytes)
+    ``max_bytes`` bounds the bytes and the tensors made from them; every failure raises ``CheckpointError``
+    with a one-line reason naming ``source``.
+    """
     try:
-        if len(data) > limit:
-            raise _Bad(f"{len(data)} bytes is more than the size limit ({limit}; see {MAX_BYTES_ENV})")
-        out: dict[str, torch.Tensor] = {}
-        for key, arr in parse_pdparams(data, limit).items():
-            if arr is not None:
-                name, tensor = _paddle_to_torch_name(key, to_tensor(arr))
-                out[name] = tensor
+        if len(data) > max_bytes:
+            raise _Bad(f"{len(data)} bytes is more than the size limit ({max_bytes}; see {MAX_BYTES_ENV})")
+        return {key: to_tensor(arr) for key, arr in parse_pdparams(data, max_bytes).items() if arr is not None}
     except Exception as err:  # _Bad, and whatever the C unpickler raises on a broken stream
         raise CheckpointError(f"{source}: not a readable PaddlePaddle .pdparams file ({_one_line(err)})") from err
-    return out
 
 
-def read_pdparams(path: str | os.PathLike, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
-    """Read a PaddleClas ``.pdparams`` into float32 tensors with this project's (the published code's) names.
-
-    ``max_bytes`` bounds the file and the tensors made from it (default: ``$MICRONET_MAX_CHECKPOINT_BYTES``,
-    else ``DEFAULT_MAX_BYTES``). Every failure raises ``CheckpointError`` with a one-line reason.
-    """
-    limit = max_checkpoint_bytes(max_bytes)
-    return pdparams_from_bytes(read_file_bounded(path, limit, ".pdparams"), str(Path(path)), limit)
-
-
-__all__ = [
-    "DEFAULT_MAX_BYTES",
-    "MAX_BYTES_ENV",
-    "CheckpointError",
-    "RawArray",
-    "max_checkpoint_bytes",
-    "parse_pdparams",
-    "pdparams_from_bytes",
-    "read_file_bounded",
-    "read_pdparams",
-    "to_tensor",
-]
+__all__ = ["SKIPPED_KEY", "RawArray", "parse_pdparams", "to_tensor", "unpickle_pdparams"]
