@@ -21,27 +21,33 @@ checked and the moment it is opened (a rename, a symlink). So nothing here goes 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
-import fcntl
-import grp
 import hashlib
 import os
-import pwd
 import shutil
 import stat
 import tempfile
 import warnings
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
+try:  # POSIX only: elsewhere ``open_folder`` refuses, and the kernels' users fall back to what needs no library
+    import fcntl
+    import grp
+    import pwd
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = grp = pwd = None  # type: ignore[assignment]
+
 MIN_LIBRARY_BYTES = 1024  # no shared library the compiler writes is smaller; a shorter file is broken
 RECORD_SUFFIX = ".sha256"
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a planted FIFO never blocks
+_NOFOLLOW, _CLOEXEC = getattr(os, "O_NOFOLLOW", 0), getattr(os, "O_CLOEXEC", 0)
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC  # a planted FIFO never blocks
+_NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
 _PROC_FD = Path("/proc/self/fd")
 
 
@@ -104,11 +110,16 @@ def open_folder(folder: str | os.PathLike) -> int:
     must not be one. Every folder on the resolved way is then opened without following links and checked
     with ``fstat`` (``folder_problem``); the first that fails raises ``CacheError`` naming it.
     """
+    if fcntl is None or not hasattr(os, "O_DIRECTORY"):
+        raise CacheError("native kernels are built and loaded on POSIX systems only (Linux, macOS)")
     folder = Path(folder).absolute()
     real = Path(os.path.realpath(folder.parent)) / folder.name
     fd = os.open("/", _DIR_FLAGS)
     walked = Path("/")
     try:
+        why = folder_problem(os.fstat(fd))
+        if why is not None:
+            raise _refuse("/", why)
         for name in real.parts[1:]:
             walked = walked / name
             try:
@@ -135,8 +146,14 @@ def open_folder(folder: str | os.PathLike) -> int:
 
 @contextlib.contextmanager
 def locked(folder_fd: int) -> Iterator[None]:
-    """An exclusive lock on the open cache folder (``flock`` on its descriptor) for the block."""
-    fcntl.flock(folder_fd, fcntl.LOCK_EX)
+    """An exclusive lock on the open cache folder (``flock`` on its descriptor) for the block. Where the file
+    system has no such locks (some NFS mounts) the block runs unlocked: builds are still atomic renames, and
+    two first uses may then both compile."""
+    try:
+        fcntl.flock(folder_fd, fcntl.LOCK_EX)
+    except OSError:
+        yield
+        return
     try:
         yield
     finally:
@@ -185,38 +202,41 @@ def _remove(folder_fd: int, name: str, shown: Path) -> None:
         os.unlink(name, dir_fd=folder_fd)
     except FileNotFoundError:
         pass
-    except (IsADirectoryError, PermissionError) as err:
+    except IsADirectoryError as err:
         raise CacheError(f"{shown} is a folder where a library belongs; remove it") from err
 
 
-@dataclass(eq=False)
 class Library:
-    """A checked library, held open for the life of this object: load it through ``load_path``."""
+    """A checked library, held open: load it through ``load_path()`` (or ``private_copy()``), never by ``path``."""
 
-    path: Path  # its name in the cache: for messages, and for users outside this process
-    fd: int
-    sha256: str
-    _copy: Path | None = field(default=None, repr=False)
+    def __init__(self, path: Path, fd: int, sha256: str) -> None:
+        self.path = path  # its name in the cache: for messages, and for users outside this process
+        self.fd = fd
+        self.sha256 = sha256
+        self._copy: Path | None = None
+        self._closer = weakref.finalize(self, os.close, fd)
 
-    def __post_init__(self) -> None:
-        self._finalizer = weakref.finalize(self, _close_library, self.fd, [])
+    def __repr__(self) -> str:
+        return f"Library({str(self.path)!r}, fd={self.fd})"
 
     def load_path(self) -> str:
         """A path that opens the checked file itself: ``/proc/self/fd/N`` (else a private copy).
 
-        The descriptor stays open while this object lives, so ``N`` names no other file meanwhile (the
-        dynamic loader reuses an already loaded library by its path name)."""
-        if _PROC_FD.is_dir():
-            return str(_PROC_FD / str(self.fd))
-        return str(self.private_copy())
+        From then on the descriptor stays open for the life of the process: the dynamic loader finds an
+        already loaded library by its path name, so ``N`` must never name another file."""
+        if not _PROC_FD.is_dir():
+            return str(self.private_copy())
+        self._closer.detach()
+        return str(_PROC_FD / str(self.fd))
 
     def private_copy(self) -> Path:
-        """The checked bytes copied into a fresh 0700 folder of this process (made once, removed with this
-        object or at exit), for loaders that resolve ``/proc/self/fd/N`` back to the cache's path."""
+        """The checked bytes copied into a fresh 0700 folder of this process (made once, removed by ``close``
+        or at exit), for loaders that resolve ``/proc/self/fd/N`` back to the cache's name."""
         if self._copy is None:
             tmp = tempfile.mkdtemp(prefix="micronet-lib-")  # 0700, ours
+            atexit.register(shutil.rmtree, tmp, ignore_errors=True)
             out = Path(tmp) / self.path.name
-            dest = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o500)
+            dest = os.open(out, _NEW_FLAGS, 0o500)
             try:
                 offset = 0
                 while chunk := os.pread(self.fd, 1 << 20, offset):
@@ -226,22 +246,17 @@ class Library:
                 os.close(dest)
             with open(out, "rb") as fh:
                 if hashlib.file_digest(fh, "sha256").hexdigest() != self.sha256:
-                    raise CacheError(f"the private copy of {self.path} does not match its SHA-256")
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise CacheError(f"{self.path} changed after its check; nothing is loaded")
             self._copy = out
-            self._finalizer.detach()
-            self._finalizer = weakref.finalize(self, _close_library, self.fd, [tmp])
         return self._copy
 
     def close(self) -> None:
-        """Close the descriptor (and remove a private copy): only once nothing loads through it any more."""
-        self._finalizer()
-
-
-def _close_library(fd: int, folders: list[str]) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)
-    for tmp in folders:
-        shutil.rmtree(tmp, ignore_errors=True)
+        """Remove the private copy, and close the descriptor unless ``load_path`` handed it to a loader."""
+        if self._copy is not None:
+            shutil.rmtree(self._copy.parent, ignore_errors=True)
+            self._copy = None
+        self._closer()
 
 
 def checked_library(folder_fd: int, folder: Path, name: str) -> Library | None:
@@ -287,7 +302,7 @@ def write_library(folder_fd: int, name: str, data: bytes) -> None:
 
 def _write_renamed(folder_fd: int, name: str, data: bytes, mode: int) -> None:
     tmp = f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=folder_fd)
+    fd = os.open(tmp, _NEW_FLAGS, mode, dir_fd=folder_fd)
     try:
         try:
             os.fchmod(fd, mode)  # the umask may have narrowed it; never widened beyond ``mode``

@@ -73,6 +73,7 @@ def _cpu_kernels() -> _Kernels | None:
         return None
 
 
+@torch.compiler.assume_constant_result  # a compiled model asks once; tracing never builds or loads a library
 def cpu_available() -> bool:
     """Whether the CPU kernels are built (building them now if needed)."""
     return _cpu_kernels() is not None
