@@ -91,7 +91,7 @@ def load_kernels() -> Path:
         except OSError as err:  # e.g. built against another executorch than the one now installed
             lib.close()
             raise FusedOpsUnavailable(f"cannot load the ExecuTorch kernel {lib.path}: {err}") from err
-    return next(iter(_LOADED))
+    return Path(next(iter(_LOADED)))
 
 
 def register_out_variant() -> None:
