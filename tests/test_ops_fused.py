@@ -191,7 +191,7 @@ def test_no_compiler_falls_back_to_eager_with_a_warning(monkeypatch):
     def refuse(*args, **kwargs):
         raise fused.NativeBuildError("no C compiler was found")
 
-    monkeypatch.setattr(fused, "build_library", refuse)
+    monkeypatch.setattr(fused, "open_library", refuse)
     fused._cpu_kernels.cache_clear()
     try:
         with pytest.warns(UserWarning, match="eager path"):

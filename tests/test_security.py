@@ -450,7 +450,7 @@ def test_cache_file_of_another_user_is_never_loaded(c_source, tmp_path) -> None:
         build(c_source, folder)
 
 
-def test_cache_folder_symlink_refused_and_open_folder_tightened(c_source, tmp_path) -> None:
+def test_cache_folder_symlink_or_open_folder_refused(c_source, tmp_path) -> None:
     real = tmp_path / "elsewhere"
     real.mkdir()
     link = tmp_path / "cache-link"
@@ -461,9 +461,9 @@ def test_cache_folder_symlink_refused_and_open_folder_tightened(c_source, tmp_pa
     folder = tmp_path / "open"
     folder.mkdir()
     folder.chmod(0o777)
-    with pytest.warns(_native.NativeCacheWarning, match="writable by other users"):
-        lib = build(c_source, folder)
-    assert (folder.stat().st_mode & 0o777) == 0o700 and loads_and_answers(lib)
+    with pytest.raises(_native.NativeCacheError, match="open is writable by other users") as err:
+        build(c_source, folder)
+    assert "\n" not in str(err.value) and not list(folder.iterdir())
 
 
 # ---- writes and downloads -----------------------------------------------------------------------------

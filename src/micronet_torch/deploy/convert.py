@@ -97,7 +97,7 @@ def convert_to_deploy(
     M0's stem on phases, the depthwise pair after it): a merged k x k depthwise conv does k*k instead of
     2k multiply-adds and needs its border map added, which made it slower than the two convs in ORT.
     ``fused_ops`` computes every Dynamic Shift-Max's fusion and max with one ``micronet.ShiftMax`` operator,
-    which ONNX Runtime runs from the library in ``fused/build.py`` (``onnx``; OpenVINO reads it through its
+    which ONNX Runtime runs from the library of ``kernels.ort_ops`` (``onnx``; OpenVINO reads it through its
     extension), or with ``portable`` one ``micronet::shift_max`` call, ExecuTorch's kernel (``executorch_ops``).
 
     ``portable`` builds the gather-free graph of at most 4-D tensors that OpenVINO, ExecuTorch/XNNPACK,

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.op import shift_max
 from ..ops import invert_permutation
-from .fused.op import shift_max
 from .fusions import _is_row_conv
 from .ir import NCHWC_BLOCK, Add, Conv, PhaseStem, Save, ShiftMax
 from .permutations import _is_identity
@@ -47,7 +47,7 @@ class FusedShiftMax(nn.Module):
         super().__init__()
         c, k, j = op.channels, op.k, op.j
         self.use_matmul = use_matmul  # ONNX Runtime: yes on large maps; PyTorch eager: never (slow bmm)
-        self.fused_op = fused_op  # one micronet.ShiftMax operator (fused_ops.py) for the gather, products and max
+        self.fused_op = fused_op  # one micronet.ShiftMax operator (kernels.op) for the gather, products and max
         logical = op.out_perm  # actual output channel a is logical channel out_perm[a] (may repeat)
         self.in_channels, self.out_channels, self.k, self.j = c, logical.numel(), k, j
         self.scaled = op.scaled

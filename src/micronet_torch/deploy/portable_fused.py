@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fused.op import shift_max
+from ..kernels.op import shift_max
 from .ir import ShiftMax
 from .modules import FusedShiftMax
 

@@ -15,10 +15,10 @@ import torch
 from timm.layers import make_divisible
 from torch import nn
 
-from .shift_max_fused import available, fused_shift_max
+from ..kernels.fused import available, fused_shift_max
 
 SHIFT_MODES = ("published", "group")
-# How the fusion and max run: "eager" (torch ops), "fused" (one-pass kernels, shift_max_fused), "compile"
+# How the fusion and max run: "eager" (torch ops), "fused" (one-pass kernels, kernels.fused), "compile"
 # (torch.compile of the eager ops), "auto" (fused while training where the kernels run, else eager).
 IMPLS = ("auto", "eager", "fused", "compile")
 _impl_override: str | None = None  # set by use_shift_max_impl; wins over every module's own impl

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import executorch_ops
+from ..kernels import executorch_ops
 from .metadata import write_json_beside
 from .native_log import captured, converting
 from .onnx import _warm

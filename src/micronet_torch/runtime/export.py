@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from ..deploy import convert_to_deploy
-from ..deploy.fused import FusedOpsUnavailable, library_path
+from ..kernels import executorch_ops, openvino_ops
+from ..kernels.ort_ops import FusedOpsUnavailable, library_path
 from ..models import LoadedModel
-from . import executorch_ops, openvino_ops
 from .calibration import calibration_images
 from .metadata import export_metadata, write_onnx_metadata
 from .onnx import DEFAULT_OPSET, check_opset

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..deploy.fused import onnx_translation_table
+from ..kernels.ort_ops import onnx_translation_table
 from .result import ConversionError, ExportResult
 
 DEFAULT_OPSET = 18

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import openvino_ops
+from ..kernels import openvino_ops
 from .native_log import converting
 from .onnx import _warm, export_onnx
 
@@ -50,7 +50,7 @@ def export_openvino(
     shape = [-1, *input_shape[1:]] if dynamic_batch else list(input_shape)
     _warm(model.eval(), torch.zeros(*input_shape))  # per-input-size constants (border maps) exist before tracing
     if fused_ops:
-        library = str(openvino_ops.library_path())
+        library = openvino_ops.extension_path()  # a private copy of the checked library
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             onnx_file = export_onnx(model, Path(tmp) / "fused.onnx", input_shape, simplify=False).path
             with converting("openvino.convert_model"):
@@ -73,7 +73,7 @@ def load_openvino(path: str | os.PathLike, threads: int = 1) -> Callable[[np.nda
     ov = _openvino()
     core = ov.Core()
     if openvino_ops.uses_extension(path):  # written with --fused-ops: its micronet.ShiftMax needs the extension
-        core.add_extension(str(openvino_ops.library_path()))
+        core.add_extension(openvino_ops.extension_path())
     config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
     compiled = core.compile_model(str(Path(path).with_suffix(".xml")), "CPU", config)
     request = compiled.create_infer_request()

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ..data import default_policy
-from ..deploy.fused import register as register_fused_ops
-from ..deploy.fused import uses_fused_ops
+from ..kernels.ort_ops import register as register_fused_ops
+from ..kernels.ort_ops import uses_fused_ops
 from ..models import LoadedModel, published_data_config
 from .metadata import data_config_from_metadata, read_onnx_metadata
 from .onnx import count_nodes

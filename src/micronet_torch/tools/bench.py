@@ -30,7 +30,7 @@ from torch import nn
 
 from .._env import cpu_name
 from ..deploy import convert_to_deploy
-from ..deploy.fused import FusedOpsUnavailable, library_path
+from ..kernels.ort_ops import FusedOpsUnavailable, library_path
 from ..models import build_model, is_micronet
 from ..runtime import (
     ExportOptions,

@@ -33,28 +33,10 @@ from .._env import cpu_name
 from ..models import build_model
 from ..ops import DynamicShiftMax, set_shift_max_impl
 from .bench_report import save_report
+from .bench_standins import ReLUFloor as ReLUFloor  # its old home
+from .bench_standins import replace_shift_max
 
 VARIANTS = ("eager", "fused", "compile", "relu")
-
-
-class ReLUFloor(nn.Module):
-    """ReLU as ``clamp_min``: its backward keeps the input, so the network may modify its output in place
-    (as it may a Dynamic Shift-Max's output)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.clamp_min(0)
-
-
-def replace_shift_max(model: nn.Module) -> int:
-    """Replace every DynamicShiftMax in ``model`` by ReLU, in place; returns how many were replaced."""
-    count = 0
-    for name, child in model.named_children():
-        if isinstance(child, DynamicShiftMax):
-            setattr(model, name, ReLUFloor())
-            count += 1
-        else:
-            count += replace_shift_max(child)
-    return count
 
 
 def make_variant(base: nn.Module, variant: str) -> nn.Module:

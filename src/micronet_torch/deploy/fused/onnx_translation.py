@@ -1,17 +1,7 @@
-"""The onnxscript side of the fused operator: how ``torch.ops.micronet.shift_max`` is written into an ONNX graph.
+"""The former name of ``micronet_torch.kernels.onnx_translation``: importing it gives that very module."""
 
-Kept apart because onnxscript resolves a script function's names from its module's globals, and because
-importing onnxscript is only worth its time when exporting.
-"""
+import sys
 
-from onnxscript import FLOAT, script
-from onnxscript.values import Opset
+from ...kernels import onnx_translation
 
-from .op import DOMAIN
-
-micronet = Opset(DOMAIN, 1)
-
-
-@script(micronet)
-def shift_max_onnx(x: FLOAT, coef: FLOAT, index: list[int], k: int, j: int) -> FLOAT:
-    return micronet.ShiftMax(x, coef, index=index, k=k, j=j)
+sys.modules[__name__] = onnx_translation
