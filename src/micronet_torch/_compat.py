@@ -84,7 +84,7 @@ MOVED = {
     "experiment": "tools.experiment",
     "demo": "tools.demo",
     "commands": "cli.models",
-    "_onnxscript_ops": "deploy.fused.onnx",
+    "_onnxscript_ops": "kernels.onnx_translation",
 }
 
 
