@@ -29,10 +29,10 @@ def _float_pair(text: str) -> tuple[float, float]:
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """The training flags (shared by ``micronet train`` and ``micronet demo``)."""
     g = p.add_argument_group("what to train")
-    g.add_argument("--model", default="micronet_m0", help="model name (see micronet models) [micronet_m0]")
+    # no argparse defaults (None: not typed), so that --resume tells a flag typed at its default from one left out
+    g.add_argument("--model", help="model name (see micronet models) [micronet_m0]")
     g.add_argument(
         "--data",
-        default="fashion-mnist",
         help="fashion-mnist, cifar10, cifar100, or a folder with train/ and val/ class subfolders [fashion-mnist]",
     )
     g.add_argument("--data-root", help="where built-in datasets live / are unpacked [$MICRONET_TORCH_HOME/data]")
@@ -109,13 +109,16 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     x.add_argument("--quiet", "-q", action="store_true", default=None)
 
 
+def given_settings(args: argparse.Namespace) -> set[str]:
+    """The settings typed on the command line (a training flag not typed parses to None)."""
+    return {name for name in TrainConfig().to_dict() if getattr(args, name, None) is not None}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A TrainConfig from parsed flags: flags not given keep ``None`` (the recipe's) or the default."""
     cfg = TrainConfig()
-    for name in cfg.to_dict():
-        value = getattr(args, name, None)
-        if value is not None:
-            setattr(cfg, name, value)
+    for name in given_settings(args):
+        setattr(cfg, name, getattr(args, name))
     if not args.output:
         try:
             cfg.output = os.path.join("runs", resolve_name(cfg.model)[0].name)
@@ -127,7 +130,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     try:
-        summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+        summary = train(cfg, resume=args.resume, overwrite=args.overwrite, given=given_settings(args))
     except Interrupted as stop:
         return 128 + stop.signum
     if summary:

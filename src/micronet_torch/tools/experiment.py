@@ -168,7 +168,8 @@ def train_one(cfg: ExperimentConfig, spec: RunSpec, seed: int) -> dict[str, Any]
     )
     resume = "auto" if (out / "last.pt").is_file() else None
     start = time.time()
-    summary = Trainer(train_cfg, resume=resume, overwrite=resume is None).run()
+    given = {"model", "output", "seed", "model_kwargs", "quiet", *fields}  # what the grid sets
+    summary = Trainer(train_cfg, resume=resume, overwrite=resume is None, given=given).run()
     summary_file = out / "summary.json"
     if summary_file.is_file():
         summary = {**json.loads(summary_file.read_text()), **(summary or {})}

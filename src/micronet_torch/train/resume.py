@@ -19,6 +19,7 @@ given on top of ``--resume`` fall in four groups:
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -48,18 +49,31 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def merge_resumed(saved: dict[str, Any], requested: TrainConfig, out: Path) -> tuple[TrainConfig, list[str]]:
-    """The saved (resolved) config with the flags given now on top; returns it and the changed settings.
+def given_settings(requested: TrainConfig) -> set[str]:
+    """The settings of ``requested`` that differ from ``TrainConfig()``'s: what a caller that cannot say which
+    settings it set (a library call without ``given``) is taken to have set."""
+    default = TrainConfig()
+    return {f.name for f in fields(TrainConfig) if getattr(requested, f.name) != getattr(default, f.name)}
 
-    Refuses a different model and every setting of ``REFUSED_ON_RESUME``, naming the way to fine-tune instead.
+
+def merge_resumed(
+    saved: dict[str, Any], requested: TrainConfig, out: Path, given: Collection[str] | None = None
+) -> tuple[TrainConfig, list[str]]:
+    """The saved (resolved) config with the settings given now on top; returns it and the changed settings.
+
+    ``given`` names the settings the user set (``micronet train`` passes the flags typed on the command line),
+    so that a flag typed with its default value (``--mixup 0`` on a ``--mixup 0.2`` run, ``--seed 0`` on a
+    ``--seed 5`` one) counts as a change like any other; without it, the settings that differ from
+    ``TrainConfig()``'s defaults count (``given_settings``). Refuses a different model and every setting of
+    ``REFUSED_ON_RESUME``, naming the way to fine-tune instead.
     """
     base = TrainConfig.from_dict(saved)
-    default = TrainConfig()
+    given = given_settings(requested) if given is None else set(given)
     changed: list[str] = []
     refused: list[str] = []
     for f in fields(TrainConfig):
         new = getattr(requested, f.name)
-        if new is None or new == getattr(default, f.name) or new == getattr(base, f.name):
+        if f.name not in given or new is None or new == getattr(base, f.name):
             continue
         if f.name == "model":
             try:

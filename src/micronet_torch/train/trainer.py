@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,10 @@ from .signals import Interrupted, StopFlag
 class Trainer:
     """One training run; ``run()`` returns the summary dict written to ``summary.json``."""
 
-    def __init__(self, cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) -> None:
-        self.requested, self.resume_from, self.overwrite = cfg, resume, overwrite
+    def __init__(
+        self, cfg: TrainConfig, resume: str | None = None, overwrite: bool = False, given: Collection[str] | None = None
+    ) -> None:
+        self.requested, self.resume_from, self.overwrite, self.given = cfg, resume, overwrite, given
 
     # -- set-up: each piece from its builder (``builders.py``)
     def _setup(self) -> None:
@@ -158,7 +161,7 @@ class Trainer:
 
     def _merge_resumed(self, saved: dict[str, Any]) -> TrainConfig:
         """The saved config with the flags given now (``resume.merge_resumed``); changed settings are reported."""
-        cfg, changed = merge_resumed(saved, self.requested, self.out)
+        cfg, changed = merge_resumed(saved, self.requested, self.out, self.given)
         state = self.state or {}
         self.schedule_note = check_epochs(
             cfg, int(saved.get("epochs") or cfg.epochs), int(state.get("epoch", 0)), int(state.get("step_in_epoch", 0)),
@@ -477,9 +480,17 @@ class Trainer:
 
 
 def train(
-    cfg: TrainConfig, resume: str | None = None, overwrite: bool = False, resume_if_present: bool = False
+    cfg: TrainConfig,
+    resume: str | None = None,
+    overwrite: bool = False,
+    resume_if_present: bool = False,
+    given: Collection[str] | None = None,
 ) -> dict[str, Any]:
-    """Run training; returns the summary (empty on ranks other than 0). See ``TrainConfig``."""
-    trainer = Trainer(cfg, resume=resume, overwrite=overwrite)
+    """Run training; returns the summary (empty on ranks other than 0). See ``TrainConfig``.
+
+    ``given`` names the settings the caller set (on ``--resume`` each one that differs from the saved run is
+    a change, even at its default value); None: those that differ from ``TrainConfig()``'s defaults.
+    """
+    trainer = Trainer(cfg, resume=resume, overwrite=overwrite, given=given)
     trainer.resume_if_present = resume_if_present
     return trainer.run()
