@@ -153,12 +153,6 @@ def local_includes(source: Path) -> list[Path]:
     return [source.parent / n for n in dict.fromkeys(n.decode() for n in names) if n != source.name]
 
 
-def one_line(text: str, limit: int = 600) -> str:
-    """A build error as one line (a compiler's output spans many); the first lines say the most."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
 def find_compiler(compiler: str | None = None, cxx: bool = False) -> str | None:
     """``compiler``, else ``$CC``, else the first of cc, gcc, clang on the PATH (``cxx``: ``$CXX``, c++, g++,
     clang++)."""

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models import resolve_name
-from .config import RUNTIME_FIELDS, TrainConfig, TrainingError
+from .config import RUNTIME_FIELDS, TrainConfig, TrainingError, check_types, resolve, validate
 
 # the checkpoint's optimiser / schedule state overwrites these, or its weights do not fit them
 REFUSED_ON_RESUME = (
@@ -43,6 +43,57 @@ REFUSED_ON_RESUME = (
     "pretrained",
     "model_kwargs",
 )
+
+
+# what a checkpoint must hold to be resumed, and the type of each progress entry it may hold
+REQUIRED_ON_RESUME = ("model", "optimizer", "scheduler", "class_names", "epoch", "config")
+PROGRESS_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (dict,),
+    "optimizer": (dict,),
+    "scheduler": (dict,),
+    "class_names": (list, tuple),
+    "config": (dict,),
+    "metrics": (list,),
+    "epoch": (int,),
+    "step_in_epoch": (int,),
+    "global_step": (int,),
+    "best_epoch": (int,),
+    "train_images": (int,),
+    "world_size": (int,),
+    "best_top1": (int, float),
+    "train_time": (int, float),
+    "best_source": (str,),
+}
+
+
+def resumable_config(state: dict[str, Any], path: Path) -> TrainConfig:
+    """The config a checkpoint was trained with, checked before any work: the progress entries of their types,
+    the saved settings of theirs (a string is not a number), missing ones (a checkpoint of another version)
+    filled from its recipe, and the whole passing ``validate`` (an ``img_size`` of 100,000 would ask for tens
+    of GB). Raises ``TrainingError`` naming the checkpoint and the entry."""
+    where = f"--resume {path}"
+    fine_tune = f"fine-tune from its weights instead: micronet train --pretrained {path} --output NEW_FOLDER"
+    missing = [key for key in REQUIRED_ON_RESUME if key not in state]
+    if missing:
+        raise TrainingError(
+            f"{where}: the checkpoint has no {', '.join(missing)}, so it cannot be resumed; {fine_tune}"
+        )
+    for key, kinds in PROGRESS_TYPES.items():
+        value = state.get(key)
+        if key in state and (not isinstance(value, kinds) or isinstance(value, bool)):
+            raise TrainingError(f"{where}: the checkpoint's {key} is a {type(value).__name__}, not a "
+                                f"{' or '.join(k.__name__ for k in kinds)}; {fine_tune}")  # fmt: skip
+    if not all(isinstance(name, str) for name in state["class_names"]) or not state["class_names"]:
+        raise TrainingError(f"{where}: the checkpoint's class_names are not a list of names; {fine_tune}")
+    if state["epoch"] < 0 or state.get("step_in_epoch", 0) < 0:
+        raise TrainingError(f"{where}: the checkpoint's epoch {state['epoch']} is not a count of epochs; {fine_tune}")
+    try:
+        check_types(state["config"])
+        cfg = resolve(TrainConfig.from_dict(state["config"]))
+        validate(cfg, 1)  # the batch's split over processes is checked again with the flags given now
+    except ValueError as err:  # TrainingError, or an unknown model / recipe
+        raise TrainingError(f"{where}: its saved config is not usable ({err}); {fine_tune}") from err
+    return cfg
 
 
 def _flag(name: str) -> str:

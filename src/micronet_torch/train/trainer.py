@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .._env import default_threads
+from .._text import one_line
 from ..data import build_data, normalize
 from . import checkpoint as ckpt
 from .builders import (
@@ -42,7 +43,7 @@ from .config import TrainConfig, TrainingError, data_config, resolve, validate
 from .distributed import broadcast_buffers, epoch_seed, seed_everything, setup_distributed
 from .logs import Progress, write_curves, write_metrics_csv
 from .metrics import Meter, evaluate
-from .resume import check_epochs, merge_resumed, restretch_schedule
+from .resume import check_epochs, merge_resumed, restretch_schedule, resumable_config
 from .run_folder import check_output_dir, describe_holder, write_summary_file
 from .signals import Interrupted, StopFlag
 
@@ -89,7 +90,10 @@ class Trainer:
         self.loss_fn = build_loss(cfg)
         self.erasing, self.mixup = build_augmentation(cfg, env, n_cls)
         self._restore_progress()
-        self.writer = build_writer(self.out, env)
+        try:
+            self.writer = build_writer(self.out, env)
+        except OSError as err:
+            raise self._failed(err) from err
 
     def _resume_state(self) -> dict[str, Any] | None:
         """The checkpoint to continue from (``--resume``), or None for a new run."""
@@ -106,6 +110,7 @@ class Trainer:
         state = ckpt.load(resume_path)
         if not ckpt.is_training_checkpoint(state) or "config" not in state:
             raise TrainingError(f"--resume {resume_path}: not a micronet training checkpoint (last.pt)")
+        state["config"] = resumable_config(state, resume_path).to_dict()  # checked, completed from its recipe
         return state
 
     def _setup_data(self) -> None:
@@ -142,10 +147,17 @@ class Trainer:
         self.partial: list[float] | None = None
         if self.state is not None:
             s = self.state
-            self.optimizer.load_state_dict(s["optimizer"])
-            self.scheduler.load_state_dict(s["scheduler"])
-            if s.get("scaler"):
-                self.scaler.load_state_dict(s["scaler"])
+            try:
+                self.optimizer.load_state_dict(s["optimizer"])
+                self.scheduler.load_state_dict(s["scheduler"])
+                if s.get("scaler"):
+                    self.scaler.load_state_dict(s["scaler"])
+            except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+                why = one_line(err, 200)
+                raise TrainingError(
+                    f"--resume: the checkpoint's optimiser or schedule state does not fit this run ({why}); fine-tune "
+                    f"from its weights instead: micronet train --pretrained {self.out}/last.pt --output NEW_FOLDER"
+                ) from err
             self.rows = list(s.get("metrics", []))
             self.start_epoch, self.start_step = int(s["epoch"]), int(s.get("step_in_epoch", 0))
             self.global_step = int(s.get("global_step", self.start_epoch * self.steps_per_epoch))

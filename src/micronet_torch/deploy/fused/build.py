@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from ..._env import cache_root
-from ..._native import NativeBuildError, build_library, find_compiler, one_line
+from ..._native import NativeBuildError, build_library, find_compiler
+from ..._text import one_line
 from .op import DOMAIN
 
 SOURCE = Path(__file__).parent / "csrc" / "ort_shift_max.c"
