@@ -9,8 +9,10 @@ terminal escape sequences (OSC, CSI: change the title, rewrite the screen, fake 
 
 from __future__ import annotations
 
-# how much of a text read from a file is shown by default (a class name, a file name)
+# how much of a text read from a file is shown by default (a class name), of a path (PATH_MAX), of a message
 PRINT_LIMIT = 200
+PATH_LIMIT = 4096
+MESSAGE_LIMIT = 2000
 
 
 def _escaped(text: str) -> str:
@@ -38,4 +40,4 @@ def one_line(text: object, limit: int = 600) -> str:
     return _escaped(flat if len(flat) <= limit else flat[: limit - 3] + "...")
 
 
-__all__ = ["PRINT_LIMIT", "one_line", "printable"]
+__all__ = ["MESSAGE_LIMIT", "PATH_LIMIT", "PRINT_LIMIT", "one_line", "printable"]

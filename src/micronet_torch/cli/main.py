@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from .._env import __version__
+from .._text import MESSAGE_LIMIT, one_line
 from . import bench, bench_train, demo, experiment, export, models, predict, status, train
 from . import eval as eval_
 from .common import USER_ERRORS
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except USER_ERRORS as err:
-        print(f"micronet {args.command}: error: {err}", file=sys.stderr)
+        print(f"micronet {args.command}: error: {one_line(err, MESSAGE_LIMIT)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"micronet {args.command}: interrupted", file=sys.stderr)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from .._text import MESSAGE_LIMIT, one_line
 from ..models import resolve_name
 from ..train import RECIPES, Interrupted, TrainConfig, train
 from .common import USER_ERRORS, nonnegative_int, positive_int
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_train(args)
     except USER_ERRORS as err:
         where = f" (rank {rank})" if world > 1 else ""
-        print(f"micronet train: error{where}: {err}", file=sys.stderr)
+        print(f"micronet train: error{where}: {one_line(err, MESSAGE_LIMIT)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("micronet train: interrupted", file=sys.stderr)

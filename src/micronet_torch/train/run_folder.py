@@ -226,6 +226,11 @@ def run_status(out: str | os.PathLike) -> dict[str, Any]:
             summary = json.loads(summary_path.read_text())
         except ValueError as err:
             raise TrainingError(f"{summary_path} is not valid JSON ({err})") from err
+        if not isinstance(summary, dict):
+            raise TrainingError(
+                f"{summary_path} holds a JSON {type(summary).__name__}, not a run summary (an object with its "
+                "status); it was not written by micronet train: remove it, or give the folder of a run"
+            )
     elif not (out / "last.pt").exists() and not (out / LOCK_NAME).exists():
         raise FileNotFoundError(f"{out} holds no run (no summary.json, last.pt or lock)")
     info = read_lock(out / LOCK_NAME)
