@@ -11,10 +11,11 @@ import json
 from typing import Any
 
 from .._text import PATH_LIMIT, PRINT_LIMIT, one_line, printable
-from ..train.run_folder import run_status
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..train.run_folder import run_status  # here, not at the top: the parser is built without torch
+
     st = run_status(args.folder)
     if args.json:
         print(json.dumps(st, indent=2))

@@ -9,14 +9,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
-
-import torch.distributed as dist
+from typing import TYPE_CHECKING, Any
 
 from .._text import MESSAGE_LIMIT, one_line
-from ..models import resolve_name
-from ..train import RECIPES, Interrupted, TrainConfig, train
-from .common import USER_ERRORS, nonnegative_int, positive_int
+from ..train.recipes import RECIPES
+from .common import nonnegative_int, positive_int, user_errors
+
+if TYPE_CHECKING:
+    from ..train import TrainConfig
+
+# torch, the model library and the training loop are imported inside the functions that run a command, not
+# here: ``micronet --help`` and ``micronet train --help`` build this parser without loading them
 
 
 def _float_pair(text: str) -> tuple[float, float]:
@@ -112,11 +115,16 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 def given_settings(args: argparse.Namespace) -> set[str]:
     """The settings typed on the command line (a training flag not typed parses to None)."""
+    from ..train import TrainConfig
+
     return {name for name in TrainConfig().to_dict() if getattr(args, name, None) is not None}
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A TrainConfig from parsed flags: flags not given keep ``None`` (the recipe's) or the default."""
+    from ..models import resolve_name
+    from ..train import TrainConfig
+
     cfg = TrainConfig()
     for name in given_settings(args):
         setattr(cfg, name, getattr(args, name))
@@ -129,6 +137,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from ..train import Interrupted, train
+
     cfg = config_from_args(args)
     try:
         summary = train(cfg, resume=args.resume, overwrite=args.overwrite, given=given_settings(args))
@@ -161,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
         return run_train(args)
-    except USER_ERRORS as err:
+    except user_errors() as err:
         where = f" (rank {rank})" if world > 1 else ""
         print(f"micronet train: error{where}: {one_line(err, MESSAGE_LIMIT)}", file=sys.stderr)
         return 2
@@ -169,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         print("micronet train: interrupted", file=sys.stderr)
         return 130
     finally:
+        import torch.distributed as dist
+
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

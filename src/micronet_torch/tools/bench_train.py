@@ -32,9 +32,9 @@ from torch import nn
 from .._env import cpu_name
 from ..models import build_model
 from ..ops import DynamicShiftMax, set_shift_max_impl
-from .bench_report import save_report
+from .bench_report import TRAIN_VARIANTS, save_report
 
-VARIANTS = ("eager", "fused", "compile", "relu")
+VARIANTS = TRAIN_VARIANTS
 
 
 class ReLUFloor(nn.Module):

@@ -24,6 +24,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from .._text import one_line
 from ..models import resolve_name
 from .config import RUNTIME_FIELDS, TrainConfig, TrainingError, check_types, resolve, validate
 
@@ -175,3 +176,18 @@ def restretch_schedule(scheduler: Any, total_steps: int, global_step: int) -> fl
     scheduler.t_initial = total_steps
     scheduler.step_update(global_step)
     return float(scheduler.optimizer.param_groups[0]["lr"])
+
+
+def restore_optimizer(optimizer: Any, scheduler: Any, scaler: Any, state: dict[str, Any], out: Path) -> None:
+    """Load a resumed checkpoint's optimiser, schedule and gradient-scaler states; states that do not fit the
+    run (another optimiser, a spoiled file) are a ``TrainingError`` saying how to fine-tune instead."""
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+        raise TrainingError(
+            f"--resume: the checkpoint's optimiser or schedule state does not fit this run ({one_line(err, 200)}); "
+            f"fine-tune from its weights instead: micronet train --pretrained {out}/last.pt --output NEW_FOLDER"
+        ) from err

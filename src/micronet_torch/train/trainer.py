@@ -24,7 +24,6 @@ import torch.distributed as dist
 from torch import nn
 
 from .._env import default_threads
-from .._text import one_line
 from ..data import build_data, normalize
 from . import checkpoint as ckpt
 from .builders import (
@@ -43,7 +42,7 @@ from .config import TrainConfig, TrainingError, data_config, resolve, validate
 from .distributed import broadcast_buffers, epoch_seed, seed_everything, setup_distributed
 from .logs import Progress, write_curves, write_metrics_csv
 from .metrics import Meter, evaluate
-from .resume import check_epochs, merge_resumed, restretch_schedule, resumable_config
+from .resume import check_epochs, merge_resumed, restore_optimizer, restretch_schedule, resumable_config
 from .run_folder import check_output_dir, describe_holder, write_summary_file
 from .signals import Interrupted, StopFlag
 
@@ -147,17 +146,7 @@ class Trainer:
         self.partial: list[float] | None = None
         if self.state is not None:
             s = self.state
-            try:
-                self.optimizer.load_state_dict(s["optimizer"])
-                self.scheduler.load_state_dict(s["scheduler"])
-                if s.get("scaler"):
-                    self.scaler.load_state_dict(s["scaler"])
-            except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
-                why = one_line(err, 200)
-                raise TrainingError(
-                    f"--resume: the checkpoint's optimiser or schedule state does not fit this run ({why}); fine-tune "
-                    f"from its weights instead: micronet train --pretrained {self.out}/last.pt --output NEW_FOLDER"
-                ) from err
+            restore_optimizer(self.optimizer, self.scheduler, self.scaler, s, self.out)
             self.rows = list(s.get("metrics", []))
             self.start_epoch, self.start_step = int(s["epoch"]), int(s.get("step_in_epoch", 0))
             self.global_step = int(s.get("global_step", self.start_epoch * self.steps_per_epoch))
