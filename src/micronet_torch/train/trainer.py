@@ -336,7 +336,7 @@ class Trainer:
         what = (
             f"{name}: {err.strerror or err}"
             if name and err.strerror and str(name) not in str(err.strerror)
-            else str(err)
+            else err.strerror or str(err)  # the message without its "[Errno N]"
         )
         if getattr(self, "rows", None) is not None and self.env.is_main:
             with contextlib.suppress(OSError):
