@@ -153,7 +153,7 @@ def test_file_size_limit_during_checkpoint_write_marks_failed(tmp_path: Path, ti
     code = (
         "import resource, signal, sys\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-        "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))\n"  # the metrics fit, a checkpoint does not
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))\n"  # the metrics fit, a checkpoint does not
         "from micronet_torch.cli import main\n"
         f"sys.exit(main({tiny_args(tiny_folder, out, '--dsm', 'eager')!r}))\n"
     )
