@@ -12,9 +12,11 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import sys
 import types
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 _PKG = __name__.rsplit(".", 1)[0]
@@ -148,6 +150,46 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module: types.ModuleType) -> None:
         return None
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: when ``name`` is imported, lets the other finders find it and runs ``callback``
+    once its module has been executed (a post-import hook)."""
+
+    def __init__(self, name: str, callback: Callable[[], None]) -> None:
+        self.name, self.callback = name, callback
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # once, and never in the way of the real finders
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _ThenLoader(spec.loader, self.callback)
+        return spec
+
+
+class _ThenLoader(importlib.abc.Loader):
+    """``loader``, then ``callback``; the module keeps the original loader."""
+
+    def __init__(self, loader: Any, callback: Callable[[], None]) -> None:
+        self.loader, self.callback = loader, callback
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        module.__loader__ = module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        self.callback()
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.loader, attr)
+
+
+def after_import(name: str, callback: Callable[[], None]) -> None:
+    """Run ``callback`` right after the top-level module ``name`` is first imported (not yet imported now)."""
+    sys.meta_path.insert(0, _AfterImport(name, callback))
 
 
 def install() -> None:

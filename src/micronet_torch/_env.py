@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __version__ = "0.2.0"
 
@@ -63,6 +65,8 @@ def default_workers() -> int:
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """'auto' picks CUDA when present, else the CPU; 'cuda' under torchrun means cuda:LOCAL_RANK."""
+    import torch  # here, not at the top: the package's start-up (``micronet --help``) imports this module
+
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):

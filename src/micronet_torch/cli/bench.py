@@ -9,16 +9,18 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from ..data import DataConfig, default_policy
-from ..runtime import calibration_images
-from ..tools.bench import DEFAULT_MODELS, DEFAULT_PATHS, PATHS, environment, run_benchmark
-from ..tools.bench_report import check_out_dir, environment_line, markdown, save
-from ..tools.bench_runtimes import ALL_RUNTIMES, markdown_runtimes, parse_runtimes, run_runtime_benchmark, save_runtimes
+from ..tools.bench_report import ALL_RUNTIMES, DEFAULT_MODELS, PATHS
 from .common import CLIError, nonnegative_int, positive_float, positive_int
+
+DEFAULT_PATHS = PATHS
+# the benchmarks (torch, timm, every runtime) are imported inside the functions that run them: the parser is
+# built from the names in ``tools.bench_report`` alone
 
 
 def run_bench_runtimes(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     """``--runtimes``: one table per deployment runtime (1 thread, batch 1) instead of the ``--paths`` tables."""
+    from ..tools.bench_runtimes import markdown_runtimes, parse_runtimes, run_runtime_benchmark, save_runtimes
+
     records, env = run_runtime_benchmark(
         models=tuple(args.models),
         runtimes=parse_runtimes(args.runtimes),
@@ -36,6 +38,11 @@ def run_bench_runtimes(args: argparse.Namespace, log: Callable[[str], None]) -> 
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    from ..data import DataConfig, default_policy
+    from ..runtime import calibration_images
+    from ..tools.bench import environment, run_benchmark
+    from ..tools.bench_report import check_out_dir, environment_line, markdown, save
+
     if args.floors and not args.runtimes:
         raise CLIError("--floors times deployment runtimes: give --runtimes too (e.g. --runtimes ort,openvino)")
     check_out_dir(args.out_dir, "bench-runtimes" if args.runtimes else "bench", args.overwrite)

@@ -7,10 +7,10 @@ import json
 import sys
 from typing import Any
 
-from .._env import available_cores
-from ..tools.bench_report import check_out_dir
-from ..tools.bench_train import VARIANTS, environment, markdown, run, save
+from ..tools.bench_report import TRAIN_VARIANTS as VARIANTS
 from .common import nonnegative_int, positive_int
+
+# the benchmark (torch, the models) is imported inside ``run_bench_train``: the parser is built without it
 
 DEFAULT_MODELS = ("micronet_m0", "micronet_m1", "micronet_m2", "micronet_m3", "mobilenetv3_small_050",
                   "mobilenetv3_small_100")  # fmt: skip
@@ -25,6 +25,10 @@ def _setting(text: str) -> tuple[int, int]:
 
 
 def run_bench_train(args: argparse.Namespace) -> int:
+    from .._env import available_cores
+    from ..tools.bench_report import check_out_dir
+    from ..tools.bench_train import environment, markdown, run, save
+
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 

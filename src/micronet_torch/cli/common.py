@@ -6,27 +6,38 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
-
-from ..deploy.fused.build import FusedOpsUnavailable
-from ..runtime.result import ConversionError
+from typing import Any
 
 
 class CLIError(Exception):
     """A user error: printed as one clear message, exit status 2, no traceback."""
 
 
-# errors the library raises for bad input: each is printed as one line (exit 2), never as a traceback; a fused
-# operator library that cannot be built or loaded (no compiler, another runtime version) is one too, and so is an
-# ONNX export every exporter refused (each one's reason is in the line)
-USER_ERRORS = (
-    CLIError,
-    ValueError,
-    FileNotFoundError,
-    PermissionError,
-    NotADirectoryError,
-    FusedOpsUnavailable,
-    ConversionError,
-)
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors the library raises for bad input: each is printed as one line (exit 2), never as a traceback.
+
+    A fused operator library that cannot be built or loaded (no compiler, another runtime version) is one too,
+    and so is an ONNX export every exporter refused (each one's reason is in the line). Their modules are
+    imported here, when an error is being handled, not when the command line starts.
+    """
+    from ..deploy.fused.build import FusedOpsUnavailable
+    from ..runtime.result import ConversionError
+
+    return (
+        CLIError,
+        ValueError,
+        FileNotFoundError,
+        PermissionError,
+        NotADirectoryError,
+        FusedOpsUnavailable,
+        ConversionError,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "USER_ERRORS":  # the tuple, built on first use (``user_errors``)
+        return user_errors()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _number(kind: type, low: float, low_open: bool, what: str) -> Callable[[str], int | float]:

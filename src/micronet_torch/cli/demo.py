@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..tools.demo import DEMO, run_demo
+from ..train.recipes import DEMO
 from .common import nonnegative_int, positive_int
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..tools.demo import run_demo  # here, not at the top: the parser is built without torch
+
     return run_demo(
         output=args.output,
         epochs=args.epochs,

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from ..tools.experiment import load_config, run_experiments
-from ..tools.experiment_report import write_report
-from ..train import Interrupted
 from .common import nonnegative_int
+
+# the experiment runner (torch, the training loop) is imported inside each action: the parser is built without it
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..tools.experiment import load_config, run_experiments
+    from ..tools.experiment_report import write_report
+    from ..train import Interrupted
+
     cfg = load_config(args.config)
     try:
         run_experiments(cfg, only=args.only, seeds=args.seeds, dry_run=args.dry_run)
@@ -23,6 +26,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from ..tools.experiment import load_config
+    from ..tools.experiment_report import write_report
+
     cfg = load_config(args.config)
     print(f"experiment: report written to {write_report(cfg)}")
     return 0

@@ -6,20 +6,15 @@ import argparse
 import json
 from pathlib import Path
 
-from ..models import (
-    create_model,
-    format_profile,
-    list_models,
-    load_model,
-    profile_model,
-    resolve_name,
-    save_safetensors,
-)
 from .common import CLIError, positive_int
+
+# the model library (torch, timm) is imported inside each command: the parser is built without it
 
 
 def run_models(args: argparse.Namespace) -> int:
     """Print every model with its parameters, MAdds at 224 and what it is."""
+    from ..models import create_model, list_models, profile_model, resolve_name
+
     rows = []
     for name in list_models():
         spec, note = resolve_name(name)
@@ -38,6 +33,8 @@ def run_models(args: argparse.Namespace) -> int:
 
 def run_profile(args: argparse.Namespace) -> int:
     """Parameters and MAdds by the paper's rule, per part and per layer."""
+    from ..models import create_model, format_profile, profile_model
+
     model = create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans)
     prof = profile_model(model, img_size=args.img_size)
     print(json.dumps(prof.to_dict()) if args.json else format_profile(prof, per_layer=not args.summary))
@@ -50,6 +47,8 @@ def run_convert(args: argparse.Namespace) -> int:
     The output keeps what evaluating the weights needs besides them (input size, preprocessing, class
     names, model arguments) in its metadata, so ``eval`` / ``predict`` of it match the original file.
     """
+    from ..models import load_model, save_safetensors
+
     out_path = Path(args.output)
     if out_path.suffix != ".safetensors":
         raise CLIError(f"{args.output}: convert writes .safetensors files; name the output <name>.safetensors")

@@ -10,20 +10,24 @@ import argparse
 import json
 from typing import Any
 
-from ..train.run_folder import run_status
+from .._text import PATH_LIMIT, PRINT_LIMIT, one_line, printable
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..train.run_folder import run_status  # here, not at the top: the parser is built without torch
+
     st = run_status(args.folder)
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
+    # every value comes from a file anyone may have written: printed escaped and cut (``_text.printable``)
     done, total = st.get("epochs_completed"), st.get("epochs")
-    progress = f", {done}/{total} epochs" if done is not None and total else ""
-    best = f", best top-1 {st['best_top1']:.2f}" if isinstance(st.get("best_top1"), (int, float)) else ""
-    print(f"{args.folder}: {st['status']}{progress}{best}" + (f" ({st['error']})" if st.get("error") else ""))
+    progress = f", {printable(done, 20)}/{printable(total, 20)} epochs" if done is not None and total else ""
+    best = f", best top-1 {st['best_top1']:.2f}" if type(st.get("best_top1")) in (int, float) else ""
+    error = f" ({one_line(st['error'], PRINT_LIMIT)})" if st.get("error") else ""
+    print(f"{printable(args.folder, PATH_LIMIT)}: {printable(st['status'], 40)}{progress}{best}{error}")
     if st["hint"]:
-        print(f"  {st['hint']}")
+        print(f"  {printable(st['hint'], PATH_LIMIT)}")
     return 0
 
 

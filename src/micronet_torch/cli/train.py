@@ -9,13 +9,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch.distributed as dist
+from .._text import MESSAGE_LIMIT, one_line
+from ..train.recipes import RECIPES
+from .common import nonnegative_int, positive_int, user_errors
 
-from ..models import resolve_name
-from ..train import RECIPES, Interrupted, TrainConfig, train
-from .common import USER_ERRORS, nonnegative_int, positive_int
+if TYPE_CHECKING:
+    from ..train import TrainConfig
+
+# torch, the model library and the training loop are imported inside the functions that run a command, not
+# here: ``micronet --help`` and ``micronet train --help`` build this parser without loading them
 
 
 def _float_pair(text: str) -> tuple[float, float]:
@@ -29,10 +33,10 @@ def _float_pair(text: str) -> tuple[float, float]:
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """The training flags (shared by ``micronet train`` and ``micronet demo``)."""
     g = p.add_argument_group("what to train")
-    g.add_argument("--model", default="micronet_m0", help="model name (see micronet models) [micronet_m0]")
+    # no argparse defaults (None: not typed), so that --resume tells a flag typed at its default from one left out
+    g.add_argument("--model", help="model name (see micronet models) [micronet_m0]")
     g.add_argument(
         "--data",
-        default="fashion-mnist",
         help="fashion-mnist, cifar10, cifar100, or a folder with train/ and val/ class subfolders [fashion-mnist]",
     )
     g.add_argument("--data-root", help="where built-in datasets live / are unpacked [$MICRONET_TORCH_HOME/data]")
@@ -109,13 +113,21 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     x.add_argument("--quiet", "-q", action="store_true", default=None)
 
 
+def given_settings(args: argparse.Namespace) -> set[str]:
+    """The settings typed on the command line (a training flag not typed parses to None)."""
+    from ..train import TrainConfig
+
+    return {name for name in TrainConfig().to_dict() if getattr(args, name, None) is not None}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A TrainConfig from parsed flags: flags not given keep ``None`` (the recipe's) or the default."""
+    from ..models import resolve_name
+    from ..train import TrainConfig
+
     cfg = TrainConfig()
-    for name in cfg.to_dict():
-        value = getattr(args, name, None)
-        if value is not None:
-            setattr(cfg, name, value)
+    for name in given_settings(args):
+        setattr(cfg, name, getattr(args, name))
     if not args.output:
         try:
             cfg.output = os.path.join("runs", resolve_name(cfg.model)[0].name)
@@ -125,9 +137,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from ..train import Interrupted, train
+
     cfg = config_from_args(args)
     try:
-        summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+        summary = train(cfg, resume=args.resume, overwrite=args.overwrite, given=given_settings(args))
     except Interrupted as stop:
         return 128 + stop.signum
     if summary:
@@ -157,14 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
         return run_train(args)
-    except USER_ERRORS as err:
+    except user_errors() as err:
         where = f" (rank {rank})" if world > 1 else ""
-        print(f"micronet train: error{where}: {err}", file=sys.stderr)
+        print(f"micronet train: error{where}: {one_line(err, MESSAGE_LIMIT)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("micronet train: interrupted", file=sys.stderr)
         return 130
     finally:
+        import torch.distributed as dist
+
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

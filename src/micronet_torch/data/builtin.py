@@ -5,12 +5,14 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .._env import cache_root
+from .._text import one_line
 from .config import DataError
 
 BUILTIN = ("fashion-mnist", "cifar10", "cifar100")
@@ -57,8 +59,10 @@ def prepare_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
                     with gzip.open(src / (f + ".gz"), "rb") as fin, open(tmp, "wb") as fout:
                         shutil.copyfileobj(fin, fout)
                     os.replace(tmp, raw / f)
-            except OSError as err:
-                raise DataError(f"cannot unpack Fashion-MNIST into {raw} ({err}); pass --data-root DIR") from err
+            except (OSError, EOFError, zlib.error) as err:  # a disk error, or a cut or corrupt .gz
+                raise DataError(
+                    f"cannot unpack Fashion-MNIST from {src} into {raw} ({one_line(err, 200)}); pass --data-root DIR"
+                ) from err
             return root
     raise DataError(
         f"Fashion-MNIST not found: neither {raw} nor {FASHION_MNIST_DEBIAN} holds its four IDX files. "
@@ -73,7 +77,19 @@ def load_builtin(name: str, root: str | os.PathLike | None, download: bool) -> d
 
     if name == "fashion-mnist":
         root = prepare_fashion_mnist(root)
-        tr, te = tvd.FashionMNIST(str(root), train=True), tvd.FashionMNIST(str(root), train=False)
+        raw = root / "FashionMNIST" / "raw"
+        try:  # torchvision checks the IDX headers with assert statements
+            tr, te = tvd.FashionMNIST(str(root), train=True), tvd.FashionMNIST(str(root), train=False)
+            intact = all(len(d.data) == len(d.targets) > 0 and int(d.targets.max()) < 10 for d in (tr, te))
+        except (AssertionError, RuntimeError, ValueError, IndexError, OSError) as err:
+            intact, why = False, f" ({one_line(err, 200)})" if str(err) else ""
+        else:
+            why = " (the image and label counts differ, or a label is not 0-9)"
+        if not intact:
+            raise DataError(
+                f"Fashion-MNIST in {raw} is not readable: its IDX files are cut or corrupt{why}; delete them (they "
+                "are unpacked again from Debian's files) or give --data-root a folder with intact ones"
+            )
         return dict(
             train=(tr.data[:, None].contiguous(), tr.targets.long()),
             val=(te.data[:, None].contiguous(), te.targets.long()),

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .._env import cache_root, cpu_name
+from .._text import one_line  # a compiler's output spans many lines; the first say the most (re-exported)
 from .cache import (
     MIN_LIBRARY_BYTES,
     RECORD_SUFFIX,
@@ -76,12 +77,6 @@ def local_includes(source: Path) -> list[Path]:
     """The files ``source`` includes from its own folder (``#include "name.h"``): part of the build's key."""
     names = re.findall(rb'^\s*#\s*include\s+"([^"/]+)"', source.read_bytes(), flags=re.MULTILINE)
     return [source.parent / n for n in dict.fromkeys(n.decode() for n in names) if n != source.name]
-
-
-def one_line(text: str, limit: int = 600) -> str:
-    """A build error as one line (a compiler's output spans many); the first lines say the most."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def find_compiler(compiler: str | None = None, cxx: bool = False) -> str | None:

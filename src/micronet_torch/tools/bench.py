@@ -41,12 +41,9 @@ from ..runtime import (
     quantize_onnx,
     synthetic_images,
 )
-from .bench_report import PATHS, Record, save
+from .bench_report import DEFAULT_MODELS, MICRONETS, PATHS, TIMM_BASELINES, Record, save  # noqa: F401 (names kept here)
 
 DEFAULT_PATHS = PATHS
-MICRONETS = ("micronet_m0", "micronet_m1", "micronet_m2", "micronet_m3")
-TIMM_BASELINES = ("mobilenetv3_small_050", "mobilenetv3_small_075", "mobilenetv3_small_100", "lcnet_050")
-DEFAULT_MODELS = MICRONETS + TIMM_BASELINES
 
 
 # ---- environment ------------------------------------------------------------------------------------

@@ -11,6 +11,18 @@ from typing import Any
 from .._fs import atomic_write
 
 PATHS = ("eager", "deploy", "ort", "ort-fused", "ort-int8", "ort-plain", "ort-legacy")
+# the names the benchmark commands take (``micronet bench``, ``bench --runtimes``, ``bench-train``): data only, in
+# this module without torch so that the command line builds its parser without loading the benchmarks
+MICRONETS = ("micronet_m0", "micronet_m1", "micronet_m2", "micronet_m3")
+TIMM_BASELINES = ("mobilenetv3_small_050", "mobilenetv3_small_075", "mobilenetv3_small_100", "lcnet_050")
+DEFAULT_MODELS = MICRONETS + TIMM_BASELINES
+# bench name -> export format (``runtime.targets.TARGETS``)
+RUNTIMES = {"ort": "onnx", "openvino": "openvino", "executorch": "executorch", "tflite": "tflite", "ncnn": "ncnn"}
+# the same runtimes with each MicroNet's Dynamic Shift-Max as one micronet.ShiftMax operation (--fused-ops)
+FUSED_RUNTIMES = {"ort-ops": "onnx", "openvino-ops": "openvino", "executorch-ops": "executorch"}
+ALL_RUNTIMES = {**RUNTIMES, **FUSED_RUNTIMES}
+# how ``bench-train`` runs each Dynamic Shift-Max: eagerly, fused, through torch.compile, replaced by ReLU
+TRAIN_VARIANTS = ("eager", "fused", "compile", "relu")
 REFERENCE = "mobilenetv3_small_050"
 
 

@@ -28,13 +28,8 @@ from ..models import is_micronet
 from ..runtime import TARGETS, ExportOptions, export_model
 from .bench import DEFAULT_MODELS, bench_model, environment, time_round_robin, trained_like
 from .bench_floors import FLOORS, floor_graph
-from .bench_report import save_report
+from .bench_report import ALL_RUNTIMES, FUSED_RUNTIMES, RUNTIMES, save_report
 
-# bench name -> export format (``runtime.targets.TARGETS``)
-RUNTIMES = {"ort": "onnx", "openvino": "openvino", "executorch": "executorch", "tflite": "tflite", "ncnn": "ncnn"}
-# the same runtimes with each MicroNet's Dynamic Shift-Max as one micronet.ShiftMax operation (--fused-ops)
-FUSED_RUNTIMES = {"ort-ops": "onnx", "openvino-ops": "openvino", "executorch-ops": "executorch"}
-ALL_RUNTIMES = {**RUNTIMES, **FUSED_RUNTIMES}
 # (MicroNet, its MobileNetV3-Small reference, the project's internal latency target for that ratio)
 RATIO_TARGETS = (("micronet_m0", "mobilenetv3_small_050", 0.85), ("micronet_m3", "mobilenetv3_small_100", 1.0))
 # with a runtime's own fused operator M0 should reach what micronet.ShiftMax reached in ONNX Runtime

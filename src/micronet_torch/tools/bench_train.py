@@ -32,11 +32,11 @@ from torch import nn
 from .._env import cpu_name
 from ..models import build_model
 from ..ops import DynamicShiftMax, set_shift_max_impl
-from .bench_report import save_report
+from .bench_report import TRAIN_VARIANTS, save_report
 from .bench_standins import ReLUFloor as ReLUFloor  # its old home
 from .bench_standins import replace_shift_max
 
-VARIANTS = ("eager", "fused", "compile", "relu")
+VARIANTS = TRAIN_VARIANTS
 
 
 def make_variant(base: nn.Module, variant: str) -> nn.Module:

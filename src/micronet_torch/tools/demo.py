@@ -16,10 +16,10 @@ from PIL import Image
 from ..data import build_eval_loader, load_builtin
 from ..models import load_model
 from ..train import Interrupted, TrainConfig, evaluate, train
+from ..train.recipes import DEMO
 from .predict import format_predictions, predict_images
 
 # measured on 2 CPU cores (docs/training.md): ~90 % test top-1 in about 5 minutes
-DEMO = dict(model="micronet_m0", data="fashion-mnist", img_size=32, batch_size=128, epochs=12)
 
 
 def write_samples(data_root: str | None, out: Path, n: int = 6) -> list[tuple[str, str]]:

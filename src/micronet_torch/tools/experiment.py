@@ -11,15 +11,17 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .._env import cpu_name
+from .._text import printable
 from ..models import build_model, profile_model
 from ..train import TrainConfig, Trainer
 from ..train.run_folder import Lock, claim
@@ -94,6 +96,7 @@ def load_config(path: str | os.PathLike) -> ExperimentConfig:
         for key in ("name", "model"):
             if key not in entry:
                 raise ValueError(f"{path}: run #{i + 1} has no {key!r}")
+        check_run(path, i, entry, defaults, default_seeds)
         spec = RunSpec(
             name=entry.pop("name"),
             model=entry.pop("model"),
@@ -123,11 +126,61 @@ def load_config(path: str | os.PathLike) -> ExperimentConfig:
     )
 
 
-def read_results(path: Path) -> list[dict[str, str]]:
+# a run's name becomes a folder name, runs_dir/NAME-sSEED: one path component, never "..", a separator or a
+# leading dot (a hidden file, or ".claims")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+# the settings the runner sets itself for each (run, seed)
+RUNNER_SETTINGS = ("output", "seed", "model_kwargs", "quiet")
+
+
+def check_run(path: Path, index: int, entry: dict[str, Any], defaults: dict[str, Any], seeds: Any) -> None:
+    """Refuse a ``[[run]]`` whose name could leave ``runs_dir`` (``../x``, ``/abs``, ``a/b``), whose seeds are not
+    whole numbers, or whose settings are not ``TrainConfig``'s (or are the runner's own); the message names it."""
+    name = entry["name"]
+    where = f"{path}: run #{index + 1}"
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name):
+        raise ValueError(
+            f"{where}: name {printable(name, 80)!r} is not a plain name: use up to 100 letters, digits, '.', '_', "
+            "'+' and '-', starting with a letter or digit (each run trains in runs_dir/NAME-sSEED)"
+        )
+    if not isinstance(entry["model"], str):
+        raise ValueError(f"{where} ({name}): model {printable(entry['model'], 80)!r} is not a model name")
+    seeds = entry.get("seeds", seeds)
+    if not isinstance(seeds, list) or not all(type(s) is int and s >= 0 for s in seeds):
+        raise ValueError(f"{where} ({name}): seeds {printable(seeds, 80)} must be a list of whole numbers 0 or more")
+    known = {f.name for f in fields(TrainConfig)}
+    extra = set(entry) - {"name", "model", "study", "budget", "variant", "seeds", "note"}
+    for key in sorted(extra | set(defaults)):
+        if key not in known or key in RUNNER_SETTINGS or key == "model":
+            raise ValueError(
+                f"{where} ({name}): {printable(key, 80)!r} is not a training setting the grid may set (see "
+                "TrainConfig; the runner sets the output folder, seed and variant itself)"
+            )
+
+
+def _inside(folder: Path, child: Path) -> Path:
+    """``child`` resolved, refused unless it lies inside ``folder`` (the name checks make this hold; kept as a
+    guard should a link inside ``runs_dir`` point elsewhere)."""
+    resolved = child.resolve()
+    if not resolved.is_relative_to(folder.resolve()):
+        raise ValueError(f"{child} resolves to {resolved}, outside runs_dir {folder}; rename the run")
+    return resolved
+
+
+def read_results(path: Path, columns: tuple[str, ...] = ("name", "seed")) -> list[dict[str, str]]:
+    """The rows of the results CSV (none when it does not exist yet); refuses a CSV without ``columns``."""
     if not path.is_file():
         return []
     with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    missing = [c for c in columns if c not in (reader.fieldnames or ())]
+    if missing and (rows or reader.fieldnames):
+        raise ValueError(
+            f"{path}: the results CSV has no {', '.join(missing)} column{'s' if len(missing) > 1 else ''}; it was not "
+            "written by micronet experiment run (or was edited): restore it, or move it away to start over"
+        )
+    return rows
 
 
 def append_result(path: Path, row: dict[str, Any]) -> None:
@@ -161,14 +214,15 @@ def model_cost(spec: RunSpec, num_classes: int) -> tuple[int, int]:
 
 def train_one(cfg: ExperimentConfig, spec: RunSpec, seed: int) -> dict[str, Any]:
     """Train (or resume) one run at one seed and return its results row."""
-    out = cfg.runs_dir / f"{spec.name}-s{seed}"
+    out = _inside(cfg.runs_dir, cfg.runs_dir / f"{spec.name}-s{seed}")
     fields = dict(spec.train)
     train_cfg = TrainConfig(
         model=spec.model, output=str(out), seed=seed, model_kwargs=dict(spec.variant), quiet=True, **fields
     )
     resume = "auto" if (out / "last.pt").is_file() else None
     start = time.time()
-    summary = Trainer(train_cfg, resume=resume, overwrite=resume is None).run()
+    given = {"model", "output", "seed", "model_kwargs", "quiet", *fields}  # what the grid sets
+    summary = Trainer(train_cfg, resume=resume, overwrite=resume is None, given=given).run()
     summary_file = out / "summary.json"
     if summary_file.is_file():
         summary = {**json.loads(summary_file.read_text()), **(summary or {})}
@@ -243,7 +297,7 @@ def claim_pair(cfg: ExperimentConfig, name: str, seed: int) -> Lock | None:
     """
     folder = cfg.runs_dir / ".claims"
     folder.mkdir(parents=True, exist_ok=True)
-    return claim(folder / f"{name}-s{seed}.lock", f"{name} seed {seed}")
+    return claim(_inside(folder, folder / f"{name}-s{seed}.lock"), f"{name} seed {seed}")
 
 
 def unique_results(rows: list[dict[str, str]]) -> list[dict[str, str]]:

@@ -8,11 +8,26 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from .._fs import atomic_write
+from .._text import printable
 from .experiment import ExperimentConfig, read_results, unique_results
 
+# the columns of the results CSV the report reads
+REPORT_COLUMNS = ("name", "study", "budget", "model", "variant", "img_size", "epochs", "seed", "top1", "madds",
+                  "params", "train_seconds", "hardware", "command")  # fmt: skip
 
-def _aggregate(rows: list[dict[str, str]]) -> dict[str, dict[str, Any]]:
-    """Per run name: mean and spread of final top-1 over seeds, with its MAdds and parameters."""
+
+def _aggregate(rows: list[dict[str, str]], source: Path) -> dict[str, dict[str, Any]]:
+    """Per run name: mean and spread of final top-1 over seeds, with its MAdds and parameters; a row whose
+    numbers do not read is a ``ValueError`` naming the CSV and the run."""
+    for row in rows:
+        try:
+            float(row["top1"]), int(row["madds"]), int(row["params"]), float(row["train_seconds"]), int(row["seed"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"{source}: the row of run {printable(row.get('name'), 80)!r} seed {printable(row.get('seed'), 20)} "
+                f"does not hold numbers where the report needs them ({err}); fix or delete that row"
+            ) from err
     by_name: dict[str, list[dict[str, str]]] = {}
     for row in rows:
         by_name.setdefault(row["name"], []).append(row)
@@ -48,8 +63,8 @@ def _acc(a: dict[str, Any]) -> str:
 
 def write_report(cfg: ExperimentConfig) -> Path:
     """``docs/results.md``-style tables (head-to-head per budget, ablations) and the figure, from the CSV."""
-    rows = unique_results(read_results(cfg.results))  # a duplicate (run, seed) row never counts as a seed
-    agg = _aggregate(rows)
+    rows = unique_results(read_results(cfg.results, REPORT_COLUMNS))  # a duplicate (run, seed) counts once
+    agg = _aggregate(rows, cfg.results)
     notes = {spec.name: spec.note for spec in cfg.runs}
     lines = [f"# {cfg.title}", ""]
     if cfg.notes:
@@ -168,7 +183,8 @@ def write_report(cfg: ExperimentConfig) -> Path:
         rel = os.path.relpath(cfg.figure, cfg.report.parent)
         lines += [f"![accuracy vs MAdds]({rel}.png)", ""]
     cfg.report.parent.mkdir(parents=True, exist_ok=True)
-    cfg.report.write_text("\n".join(lines))
+    text = "\n".join(lines).encode()
+    atomic_write(cfg.report, lambda fh: fh.write(text))
     return cfg.report
 
 

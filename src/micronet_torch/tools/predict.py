@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .._text import MESSAGE_LIMIT, PATH_LIMIT, one_line, printable
 from ..data import IMG_EXTENSIONS, DataError, eval_pixels, normalize, open_image
 from ..models import LoadedModel
 
@@ -96,11 +97,15 @@ def format_predictions(results: list[dict[str, Any]]) -> str:
     for r in results:
         if "top" not in r:
             continue
-        lines.append(r["image"])
-        lines.extend(f"  {t['probability'] * 100:6.2f}%  {t['class']}" for t in r["top"])
+        lines.append(printable(r["image"], PATH_LIMIT))  # file and class names printed escaped (``_text``)
+        lines.extend(f"  {t['probability'] * 100:6.2f}%  {printable(t['class'])}" for t in r["top"])
     return "\n".join(lines)
 
 
 def format_errors(results: list[dict[str, Any]]) -> list[str]:
-    """One line per image that could not be predicted."""
-    return [r["error"] if r["image"] in r["error"] else f"{r['image']}: {r['error']}" for r in results if "error" in r]
+    """One line per image that could not be predicted (escaped: file names may hold anything)."""
+    return [
+        one_line(r["error"] if r["image"] in r["error"] else f"{r['image']}: {r['error']}", MESSAGE_LIMIT)
+        for r in results
+        if "error" in r
+    ]

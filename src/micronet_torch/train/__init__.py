@@ -4,14 +4,36 @@
 same flags as ``micronet train``.
 """
 
-from .config import RUNTIME_FIELDS, TrainConfig, TrainingError, data_config, resolve, validate
-from .distributed import DistEnv, epoch_seed, seed_everything, setup_distributed
-from .logs import CSV_FIELDS, Progress, write_curves, write_metrics_csv
-from .metrics import Meter, evaluate
-from .recipes import RECIPES, Recipe, paper_weight_decay, recipe_values
-from .run_folder import check_output_dir
-from .signals import Interrupted, StopFlag
-from .trainer import Trainer, train
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# each public name and the module that holds it, imported on first use (PEP 562): the command line reads the
+# recipes (``train.recipes``) to build its parser without loading torch, timm and the training loop
+_HOMES = {
+    "RUNTIME_FIELDS": "config", "TrainConfig": "config", "TrainingError": "config", "data_config": "config",
+    "resolve": "config", "validate": "config",
+    "DistEnv": "distributed", "epoch_seed": "distributed", "seed_everything": "distributed",
+    "setup_distributed": "distributed",
+    "CSV_FIELDS": "logs", "Progress": "logs", "write_curves": "logs", "write_metrics_csv": "logs",
+    "Meter": "metrics", "evaluate": "metrics",
+    "RECIPES": "recipes", "Recipe": "recipes", "paper_weight_decay": "recipes", "recipe_values": "recipes",
+    "check_output_dir": "run_folder",
+    "Interrupted": "signals", "StopFlag": "signals",
+    "Trainer": "trainer", "train": "trainer",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])
+
 
 __all__ = [
     "CSV_FIELDS",

@@ -7,6 +7,7 @@ come from timm; DistributedDataParallel from PyTorch.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,11 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from .._env import available_cores, default_workers
+from .._text import one_line
 from ..models import CheckpointError, build_model, read_state_dict
 from ..models.weights import CLASSIFIER_PREFIX
 from ..ops import set_shift_max_impl
-from .config import TrainConfig
+from .config import TrainConfig, TrainingError
 from .distributed import DistEnv
 
 
@@ -33,7 +35,7 @@ def build_train_model(cfg: TrainConfig, num_classes: int, env: DistEnv, state: d
     if pretrained and env.is_main and not cfg.quiet:
         print(fine_tune_report(model, str(pretrained)), flush=True)
     if state is not None:
-        model.load_state_dict(state["model"])
+        load_resumed(model, state["model"], "model")
     set_shift_max_impl(model, cfg.dsm)  # the fused kernels by default ("auto"); no effect on the state dict
     if cfg.sync_bn and env.distributed:
         if env.device.type == "cuda":
@@ -75,8 +77,18 @@ def build_ema(cfg: TrainConfig, model: nn.Module, state: dict[str, Any] | None) 
 
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
     if state is not None and state.get("ema") is not None:
-        ema.module.load_state_dict(state["ema"])
+        load_resumed(ema.module, state["ema"], "EMA")
     return ema
+
+
+def load_resumed(module: nn.Module, sd: Any, what: str) -> None:
+    """Load a resumed checkpoint's ``what`` weights; weights that do not fit are a ``TrainingError``, one line."""
+    try:
+        module.load_state_dict(sd)
+    except (AttributeError, TypeError, RuntimeError) as err:
+        raise TrainingError(
+            f"--resume: the checkpoint's {what} weights do not fit the model it names ({one_line(err, 300)})"
+        ) from err
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -155,7 +167,12 @@ def build_writer(out: Path, env: DistEnv) -> Any:
         return None
     from torch.utils.tensorboard import SummaryWriter  # tensorboard is slow to import: only when training
 
-    return SummaryWriter(log_dir=str(out / "tensorboard"))
+    folder = out / "tensorboard"
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(
+            errno.ENOTDIR, "not a folder (the run writes its TensorBoard events there)", str(folder)
+        )
+    return SummaryWriter(log_dir=str(folder))
 
 
 def loader_workers(cfg: TrainConfig, env: DistEnv) -> int:

@@ -7,6 +7,7 @@ previous file intact: the new one replaces it only once it is complete on disk.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 from collections.abc import Mapping
@@ -49,8 +50,14 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
 
 
 def save_atomic(obj: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``obj`` with ``torch.save`` to ``path`` atomically (see ``atomic_write``)."""
-    return atomic_write(path, lambda fh: torch.save(dict(obj), fh))
+    """Write ``obj`` with ``torch.save`` to ``path`` atomically (see ``atomic_write``).
+
+    Serialised in memory first: ``torch.save`` writing to a file turns a full disk or a file-size limit into a
+    ``RuntimeError`` (``unexpected pos``); written as bytes, it stays the ``OSError`` that names the file.
+    """
+    buf = io.BytesIO()
+    torch.save(dict(obj), buf)
+    return atomic_write(path, lambda fh: fh.write(buf.getbuffer()))
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:

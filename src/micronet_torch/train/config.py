@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..data import DataConfig, default_policy
-from ..data.config import DEFAULT_MAX_IMAGE_PIXELS, is_number
+from ..data.config import DEFAULT_MAX_IMAGE_PIXELS, MAX_IMG_SIZE, is_number
 from ..models import build_model, resolve_name
 from .recipes import RECIPES, recipe_values
 
@@ -102,8 +104,47 @@ RUNTIME_FIELDS = {
 }
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# what a value of each annotated type may be, and what to use instead (the annotations are strings)
+_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "int": ((int,), "use a number"),
+    "float": ((int, float), "use a number"),
+    "bool": ((bool,), "use true or false"),
+    "str": ((str, os.PathLike), "use a text value"),
+    "None": ((type(None),), ""),
+    "tuple": ((tuple, list), "use two numbers, e.g. 0.08,1"),
+    "dict": ((dict,), "use a table of create_model arguments"),
+}
+
+
+def check_types(values: Mapping[str, Any]) -> None:
+    """Each setting in ``values`` (a config, a config file's table, a checkpoint's saved config) of its type.
+
+    ``TrainConfig``'s annotations say the types; a bool is not a number and a numeric string is not one
+    either (a config file's ``"0.9"``); ``scale`` is a pair of numbers. Unknown keys are left alone.
+    """
+    for f in fields(TrainConfig):
+        if f.name not in values:
+            continue
+        value, options = values[f.name], [t.strip().split("[")[0] for t in str(f.type).split("|")]
+        for option in options:
+            kinds, _ = _KINDS[option]
+            ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+            if ok and option == "tuple":
+                ok = len(value) == 2 and all(is_number(v) for v in value)
+            if ok:
+                break
+        else:
+            hint = next(_KINDS[o][1] for o in options if o != "None")
+            raise TrainingError(f"{_flag(f.name)} {value!r}: {hint}")
+
+
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill every ``None`` with the recipe's value (``recipes.RECIPES``); the folder/flip and padding rules last."""
+    check_types(vars(cfg))
     c = TrainConfig.from_dict(cfg.to_dict())
     try:
         spec, _ = resolve_name(cfg.model)
@@ -178,7 +219,7 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
 def _check_ranges(cfg: TrainConfig) -> None:
     """Each numeric setting a number in its ``RANGES`` span, ``clip_grad`` above 0, ``scale`` within (0, 1]."""
     for name, (low, high, high_in) in RANGES.items():
-        value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
+        value, flag = getattr(cfg, name), _flag(name)
         if value is None:
             continue
         if type(value) not in (int, float):  # a bool or a file's string
@@ -197,6 +238,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
 
 def validate(cfg: TrainConfig, world: int) -> None:
     """Reject settings that cannot work, with the flag to change."""
+    check_types(vars(cfg))
     _check_ranges(cfg)
     if cfg.batch_size < 2:
         raise TrainingError(
@@ -216,6 +258,12 @@ def validate(cfg: TrainConfig, world: int) -> None:
         raise TrainingError(f"--epochs {cfg.epochs}: train for at least one epoch")
     if cfg.img_size < 16:
         raise TrainingError(f"--img-size {cfg.img_size}: MicroNet downsamples 32x; use 16 or more (32 for 28-px data)")
+    if cfg.img_size > MAX_IMG_SIZE:
+        raise TrainingError(
+            f"--img-size {cfg.img_size}: use at most {MAX_IMG_SIZE} (the largest input this package takes)"
+        )
+    if cfg.pad > MAX_IMG_SIZE:
+        raise TrainingError(f"--pad {cfg.pad}: use at most {MAX_IMG_SIZE}")
     if cfg.lr <= 0 or not math.isfinite(cfg.lr):
         raise TrainingError(f"--lr {cfg.lr}: the learning rate must be a positive number")
     if cfg.in_chans not in (1, 3):

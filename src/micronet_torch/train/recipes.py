@@ -117,3 +117,7 @@ def recipe_values(
         values["warmup_epochs"] = min(2.0, 0.1 * epochs)
     values["pad_divisor"] = recipe.pad_divisor
     return values
+
+
+# ``micronet demo`` (the README's first command): MicroNet-M0 on Fashion-MNIST at 32 px, the default recipe
+DEMO: dict[str, Any] = dict(model="micronet_m0", data="fashion-mnist", img_size=32, batch_size=128, epochs=12)

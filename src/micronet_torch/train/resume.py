@@ -19,12 +19,14 @@ given on top of ``--resume`` fall in four groups:
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from .._text import one_line
 from ..models import resolve_name
-from .config import RUNTIME_FIELDS, TrainConfig, TrainingError
+from .config import RUNTIME_FIELDS, TrainConfig, TrainingError, check_types, resolve, validate
 
 # the checkpoint's optimiser / schedule state overwrites these, or its weights do not fit them
 REFUSED_ON_RESUME = (
@@ -44,22 +46,86 @@ REFUSED_ON_RESUME = (
 )
 
 
+# what a checkpoint must hold to be resumed, and the type of each progress entry it may hold
+REQUIRED_ON_RESUME = ("model", "optimizer", "scheduler", "class_names", "epoch", "config")
+PROGRESS_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (dict,),
+    "optimizer": (dict,),
+    "scheduler": (dict,),
+    "class_names": (list, tuple),
+    "config": (dict,),
+    "metrics": (list,),
+    "epoch": (int,),
+    "step_in_epoch": (int,),
+    "global_step": (int,),
+    "best_epoch": (int,),
+    "train_images": (int,),
+    "world_size": (int,),
+    "best_top1": (int, float),
+    "train_time": (int, float),
+    "best_source": (str,),
+}
+
+
+def resumable_config(state: dict[str, Any], path: Path) -> TrainConfig:
+    """The config a checkpoint was trained with, checked before any work: the progress entries of their types,
+    the saved settings of theirs (a string is not a number), missing ones (a checkpoint of another version)
+    filled from its recipe, and the whole passing ``validate`` (an ``img_size`` of 100,000 would ask for tens
+    of GB). Raises ``TrainingError`` naming the checkpoint and the entry."""
+    where = f"--resume {path}"
+    fine_tune = f"fine-tune from its weights instead: micronet train --pretrained {path} --output NEW_FOLDER"
+    missing = [key for key in REQUIRED_ON_RESUME if key not in state]
+    if missing:
+        raise TrainingError(
+            f"{where}: the checkpoint has no {', '.join(missing)}, so it cannot be resumed; {fine_tune}"
+        )
+    for key, kinds in PROGRESS_TYPES.items():
+        value = state.get(key)
+        if key in state and (not isinstance(value, kinds) or isinstance(value, bool)):
+            raise TrainingError(f"{where}: the checkpoint's {key} is a {type(value).__name__}, not a "
+                                f"{' or '.join(k.__name__ for k in kinds)}; {fine_tune}")  # fmt: skip
+    if not all(isinstance(name, str) for name in state["class_names"]) or not state["class_names"]:
+        raise TrainingError(f"{where}: the checkpoint's class_names are not a list of names; {fine_tune}")
+    if state["epoch"] < 0 or state.get("step_in_epoch", 0) < 0:
+        raise TrainingError(f"{where}: the checkpoint's epoch {state['epoch']} is not a count of epochs; {fine_tune}")
+    try:
+        check_types(state["config"])
+        cfg = resolve(TrainConfig.from_dict(state["config"]))
+        validate(cfg, 1)  # the batch's split over processes is checked again with the flags given now
+    except ValueError as err:  # TrainingError, or an unknown model / recipe
+        raise TrainingError(f"{where}: its saved config is not usable ({err}); {fine_tune}") from err
+    return cfg
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def merge_resumed(saved: dict[str, Any], requested: TrainConfig, out: Path) -> tuple[TrainConfig, list[str]]:
-    """The saved (resolved) config with the flags given now on top; returns it and the changed settings.
+def given_settings(requested: TrainConfig) -> set[str]:
+    """The settings of ``requested`` that differ from ``TrainConfig()``'s: what a caller that cannot say which
+    settings it set (a library call without ``given``) is taken to have set."""
+    default = TrainConfig()
+    return {f.name for f in fields(TrainConfig) if getattr(requested, f.name) != getattr(default, f.name)}
 
-    Refuses a different model and every setting of ``REFUSED_ON_RESUME``, naming the way to fine-tune instead.
+
+def merge_resumed(
+    saved: dict[str, Any], requested: TrainConfig, out: Path, given: Collection[str] | None = None
+) -> tuple[TrainConfig, list[str]]:
+    """The saved (resolved) config with the settings given now on top; returns it and the changed settings.
+
+    ``given`` names the settings the user set (``micronet train`` passes the flags typed on the command line),
+    so that a flag typed with its default value (``--mixup 0`` on a ``--mixup 0.2`` run, ``--seed 0`` on a
+    ``--seed 5`` one) counts as a change like any other; without it, the settings that differ from
+    ``TrainConfig()``'s defaults count (``given_settings``). Refuses a different model and every setting of
+    ``REFUSED_ON_RESUME``, naming the way to fine-tune instead.
     """
     base = TrainConfig.from_dict(saved)
-    default = TrainConfig()
+    given = given_settings(requested) if given is None else set(given)
     changed: list[str] = []
     refused: list[str] = []
     for f in fields(TrainConfig):
         new = getattr(requested, f.name)
-        if new is None or new == getattr(default, f.name) or new == getattr(base, f.name):
+        if f.name not in given or new is None or new == getattr(base, f.name):
             continue
         if f.name == "model":
             try:
@@ -110,3 +176,18 @@ def restretch_schedule(scheduler: Any, total_steps: int, global_step: int) -> fl
     scheduler.t_initial = total_steps
     scheduler.step_update(global_step)
     return float(scheduler.optimizer.param_groups[0]["lr"])
+
+
+def restore_optimizer(optimizer: Any, scheduler: Any, scaler: Any, state: dict[str, Any], out: Path) -> None:
+    """Load a resumed checkpoint's optimiser, schedule and gradient-scaler states; states that do not fit the
+    run (another optimiser, a spoiled file) are a ``TrainingError`` saying how to fine-tune instead."""
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+        raise TrainingError(
+            f"--resume: the checkpoint's optimiser or schedule state does not fit this run ({one_line(err, 200)}); "
+            f"fine-tune from its weights instead: micronet train --pretrained {out}/last.pt --output NEW_FOLDER"
+        ) from err

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,20 @@ def describe_holder(info: dict[str, Any]) -> str:
     return f"pid {info.get('pid', '?')} on {info.get('host', '?')}, started {when}"
 
 
+def refuse_non_file(path: Path) -> None:
+    """Refuse a lock name taken by a folder, a link or a device: it can be neither read, replaced nor taken over."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(mode):
+        return
+    kind = "link" if stat.S_ISLNK(mode) else "folder" if stat.S_ISDIR(mode) else "special file"
+    raise TrainingError(
+        f"{path} is a {kind}, not a lock file: remove it (a run records there that it holds the folder), then retry"
+    )
+
+
 class Lock:
     """An exclusive lock file: ``acquire`` creates it or raises ``FolderBusy``; ``release`` removes it if ours."""
 
@@ -90,6 +105,7 @@ class Lock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o644)
             except FileExistsError:
+                refuse_non_file(self.path)
                 info = read_lock(self.path)
                 if info is None:
                     continue  # released meanwhile
@@ -210,6 +226,11 @@ def run_status(out: str | os.PathLike) -> dict[str, Any]:
             summary = json.loads(summary_path.read_text())
         except ValueError as err:
             raise TrainingError(f"{summary_path} is not valid JSON ({err})") from err
+        if not isinstance(summary, dict):
+            raise TrainingError(
+                f"{summary_path} holds a JSON {type(summary).__name__}, not a run summary (an object with its "
+                "status); it was not written by micronet train: remove it, or give the folder of a run"
+            )
     elif not (out / "last.pt").exists() and not (out / LOCK_NAME).exists():
         raise FileNotFoundError(f"{out} holds no run (no summary.json, last.pt or lock)")
     info = read_lock(out / LOCK_NAME)

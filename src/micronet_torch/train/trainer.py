@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from .config import TrainConfig, TrainingError, data_config, resolve, validate
 from .distributed import broadcast_buffers, epoch_seed, seed_everything, setup_distributed
 from .logs import Progress, write_curves, write_metrics_csv
 from .metrics import Meter, evaluate
-from .resume import check_epochs, merge_resumed, restretch_schedule
+from .resume import check_epochs, merge_resumed, restore_optimizer, restretch_schedule, resumable_config
 from .run_folder import check_output_dir, describe_holder, write_summary_file
 from .signals import Interrupted, StopFlag
 
@@ -49,8 +50,10 @@ from .signals import Interrupted, StopFlag
 class Trainer:
     """One training run; ``run()`` returns the summary dict written to ``summary.json``."""
 
-    def __init__(self, cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) -> None:
-        self.requested, self.resume_from, self.overwrite = cfg, resume, overwrite
+    def __init__(
+        self, cfg: TrainConfig, resume: str | None = None, overwrite: bool = False, given: Collection[str] | None = None
+    ) -> None:
+        self.requested, self.resume_from, self.overwrite, self.given = cfg, resume, overwrite, given
 
     # -- set-up: each piece from its builder (``builders.py``)
     def _setup(self) -> None:
@@ -86,7 +89,10 @@ class Trainer:
         self.loss_fn = build_loss(cfg)
         self.erasing, self.mixup = build_augmentation(cfg, env, n_cls)
         self._restore_progress()
-        self.writer = build_writer(self.out, env)
+        try:
+            self.writer = build_writer(self.out, env)
+        except OSError as err:
+            raise self._failed(err) from err
 
     def _resume_state(self) -> dict[str, Any] | None:
         """The checkpoint to continue from (``--resume``), or None for a new run."""
@@ -103,6 +109,7 @@ class Trainer:
         state = ckpt.load(resume_path)
         if not ckpt.is_training_checkpoint(state) or "config" not in state:
             raise TrainingError(f"--resume {resume_path}: not a micronet training checkpoint (last.pt)")
+        state["config"] = resumable_config(state, resume_path).to_dict()  # checked, completed from its recipe
         return state
 
     def _setup_data(self) -> None:
@@ -139,10 +146,7 @@ class Trainer:
         self.partial: list[float] | None = None
         if self.state is not None:
             s = self.state
-            self.optimizer.load_state_dict(s["optimizer"])
-            self.scheduler.load_state_dict(s["scheduler"])
-            if s.get("scaler"):
-                self.scaler.load_state_dict(s["scaler"])
+            restore_optimizer(self.optimizer, self.scheduler, self.scaler, s, self.out)
             self.rows = list(s.get("metrics", []))
             self.start_epoch, self.start_step = int(s["epoch"]), int(s.get("step_in_epoch", 0))
             self.global_step = int(s.get("global_step", self.start_epoch * self.steps_per_epoch))
@@ -158,7 +162,7 @@ class Trainer:
 
     def _merge_resumed(self, saved: dict[str, Any]) -> TrainConfig:
         """The saved config with the flags given now (``resume.merge_resumed``); changed settings are reported."""
-        cfg, changed = merge_resumed(saved, self.requested, self.out)
+        cfg, changed = merge_resumed(saved, self.requested, self.out, self.given)
         state = self.state or {}
         self.schedule_note = check_epochs(
             cfg, int(saved.get("epochs") or cfg.epochs), int(state.get("epoch", 0)), int(state.get("step_in_epoch", 0)),
@@ -332,7 +336,7 @@ class Trainer:
         what = (
             f"{name}: {err.strerror or err}"
             if name and err.strerror and str(name) not in str(err.strerror)
-            else str(err)
+            else err.strerror or str(err)  # the message without its "[Errno N]"
         )
         if getattr(self, "rows", None) is not None and self.env.is_main:
             with contextlib.suppress(OSError):
@@ -477,9 +481,17 @@ class Trainer:
 
 
 def train(
-    cfg: TrainConfig, resume: str | None = None, overwrite: bool = False, resume_if_present: bool = False
+    cfg: TrainConfig,
+    resume: str | None = None,
+    overwrite: bool = False,
+    resume_if_present: bool = False,
+    given: Collection[str] | None = None,
 ) -> dict[str, Any]:
-    """Run training; returns the summary (empty on ranks other than 0). See ``TrainConfig``."""
-    trainer = Trainer(cfg, resume=resume, overwrite=overwrite)
+    """Run training; returns the summary (empty on ranks other than 0). See ``TrainConfig``.
+
+    ``given`` names the settings the caller set (on ``--resume`` each one that differs from the saved run is
+    a change, even at its default value); None: those that differ from ``TrainConfig()``'s defaults.
+    """
+    trainer = Trainer(cfg, resume=resume, overwrite=overwrite, given=given)
     trainer.resume_if_present = resume_if_present
     return trainer.run()
