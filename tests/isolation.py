@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 CHILD_ENV = "MICRONET_TEST_CHILD"
-CHILD_TIMEOUT_S = 900
+CHILD_TIMEOUT_S = 2400  # a safety net for a hung runtime, far above a slow machine's module time
 _RESULTS = pytest.StashKey[dict]()
 
 
