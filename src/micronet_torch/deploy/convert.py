@@ -40,7 +40,7 @@ def convert_to_deploy(
     row = BACKENDS.get(backend)
     if row is None:
         raise ValueError(f"unknown backend {backend!r}; choose one of {tuple(BACKENDS)}")
-    unknown = [k for k in options if k not in row.keywords or k in ("merge_pairs", "fused_ops")]
+    unknown = [k for k in options if k not in row.keywords]
     if unknown:
         raise TypeError(f"convert_to_deploy(backend={backend!r}) takes no option(s) {unknown}")
     if fused_ops:
