@@ -7,7 +7,7 @@ import torch
 from helpers import official_model_and_io
 
 import micronet_torch
-from micronet_torch.deploy import channel_runs, convert_to_deploy
+from micronet_torch.deploy import channel_runs, convert_to_deploy, portable_ops
 from micronet_torch.deploy.ir import Perm, ShiftMax
 from micronet_torch.deploy.portable import (
     ChannelShuffle4d,
@@ -18,7 +18,6 @@ from micronet_torch.deploy.portable import (
     block_shuffle,
     move_perms_past_shift_max,
     pair_shift_convs,
-    portable_ops,
 )
 from micronet_torch.ops.shuffle import shuffle_permutation
 from micronet_torch.tools.bench import trained_like

@@ -1,25 +1,50 @@
 """Deploy mode: an inference-only MicroNet with the same outputs and far fewer, cheaper operators.
 
-The compiler lowers an eval-mode model to a flat list of operations (``ir``, ``lower``), moves every channel
-permutation to where it costs nothing (``permutations``), fuses for the target runtime (``fusions``) and
-builds modules (``modules``, ``convert``); ``portable`` is the gather-free form for
-OpenVINO, ExecuTorch, LiteRT and ncnn. ``fused`` holds the fused Dynamic Shift-Max operator for ONNX
-Runtime. Every rewrite is exact up to float rounding (``docs/deploy.md``).
+One compiler: ``lower`` flattens an eval-mode model to a list of simple operations (``ir``); a backend
+(``backends``: ``eager``, ``onnx``, ``portable``, ``portable-openvino``, ...) runs its passes from the one pass
+list (``passes``: permutations moved to where they cost nothing, ``permutations``; fusions for the target
+runtime, ``fusions``) and its emitter (``emit``) builds the modules (``modules`` with gathers for PyTorch and
+ONNX Runtime, ``portable`` without for OpenVINO, ExecuTorch, LiteRT and ncnn); ``convert_to_deploy`` runs a
+backend by name. ``fused`` holds the fused Dynamic Shift-Max operator for ONNX Runtime. Every rewrite is exact
+up to float rounding (``docs/deploy.md``).
 """
 
-from .convert import BACKENDS, DeployMicroNet, build_modules, convert_to_deploy, deploy_summary
+from .backends import (
+    BACKENDS,
+    PORTABLE_OPTIONS,
+    RUNTIME_BACKENDS,
+    RUNTIME_OPTIONS,
+    Backend,
+    portable_features,
+    portable_ops,
+)
+from .convert import convert_to_deploy, deploy_summary
+from .emit import build_modules
 from .fusions import expand_multipliers, fold_shift_max_scale, merge_separable, phase_stem
 from .ir import NCHWC_BLOCK, Add, Conv, Op, Opaque, Perm, PhaseStem, Pointwise, Save, ShiftMax
 from .lower import lower, shift_max_op
-from .modules import ChannelGather, EdgeCorrectedConv, FusedShiftMax, PhaseStemConv, ResidualSequence, RowFoldedConv
-from .permutations import conv_input_perm, conv_output_perm, optimize
-from .portable import RUNTIME_OPTIONS, PortableMicroNet, PortableShiftMax, channel_runs, densify_shuffles
+from .modules import (
+    ChannelGather,
+    DeployMicroNet,
+    EdgeCorrectedConv,
+    FusedShiftMax,
+    PhaseStemConv,
+    ResidualSequence,
+    RowFoldedConv,
+)
+from .passes import PASSES
+from .permutations import conv_input_perm, conv_output_perm, densify_shuffles, optimize
+from .portable import PortableMicroNet, PortableShiftMax, channel_runs
 
 __all__ = [
     "BACKENDS",
     "NCHWC_BLOCK",
+    "PASSES",
+    "PORTABLE_OPTIONS",
+    "RUNTIME_BACKENDS",
     "RUNTIME_OPTIONS",
     "Add",
+    "Backend",
     "ChannelGather",
     "Conv",
     "DeployMicroNet",
@@ -50,5 +75,7 @@ __all__ = [
     "merge_separable",
     "optimize",
     "phase_stem",
+    "portable_features",
+    "portable_ops",
     "shift_max_op",
 ]

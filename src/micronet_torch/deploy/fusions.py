@@ -1,7 +1,8 @@
 """Rewrites that fuse or reshape operations for a runtime's fast kernels, each exact (``docs/deploy.md``).
 
 Channel multipliers expanded into plain depthwise convs, factorized k x 1 / 1 x k pairs merged with a border
-correction, the stem computed on 2 x 2 phases, and each Dynamic Shift-Max's scale moved into the next conv.
+correction, the stem computed on 2 x 2 phases, each Dynamic Shift-Max's scale moved into the next conv, and a
+dense 1 x 1 conv paired with the Dynamic Shift-Max it feeds (twin convs, for the gather-free graphs).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import copy
 
 import torch
 
-from .ir import NCHWC_BLOCK, Conv, Op, PhaseStem, Pointwise, ShiftMax
+from .ir import NCHWC_BLOCK, Conv, ConvShiftMax, Op, PhaseStem, Pointwise, ShiftMax
+from .permutations import is_identity
 
 
 def expand_multipliers(ops: list[Op], max_channels: int = NCHWC_BLOCK, through_shift_max: bool = False) -> list[Op]:
@@ -66,14 +68,14 @@ def _is_1d_conv(op: Op, axis: int) -> bool:
     )
 
 
-def _is_row_conv(op: Op) -> bool:
+def is_row_conv(op: Op) -> bool:
     """A 1 x k conv (stride and padding along the width only) with one input per group and no border map."""
     return _is_1d_conv(op, 0) and op.groups == op.in_channels
 
 
 def _separable_pair(a: Op, b: Op) -> bool:
     """``a`` a k x 1 conv and ``b`` a 1 x k conv with one input per group reading it (stride along its own axis)."""
-    return _is_1d_conv(a, 1) and _is_row_conv(b) and b.in_channels == a.out_channels
+    return _is_1d_conv(a, 1) and is_row_conv(b) and b.in_channels == a.out_channels
 
 
 def merge_separable(ops: list[Op], plain_only: bool = False, stem_only: bool = False) -> list[Op]:
@@ -169,3 +171,30 @@ def fold_shift_max_scale(ops: list[Op]) -> list[Op]:
             ops[i].scaled = True
             ops[i + 1] = Conv(nxt.weight * op.scale, nxt.bias, nxt.stride, nxt.padding, nxt.groups, nxt.edge)
     return ops
+
+
+def pair_shift_convs(ops: list[Op]) -> list[Op]:
+    """Pair each 1 x 1 dense conv with the Dynamic Shift-Max (J = 2) that directly follows it (``ConvShiftMax``).
+
+    Only a dense conv can emit any row order; a grouped one would have to read other groups for the shifted
+    rows, and a k x k one would double a costlier conv.
+    """
+    out: list[Op] = []
+    i = 0
+    while i < len(ops):
+        op, nxt = ops[i], ops[i + 1] if i + 1 < len(ops) else None
+        if (
+            isinstance(op, Conv)
+            and op.groups == 1
+            and op.weight.shape[2:] == (1, 1)
+            and isinstance(nxt, ShiftMax)
+            and nxt.j == 2
+            and is_identity(nxt.in_perm)
+            and is_identity(nxt.out_perm)
+        ):
+            out.append(ConvShiftMax(op, nxt))
+            i += 2
+            continue
+        out.append(op)
+        i += 1
+    return out

@@ -112,4 +112,13 @@ class PhaseStem:
     b: Conv
 
 
-Op = Conv | Perm | Pointwise | Opaque | Save | Add | ShiftMax | PhaseStem
+@dataclass
+class ConvShiftMax:
+    """A dense 1 x 1 convolution whose only consumer is a Dynamic Shift-Max (J = 2), to be computed with a twin
+    of the convolution that emits the shifted map (``pair_shift_convs``, ``portable.TwinConvShiftMax``)."""
+
+    conv: Conv
+    shift_max: ShiftMax
+
+
+Op = Conv | Perm | Pointwise | Opaque | Save | Add | ShiftMax | PhaseStem | ConvShiftMax

@@ -12,7 +12,9 @@ from ..ops import ChannelShuffle, DynamicShiftMax
 from .ir import Add, Conv, Op, Opaque, Perm, Pointwise, Save, ShiftMax
 
 
-def _fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm):
+def fold_bn(
+    weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BN(W x + b) = (s W) x + s (b - mean) + beta with s = gamma / sqrt(var + eps), in float64."""
     w = weight.detach().double()
     b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.detach().double()
@@ -30,7 +32,7 @@ def _conv_op(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> Conv:
         w = conv.weight.detach().double()
         b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
     else:
-        w, b = _fold_bn(conv.weight, conv.bias, bn)
+        w, b = fold_bn(conv.weight, conv.bias, bn)
     return Conv(w, b, tuple(conv.stride), tuple(conv.padding), conv.groups)
 
 

@@ -11,9 +11,9 @@ from torch import nn
 
 from ..kernels.op import shift_max
 from ..ops import invert_permutation
-from .fusions import _is_row_conv
+from .fusions import is_row_conv
 from .ir import NCHWC_BLOCK, Add, Conv, PhaseStem, Save, ShiftMax
-from .permutations import _is_identity
+from .permutations import is_identity
 
 
 class ChannelGather(nn.Module):
@@ -70,7 +70,7 @@ class FusedShiftMax(nn.Module):
             self.fc2.bias.copy_(b2.to(dtype))
         self.register_buffer("offset", offset.to(dtype).clone())
         x_src = op.in_perm[logical]
-        self.needs_gather = not _is_identity(x_src)
+        self.needs_gather = not is_identity(x_src)
         self.register_buffer("x_index", x_src.long())  # the (permuted) input itself
         if j == 2:
             shift_src = op.in_perm[op.shift[logical]]
@@ -135,8 +135,8 @@ class EdgeCorrectedConv(nn.Conv2d):
     The map depends only on the input size (Python ints while tracing, so it exports as a constant). With
     ``full_map`` it is stored at the output's full (1, C, H_out, W_out) size: ONNX Runtime adds two tensors
     of one shape in a single pass, but broadcasting a (1, C, 1, W_out) map over the rows is several times
-    slower (M0 with trained-like weights: 0.526 -> 0.475 ms); PyTorch broadcasts it cheaply, so eager keeps
-    the small map.
+    slower, enough to show in a whole network's time; PyTorch broadcasts it cheaply, so eager keeps the small
+    map.
     """
 
     def __init__(self, *args, edge: torch.Tensor, full_map: bool = False, **kwargs) -> None:
@@ -192,7 +192,7 @@ class PhaseStemConv(nn.Module):
         super().__init__()
         a, b = op.a, op.b
         self.full_maps = full_maps  # border maps at full size (one-pass Add in ONNX Runtime, EdgeCorrectedConv)
-        self.plain = nn.Sequential(_conv_module(a, dtype, full_maps), op.act, _conv_module(b, dtype, full_maps))
+        self.plain = nn.Sequential(conv_module(a, dtype, full_maps), op.act, conv_module(b, dtype, full_maps))
         self.act = op.act
         # A's distinct output channels (the ONNX layout repeats them): base[c] is channel c's distinct row
         edge_a = a.edge if a.edge is not None else torch.zeros(a.out_channels, 3, dtype=a.weight.dtype)
@@ -246,8 +246,8 @@ class RowFoldedConv(nn.Conv2d):
     A horizontal conv never mixes rows, so (N, C, H, W) viewed as (N, C * H, 1, W) is the same conv with
     each channel's weights repeated for its H rows. Output r of each group is then one depthwise conv over
     C * H channels, which ONNX Runtime runs in its blocked layout when C * H is a multiple of 16; its
-    per-group path for a channel multiplier is several times slower (M3's first block, 24 -> 48 channels
-    at 56 x 112: 108 -> 80 us). The m results are interleaved back to the original channel order. Other
+    per-group path for a channel multiplier is slower (measured on M3's first block, 24 -> 48 channels at
+    56 x 112). The m results are interleaved back to the original channel order. Other
     sizes, and TorchScript tracing (whose ONNX exporter cannot infer the folded shapes), run the plain
     grouped conv, decided when the graph is traced.
     """
@@ -285,10 +285,12 @@ class RowFoldedConv(nn.Conv2d):
 
 def _rows_foldable(op: Conv) -> bool:
     """A row conv (any multiplier) that ONNX Runtime would not already run in its blocked layout."""
-    return _is_row_conv(op) and not (op.out_channels == op.in_channels and op.in_channels % NCHWC_BLOCK == 0)
+    return is_row_conv(op) and not (op.out_channels == op.in_channels and op.in_channels % NCHWC_BLOCK == 0)
 
 
-def _conv_module(op: Conv, dtype: torch.dtype, full_map: bool = False, fold_rows: bool = False) -> nn.Conv2d:
+def conv_module(op: Conv, dtype: torch.dtype, full_map: bool = False, fold_rows: bool = False) -> nn.Conv2d:
+    """The module for one ``Conv``: a plain ``nn.Conv2d``, an ``EdgeCorrectedConv`` for a merged pair (its border
+    map at full size if ``full_map``), or, with ``fold_rows``, a ``RowFoldedConv`` where that form applies."""
     cout, cin_g, kh, kw = op.weight.shape
     args = (cin_g * op.groups, cout, (kh, kw), op.stride, op.padding)
     if fold_rows and _rows_foldable(op):
