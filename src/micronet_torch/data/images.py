@@ -65,7 +65,7 @@ def eval_pixels(img: Image.Image, cfg: DataConfig) -> torch.Tensor:
     """The deterministic evaluation transform of one image: uint8 (C, img_size, img_size)."""
     pixels = np.asarray(img, dtype=np.uint8)
     pixels = eval_resize(pixels[:, :, None] if pixels.ndim == 2 else pixels, cfg.img_size, cfg.policy, cfg.crop_pct)
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+    return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
 
 
 def normalize(x: torch.Tensor, cfg: DataConfig, channels_last: bool = False) -> torch.Tensor:

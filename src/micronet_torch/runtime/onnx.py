@@ -172,3 +172,13 @@ def write_metadata(path: str | os.PathLike, meta: dict[str, str]) -> None:
     """``meta`` as the file's ``metadata_props``, its input size with the dynamic batch axis first."""
     sizes = json.loads(meta["input_size"]) if "input_size" in meta else None
     write_onnx_metadata(path, {**meta, **({"input_size": json.dumps(["batch", *sizes])} if sizes else {})})
+
+
+def declared_input_shape(path: str | os.PathLike) -> list[int | str]:
+    """The first graph input's shape as the file declares it (a number per fixed axis, a name per dynamic one)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    first = next(i for i in graph.input if i.name not in weights)
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in first.type.tensor_type.shape.dim]

@@ -63,13 +63,19 @@ class Target:
     companions: tuple[Callable[[Path], Path], ...] = ()  # the other files it writes, from the main file's path
     fused: FusedOps | None = None  # --fused-ops, where the runtime has an operator for it
     flags: frozenset[str] = frozenset()  # export options only this target takes: opset, int8, dynamic_batch
+    runtime: str = "PyTorch"  # what runs the file, for messages
+    run_packages: tuple[str, ...] | None = None  # the packages running a file needs (None: all of ``packages``)
+    input_shape: Callable[[Path], list[Any]] | None = None  # the graph's declared input shape, read without running
 
-    def missing(self) -> str | None:
-        """None when every package is importable, else one line naming the missing ones and the extra."""
-        absent = [p for p in self.packages if importlib.util.find_spec(p) is None]
+    def missing(self, run_only: bool = False) -> str | None:
+        """None when every package is importable (``run_only``: those that run a file), else one line naming the
+        missing ones and the extra."""
+        needed = self.packages if not run_only or self.run_packages is None else self.run_packages
+        absent = [p for p in needed if importlib.util.find_spec(p) is None]
         if not absent:
             return None
-        return f"--format {self.name} needs {', '.join(absent)}: pip install micronet-torch[{self.extra}]"
+        what = f"running {self.about} files" if run_only else f"--format {self.name}"
+        return f"{what} needs {', '.join(absent)}: pip install micronet-torch[{self.extra}]"
 
     def main_file(self, output: str | os.PathLike) -> Path:
         """The file an export to ``output`` writes (fixed-shape runtimes give it their suffix)."""
@@ -104,6 +110,8 @@ TARGETS: dict[str, Target] = {
             "SessionOptions.register_custom_ops_library('{library}') (micronet_torch.fused_ops.register)",
         ),
         flags=frozenset({"opset", "int8"}),
+        runtime="ONNX Runtime",
+        input_shape=onnx.declared_input_shape,
     ),
     "torchscript": Target(
         "torchscript",
@@ -140,6 +148,7 @@ TARGETS: dict[str, Target] = {
             "uses the micronet.ShiftMax operation; an openvino.Core needs core.add_extension('{library}')",
         ),
         flags=frozenset({"dynamic_batch"}),
+        runtime="OpenVINO",
         **_portable("openvino"),
     ),
     "executorch": Target(
@@ -158,6 +167,7 @@ TARGETS: dict[str, Target] = {
             "ctypes.CDLL('{library}', mode=ctypes.RTLD_GLOBAL)",
             dict(RUNTIME_OPTIONS["executorch"]),
         ),
+        runtime="ExecuTorch",
         **_portable("executorch"),
     ),
     "tflite": Target(
@@ -169,6 +179,8 @@ TARGETS: dict[str, Target] = {
         packages=("litert_torch", "ai_edge_litert"),
         read_metadata=read_json_beside,
         companions=(sidecar,),
+        runtime="LiteRT",
+        run_packages=("ai_edge_litert",),
         **_portable("litert"),
     ),
     "ncnn": Target(
@@ -180,6 +192,8 @@ TARGETS: dict[str, Target] = {
         packages=("pnnx", "ncnn"),
         read_metadata=read_json_beside,
         companions=(ncnn.weights_file, sidecar),
+        runtime="ncnn",
+        run_packages=("ncnn",),
         **_portable("ncnn"),
     ),
 }
