@@ -125,12 +125,12 @@ def _probe(path: Path, model: RuntimeModel, dcfg: DataConfig) -> int:
 
 
 def _class_names(path: Path, meta: dict[str, str], n_cls: int) -> list[str]:
-    if "class_names" not in meta:
-        return [f"class_{i}" for i in range(n_cls)]
     try:
-        names = json.loads(meta["class_names"])
+        names = json.loads(meta.get("class_names", "[]"))
     except ValueError as err:
         raise _fail(path, "its metadata's class_names is not JSON", err) from err
+    if names == []:  # exported without a training checkpoint: no names recorded
+        return [f"class_{i}" for i in range(n_cls)]
     if not isinstance(names, list) or len(names) != n_cls:
         count = len(names) if isinstance(names, list) else "no list of"
         raise _fail(path, f"its metadata names {count} classes but the graph outputs {n_cls}")
