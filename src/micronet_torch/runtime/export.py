@@ -175,7 +175,7 @@ def export_checked(loaded: LoadedModel, output: str | os.PathLike, options: Expo
             moves = [(stage / p.name, p) for p in report.files if (stage / p.name).exists()]
             commit(moves)
             res.path = report.files[-1]
-    if res is not None and res.format == target.name and not options.int8:
+    if res is not None and not options.int8:
         report.lines.insert(
             0,
             f"exported {loaded.name} ({'deploy mode' if options.deploy else 'eager'}) to {out} "
