@@ -99,7 +99,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
     out = tmp_path / "m0.onnx"
     out_small = tmp_path / "keep.onnx"
     assert _export(out_small) == 0
-    child = _child([*EXPORT, "--num-classes", "1000", "-o", str(out)], limit=600_000)
+    child = _child([*EXPORT, "--num-classes", "1000", "--exporter", "dynamo", "-o", str(out)], limit=600_000)
     _, err = child.communicate(timeout=600)
     assert child.returncode == 2, err[-2000:]
     assert err.count("\n") == 1 and f"cannot write {out}" in err and "Traceback" not in err

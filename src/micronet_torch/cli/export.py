@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ def run_export(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     options.validate()  # before the (slow) model load
-    if Path(args.output).is_dir():
+    if os.path.isdir(args.output):  # False for a name too long to stat: refused with its reason by the export
         example = Path(args.output) / f"{args.model or 'model'}{TARGETS[args.format].suffix}"
         raise CLIError(f"--output {args.output} is a folder: give the file to write, e.g. {example}")
     report = export_checked(_loaded(args), args.output, options)
