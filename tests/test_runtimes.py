@@ -132,7 +132,7 @@ def test_ncnn_converter_log_is_captured_and_quoted(tmp_path, monkeypatch, capfd)
     model = micronet_torch.create_model("micronet_m0", num_classes=10).eval()
     export_ncnn(model, tmp_path / "m0.param", (1, 3, 32, 32))
     out, err = capfd.readouterr()
-    assert (tmp_path / "m0.bin").is_file() and "pass_level" not in out + err
+    assert (tmp_path / "m0.ncnn.bin").is_file() and "pass_level" not in out + err
 
     def fails(*args, **kwargs):  # what a pnnx that rejects the graph does: logs, writes nothing, returns
         import os

@@ -74,6 +74,7 @@ def test_docs_snippet_runs_the_file_alone(
     text = DOCS.read_text()
     code = re.search(r"<!-- snippet: run-onnx[^\n]*\n```python\n(.*?)```", text, re.S).group(1)
     assert "micronet_torch" not in code
+    monkeypatch.syspath_prepend(str(DOCS.parents[1] / "src" / "micronet_torch" / "data"))  # preprocess.py
     image = tiny_folder / "val" / "stripes" / "1.png"
     code = code.replace('"m0.onnx"', repr(str(run / "m0.onnx"))).replace('"photo.png"', repr(str(image)))
     buf = io.StringIO()

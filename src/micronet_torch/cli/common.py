@@ -20,7 +20,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     and so is an ONNX export every exporter refused (each one's reason is in the line). Their modules are
     imported here, when an error is being handled, not when the command line starts.
     """
-    from ..deploy.fused.build import FusedOpsUnavailable
+    from ..kernels.ort_ops import FusedOpsUnavailable
     from ..runtime.result import ConversionError
 
     return (

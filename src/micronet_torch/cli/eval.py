@@ -6,11 +6,12 @@ import argparse
 import json
 from typing import Any
 
-from ..tools.evaluate import evaluate_checkpoint
 from .common import nonnegative_int, positive_int
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from ..tools.evaluate import evaluate_checkpoint  # heavy: torch, and a runtime for exported files
+
     out = evaluate_checkpoint(
         args.checkpoint,
         args.data,
@@ -37,7 +38,10 @@ def run_eval(args: argparse.Namespace) -> int:
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model name (read from training checkpoints when left out)")
     p.add_argument(
-        "--checkpoint", "-c", required=True, help="best.pt/last.pt, .pth(.tar), .pdparams, .safetensors, .onnx"
+        "--checkpoint",
+        "-c",
+        required=True,
+        help="best.pt/last.pt, .pth(.tar), .pdparams, .safetensors, or an exported .onnx/.xml/.pte/.tflite/.param",
     )
     p.add_argument(
         "--data", default="fashion-mnist", help="class-folder tree (DIR/val when present) or a built-in test split"

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+from typing import Any
 
-from ..models import build_model, load_model, published_data_config
-from ..models.loader import LoadedModel
-from ..runtime import DEFAULT_OPSET, FORMATS, INT8_FORMATS, TARGETS, ExportOptions, export_and_check
 from .common import CLIError, positive_int
 
+# flag defaults without importing torch for `micronet --help` (the runtime package does; tests check they agree);
+# --format is checked against runtime.TARGETS when the command runs, so a new target needs no edit here
+DEFAULT_OPSET = 18
+INT8_FORMATS = ("qdq", "qoperator")
 
-def _loaded(args: argparse.Namespace) -> LoadedModel:
+
+def _loaded(args: argparse.Namespace) -> Any:
     """The model to export: from ``--checkpoint`` (any supported file), else ``--model`` with random weights."""
+    from ..models import LoadedModel, build_model, load_model, published_data_config  # heavy: torch
+
     if args.checkpoint is not None:
         loaded = load_model(args.checkpoint, args.model, args.img_size, num_classes=args.num_classes)
         if args.in_chans and args.in_chans != loaded.data_config.in_chans:
@@ -26,6 +32,8 @@ def _loaded(args: argparse.Namespace) -> LoadedModel:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from ..runtime import TARGETS, ExportOptions, export_checked  # heavy: torch and the converters
+
     options = ExportOptions(
         format=args.format,
         deploy=not args.no_deploy,
@@ -42,12 +50,16 @@ def run_export(args: argparse.Namespace) -> int:
         skip_bad_images=args.skip_bad_images,
         keep_failed=args.keep_failed,
         dynamic_batch=args.dynamic_batch,
+        overwrite=args.overwrite,
     )
     options.validate()  # before the (slow) model load
-    if Path(args.output).is_dir():
+    if os.path.isdir(args.output):  # False for a name too long to stat: refused with its reason by the export
         example = Path(args.output) / f"{args.model or 'model'}{TARGETS[args.format].suffix}"
         raise CLIError(f"--output {args.output} is a folder: give the file to write, e.g. {example}")
-    return 0 if export_and_check(_loaded(args), args.output, options) else 1
+    report = export_checked(_loaded(args), args.output, options)
+    for line in report.lines:
+        print(line)
+    return 0 if report.ok else 1
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
@@ -64,7 +76,11 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         "-c",
         help="weights: best.pt/last.pt, published .pth(.tar), PaddleClas .pdparams, .safetensors",
     )
-    p.add_argument("--format", choices=FORMATS, default="onnx")
+    p.add_argument(
+        "--format",
+        default="onnx",
+        help="onnx [default], torchscript, exported-program, openvino, executorch, tflite, ncnn (runtime.TARGETS)",
+    )
     p.add_argument(
         "--output", "-o", required=True, help="file to write (.onnx, .ts/.pt, .pt2, .xml, .pte, .tflite, .param)"
     )
@@ -96,6 +112,11 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default per-channel)")
     p.add_argument(
         "--float-convs", type=positive_int, default=0, help="keep the first N convs and the head linears in float [0]"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files at the output that this format's export did not write (refused otherwise)",
     )
     p.add_argument("--dynamic-batch", action="store_true", help="openvino: keep the batch axis dynamic (slower)")
     p.set_defaults(func=run_export)

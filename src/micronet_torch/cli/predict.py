@@ -11,15 +11,16 @@ import json
 import sys
 from typing import Any
 
-import torch
-
-from .._env import default_threads, pick_device
-from ..tools.evaluate import open_model
-from ..tools.predict import format_errors, format_predictions, predict_images
 from .common import positive_int
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    import torch  # heavy: only when predicting
+
+    from .._env import default_threads, pick_device
+    from ..tools.evaluate import open_model
+    from ..tools.predict import format_errors, format_predictions, predict_images
+
     loaded = open_model(
         args.checkpoint, args.model, args.img_size, pick_device(args.device or "auto"), args.threads or 1
     )
@@ -43,13 +44,16 @@ def run_predict(args: argparse.Namespace) -> int:
 def register_cli(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "predict",
-        help="top-5 classes of images with a checkpoint or an exported .onnx file",
+        help="top-5 classes of images with a checkpoint or an exported file",
         description="The top-k classes, with probabilities, of each image given (files, folders, glob patterns). "
         "Unreadable images are reported one per line; the exit status is 2 if any failed.",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (images under them) or globs")
     p.add_argument(
-        "--checkpoint", "-c", required=True, help="best.pt/last.pt, .pth(.tar), .pdparams, .safetensors, .onnx"
+        "--checkpoint",
+        "-c",
+        required=True,
+        help="best.pt/last.pt, .pth(.tar), .pdparams, .safetensors, or an exported .onnx/.xml/.pte/.tflite/.param",
     )
     p.add_argument("--model", help="model name (read from training checkpoints when left out)")
     p.add_argument("--topk", "-k", type=positive_int, default=5)

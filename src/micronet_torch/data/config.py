@@ -20,7 +20,12 @@ from .._env import SMALL_IMAGE_MAX
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SMALL_MAX = SMALL_IMAGE_MAX  # img sizes up to this use the small-image pipeline
-MAX_IMG_SIZE = 4096  # a recorded input size beyond this is not a MicroNet's
+# the largest input size anything accepts (flags, checkpoints, exported files' metadata and graphs, resumed
+# configs): 2048 px is 9x the 224 px MicroNet is made for; an image batch at it is ~50 MB of float input
+MAX_IMG_SIZE = 2048
+# the most pixels (images x height x width) an evaluation batch holds: 2^24, 334 images at 224 px, 4 at 2048 px;
+# ``micronet eval`` / ``predict`` lower the batch size to it, so memory does not grow with the input size
+MAX_BATCH_PIXELS = 1 << 24
 # PIL's default limit (~89 M pixels, a 9459 x 9459 image): far above any photo a classifier is trained on
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 

@@ -13,26 +13,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from .config import DataConfig, DataError
+from .preprocess import eval_resize, upright
 from .scan import ImageFileError, open_image_safely
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-
-
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit and float greyscale to 8-bit 'L' by scaling (PIL's own convert clips at 255)."""
-    arr = np.asarray(img)
-    if img.mode == "F":
-        arr = arr.astype(np.float32)
-        hi = 1.0 if arr.max(initial=0.0) <= 1.0 else 255.0
-        arr = np.clip(arr / hi * 255.0, 0, 255)
-    else:
-        arr = arr.astype(np.float64)
-        hi = 65535.0 if arr.max(initial=0) > 255 or img.mode.startswith("I;16") else 255.0
-        arr = np.clip(arr / hi * 255.0, 0, 255)
-    return Image.fromarray(np.round(arr).astype(np.uint8), mode="L")
 
 
 def open_image(path: str | os.PathLike, in_chans: int = 3, max_pixels: int | None = None) -> Image.Image:
@@ -46,20 +33,7 @@ def open_image(path: str | os.PathLike, in_chans: int = 3, max_pixels: int | Non
     """
     try:
         with open_image_safely(path, max_pixels) as opened:
-            opened.load()
-            img = ImageOps.exif_transpose(opened) or opened
-            mode = img.mode
-            if mode in ("I", "F") or mode.startswith("I;16"):
-                img = _to_8bit(img)
-            elif mode == "P":
-                img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-            if img.mode in ("1", "LA", "La"):
-                img = img.convert("L")
-            if in_chans == 1:
-                return img.convert("L") if img.mode != "L" else img.copy()
-            if img.mode == "L":
-                return img.copy()
-            return img.convert("RGB")
+            return upright(opened, 1 if in_chans == 1 else 3)
     except ImageFileError as err:
         raise DataError(str(err)) from err
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
@@ -89,15 +63,9 @@ def resize_uint8(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
 
 def eval_pixels(img: Image.Image, cfg: DataConfig) -> torch.Tensor:
     """The deterministic evaluation transform of one image: uint8 (C, img_size, img_size)."""
-    x = image_to_uint8(img)
-    if cfg.policy == "small":
-        return resize_uint8(x, cfg.img_size)
-    h, w = x.shape[-2:]
-    short = cfg.resize_size
-    size = (short, max(1, round(w * short / h))) if h <= w else (max(1, round(h * short / w)), short)
-    x = resize_uint8(x, size)
-    top, left = (size[0] - cfg.img_size) // 2, (size[1] - cfg.img_size) // 2
-    return x[:, top : top + cfg.img_size, left : left + cfg.img_size].contiguous()
+    pixels = np.asarray(img, dtype=np.uint8)
+    pixels = eval_resize(pixels[:, :, None] if pixels.ndim == 2 else pixels, cfg.img_size, cfg.policy, cfg.crop_pct)
+    return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
 
 
 def normalize(x: torch.Tensor, cfg: DataConfig, channels_last: bool = False) -> torch.Tensor:

@@ -7,13 +7,13 @@ ONNX Runtime sessions and int8 quantization; ``parity`` the checks every export 
 """
 
 from .calibration import calibration_images, synthetic_images
-from .export import ExportError, ExportOptions, export_and_check, export_model
+from .export import ExportOptions, ExportReport, export_and_check, export_checked, export_model
 from .metadata import export_metadata
 from .onnx import DEFAULT_OPSET, count_nodes, export_onnx
 from .ort import INT8_FORMATS, ort_nodes_after_optimization, ort_session, quantize_onnx, run_ort
 from .parity import FP32_TOLERANCE, INT8_MIN_AGREEMENT, check_fp32, check_int8, reference_logits
-from .result import ConversionError, ExportResult
-from .targets import FORMATS, TARGETS, Target, load_exported
+from .result import ConversionError, ExportError, ExportResult
+from .targets import FORMATS, TARGETS, Target, load_exported, target_of_file
 from .torch_export import export_program, export_torchscript
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "ConversionError",
     "ExportError",
     "ExportOptions",
+    "ExportReport",
     "ExportResult",
     "Target",
     "calibration_images",
@@ -33,6 +34,7 @@ __all__ = [
     "check_int8",
     "count_nodes",
     "export_and_check",
+    "export_checked",
     "export_metadata",
     "export_model",
     "export_onnx",
@@ -45,4 +47,5 @@ __all__ = [
     "reference_logits",
     "run_ort",
     "synthetic_images",
+    "target_of_file",
 ]

@@ -49,7 +49,8 @@ def calibration_images(
             if limit and len(images) >= limit:
                 break
             try:
-                images.append(eval_pixels(open_image(p, chans, cfg.max_image_pixels), cfg))
+                x = eval_pixels(open_image(p, chans, cfg.max_image_pixels), cfg)
+                images.append(x.expand(chans, -1, -1) if len(x) != chans else x)  # grey among RGB: as training
             except DataError as err:
                 if not skip_bad:
                     raise DataError(f"{err}\nFix or delete the file, or pass --skip-bad-images") from err

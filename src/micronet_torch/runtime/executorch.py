@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from ..kernels import executorch_ops
-from .metadata import write_json_beside
+from .metadata import sidecar, write_json_beside
 from .native_log import captured, converting
 from .onnx import _warm
+from .result import ExportResult, per_image
 
 EXTRA = "pip install micronet-torch[executorch]"
 KERNEL_CALL = executorch_ops.KERNEL.replace("::", ".")  # how an exported program names a call of that kernel
@@ -179,3 +180,29 @@ def _set_threads(threads: int) -> None:
         portable_lib._unsafe_reset_threadpool(threads)
     except (ImportError, AttributeError):
         pass
+
+
+def export_target(
+    model: nn.Module, path: Path, input_shape: tuple[int, ...], options: Any, metadata: dict[str, str] | None = None
+) -> ExportResult:
+    """The ``executorch`` target's converter: ``write_executorch``, with what the delegate covers as notes and a
+    Dynamic Shift-Max outside it as a failure (metadata: numeric entries as constant methods, all in the sidecar)."""
+    written, report = write_executorch(model, path, input_shape, metadata)  # type: ignore[arg-type]
+    fused = any(KERNEL_CALL in op for op in report.outside)
+    how = "torch.export + XNNPACK partitioner" + (" + micronet::shift_max kernel" if fused else "")
+    res = ExportResult(written, "executorch", exporter=how)
+    counts = {op: report.outside.count(op) for op in dict.fromkeys(report.outside)}
+    res.notes.append(
+        f"{report.partitions} XNNPACK partition(s); outside the delegate: "
+        + (", ".join(f"{n} x {op}" for op, n in counts.items()) if counts else "nothing")
+    )
+    res.notes.append(f"metadata: numeric entries as constant methods, all in {sidecar(written).name}")
+    dsm = report.shift_max_outside
+    if dsm:
+        res.failures.append(f"Dynamic Shift-Max operators outside the XNNPACK delegate: {', '.join(sorted(set(dsm)))}")
+    return res
+
+
+def load_runner(path: str | os.PathLike, threads: int = 1) -> Callable[[torch.Tensor], np.ndarray]:
+    """The ``executorch`` target's loader: the batch-1 program run image by image."""
+    return per_image(load_executorch(path, threads))

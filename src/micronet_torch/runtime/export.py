@@ -8,32 +8,27 @@ for int8, top-1 agreement on real images. The file carries ``metadata.export_met
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from ..data.config import MAX_IMG_SIZE
 from ..deploy import convert_to_deploy
-from ..kernels import executorch_ops, openvino_ops
-from ..kernels.ort_ops import FusedOpsUnavailable, library_path
+from ..kernels.ort_ops import FusedOpsUnavailable
 from ..models import LoadedModel
 from .calibration import calibration_images
+from .files import check_outputs, commit, staging, write_failure
 from .metadata import export_metadata, write_onnx_metadata
 from .onnx import DEFAULT_OPSET, check_opset
 from .ort import INT8_FORMATS, quantize_onnx
 from .parity import FP32_TOLERANCE, INT8_MIN_AGREEMENT, check_fp32, check_int8
-from .result import ExportResult
-from .targets import TARGETS
-
-
-class ExportError(ValueError):
-    """Export options that cannot work together, or a runtime that is missing; the message says what to do."""
+from .result import ExportError, ExportResult
+from .targets import TARGETS, Target
 
 
 @dataclass
@@ -56,19 +51,28 @@ class ExportOptions:
     keep_failed: bool = False  # int8: keep a file that fails its check, as OUTPUT-FAILED.onnx
     dynamic_batch: bool = False  # OpenVINO: keep the batch axis dynamic (fixed-shape IRs fuse more)
 
+    overwrite: bool = False  # replace files that this format's export did not write
+
     def validate(self) -> None:
         """Refuse combinations that cannot work, naming the flags; a missing runtime names its pip extra."""
         if self.format not in TARGETS:
             raise ExportError(f"--format {self.format}: choose one of {', '.join(TARGETS)}")
-        missing = TARGETS[self.format].missing()
+        target = TARGETS[self.format]
+        missing = target.missing()
         if missing:
             raise ExportError(missing)
-        if self.format == "onnx":
+
+        def takers(flag: str) -> str:
+            return " or ".join(f"--format {t.name}" for t in TARGETS.values() if flag in t.flags)
+
+        if "opset" in target.flags:
             check_opset(self.opset)
-        if self.dynamic_batch and self.format != "openvino":
-            raise ExportError("--dynamic-batch is for --format openvino (ONNX always has a dynamic batch axis)")
-        if self.int8 and self.format != "onnx":
-            raise ExportError("--int8 needs --format onnx (quantization runs in ONNX Runtime)")
+        if self.dynamic_batch and "dynamic_batch" not in target.flags:
+            raise ExportError(
+                f"--dynamic-batch is for {takers('dynamic_batch')} (ONNX always has a dynamic batch axis)"
+            )
+        if self.int8 and "int8" not in target.flags:
+            raise ExportError(f"--int8 needs {takers('int8')} (quantization runs in ONNX Runtime)")
         if self.int8 and not self.calib:
             raise ExportError("--int8 needs --calib DIR (an image folder, or fashion-mnist)")
         if self.int8_format not in INT8_FORMATS:
@@ -77,7 +81,7 @@ class ExportOptions:
             clash = [
                 flag
                 for flag, on in (
-                    ("--format " + self.format, self.format not in ("onnx", "openvino", "executorch")),
+                    ("--format " + self.format, target.fused is None),
                     ("--no-deploy", not self.deploy),
                     ("--int8", self.int8),
                     ("--exporter legacy", self.exporter == "legacy"),
@@ -91,6 +95,16 @@ class ExportOptions:
                 )
 
 
+def deploy_graph(model: nn.Module, target: Target, options: ExportOptions) -> nn.Module:
+    """The graph the target's converter gets: the deploy form for its backend (the fused-operator form with
+    ``--fused-ops``), or ``model`` itself with ``deploy`` off."""
+    if not options.deploy:
+        return model
+    if options.fused_ops and target.fused is not None:
+        return convert_to_deploy(model, backend=target.fused.backend, fused_ops=True, **target.fused.options)
+    return convert_to_deploy(model, backend=target.backend, **target.options)
+
+
 def export_model(
     model: nn.Module,
     path: str | os.PathLike,
@@ -101,126 +115,170 @@ def export_model(
     """Convert ``model`` for the target's backend and options (unless ``options.deploy`` is off) and write it to
     ``path``; a runtime whose package is missing raises ``ExportError`` naming the pip extra."""
     target = TARGETS[options.format]
-    graph = model
-    if options.deploy and options.fused_ops and options.format == "executorch":  # micronet::shift_max kernel calls
-        graph = convert_to_deploy(model, backend="portable", fused_ops=True, **target.options)
-    elif options.deploy and options.fused_ops:  # micronet.ShiftMax nodes: ONNX's deploy graph (OpenVINO reads it)
-        graph = convert_to_deploy(model, backend="onnx", fused_ops=True)
-    elif options.deploy:
-        graph = convert_to_deploy(model, backend=target.backend, **target.options)
-    kwargs: dict[str, Any] = dict(opset=options.opset, exporter=options.exporter, simplify=options.simplify)
-    if target.fixed_shape:
-        kwargs = dict(metadata=metadata, dynamic_batch=options.dynamic_batch, fused_ops=options.fused_ops)
     try:
-        return target.export(graph, Path(path), input_shape, **kwargs)
+        return target.export(deploy_graph(model, target, options), Path(path), input_shape, options, metadata)
     except ImportError as err:
         raise ExportError(str(err)) from err
 
 
-def export_and_check(
-    loaded: LoadedModel, output: str | os.PathLike, options: ExportOptions, log: Callable[[str], None] = print
-) -> bool:
-    """``micronet export``: write ``output``, print what was written and its parity; False when a check fails."""
+@dataclass
+class ExportReport:
+    """What ``export_checked`` did: whether every check passed, the lines ``micronet export`` prints, the files
+    written (final paths) and the export's ``ExportResult``."""
+
+    ok: bool = False
+    lines: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    result: ExportResult | None = None
+
+
+def export_checked(loaded: LoadedModel, output: str | os.PathLike, options: ExportOptions) -> ExportReport:
+    """``micronet export``: write ``output`` (and the files beside it) as one transaction and check its parity.
+
+    Everything that can be refused is refused before the work: the options, the output's names and folder, files
+    another format wrote, the calibration images. The files are written to a staging folder, their metadata put
+    in, parity checked, then renamed into place (``runtime/files.py``); a write error is one ``ExportError``.
+    """
     options.validate()
+    target = TARGETS[options.format]
     library = None
-    if options.fused_ops:
+    if options.fused_ops and target.fused is not None:
         try:
-            libraries = {"openvino": openvino_ops.library_path, "executorch": executorch_ops.library_path}
-            library = libraries.get(options.format, library_path)()
+            library = target.fused.library()
         except FusedOpsUnavailable as err:
             raise ExportError(str(err)) from err
     model, cfg = loaded.model.eval(), loaded.data_config
+    if not 1 <= cfg.img_size <= MAX_IMG_SIZE:
+        raise ExportError(f"--img-size {cfg.img_size}: the input size must be 1 to {MAX_IMG_SIZE} px")
     in_chans = getattr(model, "in_chans", cfg.in_chans)
     shape = (1, in_chans, cfg.img_size, cfg.img_size)
-    out = Path(output)
+    out = target.main_file(output)
+    failed = out.with_name(out.stem + "-FAILED" + out.suffix)
+    check_outputs(target, [out, failed] if options.int8 and options.keep_failed else [out], options.overwrite)
+    report = ExportReport()
+    calib = _calibration(options, cfg, report) if options.int8 else None  # before the minute of fp32 export
+    meta = {**export_metadata(loaded), "export_format": target.name}
     t0 = time.perf_counter()
-    written = out.with_name(out.stem + "-fp32.onnx") if options.int8 else out
-    meta = export_metadata(loaded)
-    res = export_model(model, written, shape, options, meta)
-    write_metadata(res, meta)
-    log(
-        f"exported {loaded.name} ({'deploy mode' if options.deploy else 'eager'}) to {res.path} "
-        f"[{res.format}, {res.exporter}, {time.perf_counter() - t0:.1f} s]"
-        + (f", {res.nodes} ONNX nodes" if res.nodes else "")
-    )
-    for note in res.notes:
-        log(f"  note: {note}")
-    for failure in res.failures:
-        log(f"  FAIL: {failure}")
-    if library is not None and options.format == "executorch":
-        log(
-            f"  note: calls the micronet::shift_max kernel; load it before the program: "
-            f"ctypes.CDLL('{library}', mode=ctypes.RTLD_GLOBAL)"
+    with staging(out.parent) as stage:
+        try:
+            res = _export_and_check_staged(model, target, stage, out, shape, options, meta, calib, report)
+        except ExportError:
+            raise
+        except Exception as err:
+            reason = write_failure(err)
+            if reason is None:
+                raise
+            raise ExportError(
+                f"cannot write {out} ({reason}); nothing was written, files already there are kept"
+            ) from err
+        if res is not None:
+            moves = [(stage / p.name, p) for p in report.files if (stage / p.name).exists()]
+            commit(moves)
+            res.path = report.files[-1]
+    if res is not None and not options.int8:
+        report.lines.insert(
+            0,
+            f"exported {loaded.name} ({'deploy mode' if options.deploy else 'eager'}) to {out} "
+            f"[{res.format}, {res.exporter}, {time.perf_counter() - t0:.1f} s]"
+            + (f", {res.nodes} ONNX nodes" if res.nodes else ""),
         )
-    elif library is not None and options.format == "openvino":
-        log(f"  note: uses the micronet.ShiftMax operation; an openvino.Core needs core.add_extension('{library}')")
-    elif library is not None:
-        log(
-            f"  note: uses the micronet.ShiftMax operator; ONNX Runtime sessions need "
-            f"SessionOptions.register_custom_ops_library('{library}') (micronet_torch.fused_ops.register)"
-        )
-    check_x = torch.randn(3, *shape[1:], generator=torch.Generator().manual_seed(0))
-    check_fp32(res, model, check_x)
-    ok = res.rel_diff <= FP32_TOLERANCE and not res.failures
-    fixed = TARGETS[options.format].fixed_shape and not options.dynamic_batch
-    how = "batch 3, image by image: fixed input shape" if fixed else "batch 3"
-    log(
-        f"parity vs PyTorch (fp32, {how}): max|diff| = {res.max_abs_diff:.3g} = {res.rel_diff:.2e} x max|logits| "
-        f"(limit {FP32_TOLERANCE:g}) {'OK' if res.rel_diff <= FP32_TOLERANCE else 'FAIL'}"
-    )
-    if not ok or not options.int8:
-        return ok
+    if library is not None and target.fused is not None:
+        report.lines.append("  note: " + target.fused.usage.format(library=library))
+    return report
+
+
+def _calibration(options: ExportOptions, cfg, report: ExportReport) -> tuple:
+    """The int8 calibration and check images, read (and every one checked) before any export work."""
     skipped: dict[str, str] = {}
     skip = options.skip_bad_images
     calib_x, what = calibration_images(options.calib, cfg, options.calib_count, "train", skip, skipped)
     check_x, check_what = calibration_images(options.calib, cfg, None, "val", skip, skipped)
     for path, err in sorted(skipped.items()):
-        log(f"  skipped unreadable calibration image {path}: {err}")
+        report.lines.append(f"  skipped unreadable calibration image {path}: {err}")
     if options.calib != "fashion-mnist":
         check_what = what + " (the calibration images)"
-    # quantized under a name that says it is unchecked; renamed to OUTPUT only once its check passes
-    pending = out.with_name(out.stem + ".unchecked" + out.suffix)
-    try:
-        quantize_onnx(
-            res.path, pending, calib_x, options.int8_format, per_channel=options.per_channel,
-            float_convs=options.float_convs,
-        )  # fmt: skip
-        write_onnx_metadata(pending, {**meta, "quantization": f"int8 {options.int8_format}"})
-        q = check_int8(
-            ExportResult(pending, "onnx", exporter=f"ORT quantize_static {options.int8_format}"), model, check_x
-        )
-    except BaseException:
-        pending.unlink(missing_ok=True)
-        raise
-    ok = q.agreement >= INT8_MIN_AGREEMENT
+    return calib_x, what, check_x, check_what
+
+
+def _export_and_check_staged(
+    model: nn.Module,
+    target: Target,
+    stage: Path,
+    out: Path,
+    shape: tuple[int, ...],
+    options: ExportOptions,
+    meta: dict[str, str],
+    calib: tuple | None,
+    report: ExportReport,
+) -> ExportResult | None:
+    """Export into ``stage`` and check; sets ``report.files`` to the final paths to commit (none: nothing to keep)."""
+    t0 = time.perf_counter()
+    res = export_model(model, stage / ("fp32.onnx" if options.int8 else out.name), shape, options, meta)
+    if target.write_metadata is not None:
+        target.write_metadata(res.path, meta)
+    lines = report.lines
+    if options.int8:
+        lines.append(f"exported the fp32 graph to quantize [{res.exporter}, {time.perf_counter() - t0:.1f} s]")
+    lines += [f"  note: {note}" for note in res.notes] + [f"  FAIL: {failure}" for failure in res.failures]
+    check_x = torch.randn(3, *shape[1:], generator=torch.Generator().manual_seed(0))
+    check_fp32(res, model, check_x)
+    report.ok = res.rel_diff <= FP32_TOLERANCE and not res.failures
+    fixed = target.fixed_shape and not options.dynamic_batch
+    how = "batch 3, image by image: fixed input shape" if fixed else "batch 3"
+    lines.append(
+        f"parity vs PyTorch (fp32, {how}): max|diff| = {res.max_abs_diff:.3g} = {res.rel_diff:.2e} x max|logits| "
+        f"(limit {FP32_TOLERANCE:g}) {'OK' if res.rel_diff <= FP32_TOLERANCE else 'FAIL'}"
+    )
+    if not options.int8:
+        report.result = res
+        report.files = target.files(out)
+        return res
+    if not report.ok:
+        lines.append("int8: not written (the fp32 graph failed its check)")
+        return None
+    assert calib is not None
+    calib_x, what, check_x, check_what = calib
+    staged = stage / out.name
+    quantize_onnx(
+        res.path, staged, calib_x, options.int8_format, per_channel=options.per_channel,
+        float_convs=options.float_convs,
+    )  # fmt: skip
+    write_onnx_metadata(staged, {**meta, "quantization": f"int8 {options.int8_format}"})
+    q = check_int8(ExportResult(staged, "onnx", exporter=f"ORT quantize_static {options.int8_format}"), model, check_x)
+    report.ok = q.agreement >= INT8_MIN_AGREEMENT
+    report.result = q
     scales = "per-channel" if options.per_channel else "per-tensor"
     if options.float_convs:
         scales += f", first {options.float_convs} convs and the head linears in float"
-    if ok:
-        os.replace(pending, out)
-        kept = str(out)
+    failed = out.with_name(out.stem + "-FAILED" + out.suffix)
+    if report.ok:
+        report.files, kept = [out], str(out)
     elif options.keep_failed:
-        kept = str(out.with_name(out.stem + "-FAILED" + out.suffix))
-        os.replace(pending, kept)
+        staged.rename(stage / failed.name)
+        report.files, kept = [failed], str(failed)
     else:
-        pending.unlink(missing_ok=True)
-        kept = f"not written (its check failed; --keep-failed keeps it as {out.stem}-FAILED{out.suffix})"
-    log(f"int8 ({options.int8_format}, {scales}) calibrated on {what}: {kept}")
-    log(
+        kept = f"not written (its check failed; --keep-failed keeps it as {failed.name})"
+    lines.append(f"int8 ({options.int8_format}, {scales}) calibrated on {what}: {kept}")
+    lines.append(
         f"top-1 agreement int8 vs fp32 PyTorch on {check_what}: {q.agreement * 100:.2f} % "
-        f"(limit {INT8_MIN_AGREEMENT * 100:.0f} %) {'OK' if ok else 'FAIL'}"
+        f"(limit {INT8_MIN_AGREEMENT * 100:.0f} %) {'OK' if report.ok else 'FAIL'}"
     )
-    return ok
+    return q if report.files else None
+
+
+def export_and_check(
+    loaded: LoadedModel, output: str | os.PathLike, options: ExportOptions, log: Callable[[str], None] = print
+) -> bool:
+    """``export_checked`` with its lines passed to ``log``; False when a check fails."""
+    report = export_checked(loaded, output, options)
+    for line in report.lines:
+        log(line)
+    return report.ok
 
 
 def write_metadata(res: ExportResult, meta: dict[str, str]) -> None:
-    """Put ``export_metadata`` into the written file: ONNX ``metadata_props``; TorchScript and torch.export
-    programs get it as the extra file ``metadata.json``."""
-    if res.format == "onnx":  # a dynamic batch axis
-        write_onnx_metadata(res.path, {**meta, "input_size": json.dumps(["batch", *json.loads(meta["input_size"])])})
-    elif res.format == "torchscript":
-        mod = torch.jit.load(str(res.path))
-        torch.jit.save(mod, str(res.path), _extra_files={"metadata.json": json.dumps(meta)})
-    elif res.format == "exported-program":
-        prog = torch.export.load(str(res.path))
-        torch.export.save(prog, str(res.path), extra_files={"metadata.json": json.dumps(meta)})
+    """Put ``export_metadata`` into a written file the way its target does (nothing for targets whose converter
+    wrote it already)."""
+    writer = TARGETS[res.format].write_metadata
+    if writer is not None:
+        writer(res.path, meta)

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .metadata import write_json_beside
+from .metadata import sidecar, write_json_beside
 from .native_log import captured, converting
 from .onnx import _warm
+from .result import ExportResult, per_image
 
 EXTRA = "pip install micronet-torch[litert]"
 
@@ -58,3 +59,18 @@ def load_litert(path: str | os.PathLike, threads: int = 1) -> Callable[[np.ndarr
         return interp.get_tensor(out).copy()
 
     return run
+
+
+def export_target(
+    model: nn.Module, path: Path, input_shape: tuple[int, ...], options: Any, metadata: dict[str, str] | None = None
+) -> ExportResult:
+    """The ``tflite`` target's converter: ``export_litert`` (metadata in the sidecar)."""
+    written = export_litert(model, path, input_shape, metadata)  # type: ignore[arg-type]
+    return ExportResult(
+        written, "tflite", exporter="litert_torch.convert", notes=["metadata in " + sidecar(written).name]
+    )
+
+
+def load_runner(path: str | os.PathLike, threads: int = 1) -> Callable[[torch.Tensor], np.ndarray]:
+    """The ``tflite`` target's loader: the batch-1 file run image by image."""
+    return per_image(load_litert(path, threads))

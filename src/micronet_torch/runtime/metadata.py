@@ -3,7 +3,8 @@
 ``export_metadata(loaded)`` is the one dictionary (string keys and values) each exporter writes in its
 format's metadata place: ONNX ``metadata_props``, TorchScript / torch.export extra files, OpenVINO ``rt_info``,
 ExecuTorch constant methods (the numeric entries), a ``.json`` beside LiteRT / ncnn / ExecuTorch files.
-``read_onnx_metadata`` reads it back (``micronet eval`` / ``predict`` of an ``.onnx`` file).
+``read_onnx_metadata``, ``read_openvino_metadata``, ``read_json_beside`` and ``read_archive_metadata`` read it back
+(``micronet eval`` / ``predict`` of an exported file, and the check that an export only replaces its own files).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..models import LoadedModel
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+MAX_METADATA_BYTES = 1 << 20  # metadata read from a file: class names of any real data set fit
 
 
 def export_metadata(
@@ -85,9 +87,60 @@ def data_config_from_metadata(meta: dict[str, Any]) -> DataConfig | None:
     return DataConfig.from_dict(json.loads(meta["data_config"]))
 
 
+def sidecar(path: str | os.PathLike) -> Path:
+    """The ``.json`` beside an exported file that has no metadata place of its own: its full name plus ``.json``
+    (``m0.pte.json``, ``m0.tflite.json``, ``m0.param.json``), so exports of two formats that share a stem never
+    share a sidecar."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
 def write_json_beside(path: str | os.PathLike, metadata: dict[str, Any] | None) -> None:
-    """``metadata`` as a ``.json`` file next to an exported file (LiteRT, ncnn, ExecuTorch), written atomically;
+    """``metadata`` as the ``sidecar`` of an exported file (LiteRT, ncnn, ExecuTorch), written atomically;
     nothing when there is none."""
     if metadata:
         text = json.dumps(metadata, indent=1).encode()
-        atomic_write(Path(path).with_suffix(".json"), lambda fh: fh.write(text))
+        atomic_write(sidecar(path), lambda fh: fh.write(text))
+
+
+def read_json_beside(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata in an exported file's ``sidecar`` (empty when there is none); ``ValueError`` names a sidecar
+    that is not a JSON object of strings."""
+    side = sidecar(path)
+    if not side.is_file():
+        return {}
+    try:
+        meta = json.loads(side.read_bytes()[:MAX_METADATA_BYTES])
+    except ValueError as err:
+        raise ValueError(f"{side} is not valid JSON ({err})") from err
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError(f"{side} is not a JSON object of strings (the metadata micronet export writes)")
+    return meta
+
+
+def read_openvino_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``rt_info["micronet"]`` entries of an OpenVINO IR, read from its ``.xml`` without OpenVINO."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(Path(path).with_suffix(".xml")).getroot()
+    except (ET.ParseError, OSError) as err:
+        raise ValueError(f"{path} is not an OpenVINO IR ({err})") from err
+    node = root.find("rt_info/micronet")
+    return {} if node is None else {child.tag: child.get("value", "") for child in node}
+
+
+def read_archive_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``metadata.json`` extra file of a TorchScript or ``torch.export`` archive (a zip), read without torch."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("extra/metadata.json")), None)
+            if name is None:
+                return {}
+            with archive.open(name) as fh:
+                meta = json.loads(fh.read(MAX_METADATA_BYTES))
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not an archive written by micronet export ({err})") from err
+    return meta if isinstance(meta, dict) else {}

@@ -13,12 +13,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from .metadata import write_json_beside
+from .metadata import sidecar, write_json_beside
 from .native_log import converting
 from .onnx import _warm
-from .result import ConversionError
+from .result import ConversionError, ExportResult
 
 EXTRA = "pip install micronet-torch[ncnn]"
+
+
+def weights_file(param: str | os.PathLike) -> Path:
+    """The weights beside a ``.param``: ``<stem>.ncnn.bin`` (pnnx's own naming), never ``<stem>.bin``, the name of an
+    OpenVINO IR's weights beside ``<stem>.xml``; ``m0.ncnn.param`` gets ``m0.ncnn.bin``."""
+    param = Path(param)
+    stem = param.name[: -len(param.suffix)] if param.suffix else param.name
+    return param.with_name(stem.removesuffix(".ncnn") + ".ncnn.bin")
 
 
 def export_ncnn(
@@ -27,8 +35,8 @@ def export_ncnn(
     input_shape: tuple[int, int, int, int],
     metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Convert ``model`` with pnnx at a fixed ``input_shape``; writes ``<path>.param`` and ``<path>.bin`` (and a
-    ``.json`` with ``metadata``: ncnn's param format has no place for it). Returns the ``.param`` path."""
+    """Convert ``model`` with pnnx at a fixed ``input_shape``; writes ``<path>.param`` and its ``weights_file`` (and
+    the ``sidecar`` json with ``metadata``: ncnn's param format has no place for it). Returns the ``.param`` path."""
     try:
         import pnnx  # optional heavy dependency: only when exporting
     except ImportError as err:
@@ -43,7 +51,7 @@ def export_ncnn(
         if not (Path(tmp) / "model.ncnn.param").is_file() or not (Path(tmp) / "model.ncnn.bin").is_file():
             raise ConversionError(f"pnnx wrote no ncnn model; its log ends: {log.tail()}")
         shutil.copy(Path(tmp) / "model.ncnn.param", path)
-        shutil.copy(Path(tmp) / "model.ncnn.bin", path.with_suffix(".bin"))
+        shutil.copy(Path(tmp) / "model.ncnn.bin", weights_file(path))
     write_json_beside(path, metadata)
     return path
 
@@ -63,7 +71,8 @@ def load_ncnn(path: str | os.PathLike, threads: int = 1) -> Callable[[np.ndarray
     opt.use_vulkan_compute = False
     net.opt = opt
     net.load_param(str(path))
-    net.load_model(str(path.with_suffix(".bin")))
+    weights = weights_file(path)
+    net.load_model(str(weights if weights.is_file() else path.with_suffix(".bin")))  # older exports: <stem>.bin
 
     def run(x: np.ndarray) -> np.ndarray:
         outs = []
@@ -75,3 +84,19 @@ def load_ncnn(path: str | os.PathLike, threads: int = 1) -> Callable[[np.ndarray
         return np.stack(outs)
 
     return run
+
+
+def export_target(
+    model: nn.Module, path: Path, input_shape: tuple[int, ...], options: Any, metadata: dict[str, str] | None = None
+) -> ExportResult:
+    """The ``ncnn`` target's converter: ``export_ncnn`` (weights in ``weights_file``, metadata in the sidecar)."""
+    written = export_ncnn(model, path, input_shape, metadata)  # type: ignore[arg-type]
+    res = ExportResult(written, "ncnn", exporter="pnnx (fp32)")
+    res.notes += [f"weights in {weights_file(written).name}", "metadata in " + sidecar(written).name]
+    return res
+
+
+def load_runner(path: str | os.PathLike, threads: int = 1) -> Callable[[Any], np.ndarray]:
+    """The ``ncnn`` target's loader (ncnn's blobs have no batch axis: it runs image by image itself)."""
+    run = load_ncnn(path, threads)
+    return lambda x: run(x.numpy())

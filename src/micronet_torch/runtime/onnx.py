@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import tempfile
 import warnings
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from ..kernels.ort_ops import onnx_translation_table
+from .metadata import write_onnx_metadata
 from .result import ConversionError, ExportResult
 
 DEFAULT_OPSET = 18
@@ -156,3 +158,27 @@ def _slim(path: Path, result: ExportResult) -> int:
             result.notes.append(f"onnxslim: {result.nodes_before_slim} -> {slim_nodes} nodes")
             return slim_nodes
     return count_nodes(path)
+
+
+def export_target(
+    model: nn.Module, path: Path, input_shape: tuple[int, ...], options: Any, metadata: dict[str, str] | None = None
+) -> ExportResult:
+    """The ``onnx`` target's converter: ``export_onnx`` with the options' opset, exporter and onnxslim setting
+    (the metadata goes in afterwards, ``write_metadata``: a dynamic batch axis)."""
+    return export_onnx(model, path, input_shape, options.opset, options.exporter, options.simplify)
+
+
+def write_metadata(path: str | os.PathLike, meta: dict[str, str]) -> None:
+    """``meta`` as the file's ``metadata_props``, its input size with the dynamic batch axis first."""
+    sizes = json.loads(meta["input_size"]) if "input_size" in meta else None
+    write_onnx_metadata(path, {**meta, **({"input_size": json.dumps(["batch", *sizes])} if sizes else {})})
+
+
+def declared_input_shape(path: str | os.PathLike) -> list[int | str]:
+    """The first graph input's shape as the file declares it (a number per fixed axis, a name per dynamic one)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    first = next(i for i in graph.input if i.name not in weights)
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in first.type.tensor_type.shape.dim]

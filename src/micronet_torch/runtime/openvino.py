@@ -16,6 +16,7 @@ from torch import nn
 from ..kernels import openvino_ops
 from .native_log import converting
 from .onnx import _warm, export_onnx
+from .result import ExportResult
 
 EXTRA = "pip install micronet-torch[openvino]"
 
@@ -67,6 +68,11 @@ def export_openvino(
     return path
 
 
+def weights_file(xml: str | os.PathLike) -> Path:
+    """The ``.bin`` an IR's ``.xml`` reads its weights from (OpenVINO finds it by the stem)."""
+    return Path(xml).with_suffix(".bin")
+
+
 def load_openvino(path: str | os.PathLike, threads: int = 1) -> Callable[[np.ndarray], np.ndarray]:
     """A function running the IR on OpenVINO's CPU plugin in fp32 with ``threads`` threads; an IR with a fixed
     batch runs a larger input in chunks of that batch."""
@@ -90,3 +96,22 @@ def load_openvino(path: str | os.PathLike, threads: int = 1) -> Callable[[np.nda
         return np.concatenate([run_one(x[i : i + fixed]) for i in range(0, len(x), fixed)])  # fixed-shape IR
 
     return run
+
+
+def export_target(
+    model: nn.Module, path: Path, input_shape: tuple[int, ...], options: Any, metadata: dict[str, str] | None = None
+) -> ExportResult:
+    """The ``openvino`` target's converter: ``export_openvino`` (metadata in ``rt_info``), with the options'
+    ``dynamic_batch`` and ``fused_ops``."""
+    dynamic, fused = bool(options.dynamic_batch), bool(options.fused_ops)
+    written = export_openvino(model, path, input_shape, metadata, dynamic, fused)  # type: ignore[arg-type]
+    how = "ONNX with micronet.ShiftMax + openvino.convert_model" if fused else "openvino.convert_model"
+    res = ExportResult(written, "openvino", exporter=f"{how} (fp32 IR)")
+    res.notes.append(f"input {'batch dynamic' if dynamic else 'shape fixed to ' + 'x'.join(map(str, input_shape))}")
+    return res
+
+
+def load_runner(path: str | os.PathLike, threads: int = 1) -> Callable[[torch.Tensor], np.ndarray]:
+    """The ``openvino`` target's loader (a tensor in, a numpy array out)."""
+    run = load_openvino(path, threads)
+    return lambda x: run(x.numpy())

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,12 @@ def run_ort(session: Any, x: torch.Tensor, batch: int = 256) -> np.ndarray:
     name = session.get_inputs()[0].name
     outs = [session.run(None, {name: x[i : i + batch].numpy()})[0] for i in range(0, len(x), batch)]
     return np.concatenate(outs)
+
+
+def load_runner(path: str | os.PathLike, threads: int = 1) -> Callable[[torch.Tensor], np.ndarray]:
+    """The ``onnx`` target's loader: a function running the file in an ONNX Runtime CPU session."""
+    sess = ort_session(path, threads)
+    return lambda x: run_ort(sess, x)
 
 
 class _Reader:

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class ExportError(ValueError):
+    """Export options that cannot work together, an output that cannot be written, or a runtime that is missing;
+    the message says what to do."""
 
 
 class ConversionError(RuntimeError):
@@ -25,3 +34,9 @@ class ExportResult:
     n_checked: int = 0
     notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)  # what makes the export unusable although it wrote a file
+
+
+def per_image(run: Callable[[np.ndarray], np.ndarray]) -> Callable[[Any], np.ndarray]:
+    """A batch-1 program run over a batch image by image (the file is what a user gets: fixed shape); a
+    torch tensor in, a numpy array out."""
+    return lambda x: np.concatenate([run(x[i : i + 1].numpy()) for i in range(len(x))])

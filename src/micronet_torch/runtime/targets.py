@@ -1,6 +1,11 @@
-"""The table of export targets: for each ``micronet export --format``, the deploy backend it wants, the file it
-writes, how it is written and how it is run for the parity check. ``micronet export`` and ``micronet bench``
-both read it, so a new runtime is one row here plus its exporter module."""
+"""The table of export targets: for each ``micronet export --format``, everything about it in one row.
+
+A row names the deploy backend its runtime runs fastest, the converter that writes the file (a function of the
+format's own module), the loader that runs it, where its metadata goes and how it is read back, the other files
+it writes beside the main one, the runtime-operator library and usage note of ``--fused-ops``, and the export
+flags it takes. ``runtime/export.py``, ``micronet eval`` / ``predict`` and ``micronet bench`` read only the row,
+so a new runtime is one module (converter, loader, metadata reader) plus one row here.
+"""
 
 from __future__ import annotations
 
@@ -13,22 +18,36 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..deploy import RUNTIME_OPTIONS
-from . import executorch, litert, ncnn, openvino
-from .onnx import export_onnx
-from .ort import ort_session, run_ort
+from ..kernels import executorch_ops, openvino_ops
+from ..kernels.ort_ops import library_path as ort_library_path
+from . import executorch, litert, ncnn, onnx, openvino, ort, torch_export
+from .metadata import read_archive_metadata, read_json_beside, read_onnx_metadata, read_openvino_metadata, sidecar
 from .result import ExportResult
-from .torch_export import export_program, export_torchscript
 
 Runner = Callable[[torch.Tensor], np.ndarray]
 
 
 @dataclass(frozen=True)
+class FusedOps:
+    """What ``--fused-ops`` means for a target: the deploy graph with one operator per Dynamic Shift-Max, the
+    native library that runs that operator, and how a user of the file loads it (``{library}``: its path)."""
+
+    backend: str
+    library: Callable[[], Path]
+    usage: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Target:
-    """One export format: ``export(model, path, input_shape, **options) -> ExportResult`` and
-    ``load(path, threads) -> run`` (a float tensor in, a numpy array out)."""
+    """One export format.
+
+    ``export(graph, path, input_shape, options, metadata) -> ExportResult`` writes ``path`` (and its
+    ``companions``); ``write_metadata(path, metadata)`` puts the metadata in afterwards (None: the converter
+    writes it); ``read_metadata(path)`` reads it back; ``load(path, threads) -> run`` runs the file (a float
+    tensor in, a numpy array out)."""
 
     name: str
     backend: str  # convert_to_deploy backend whose graph this runtime runs fastest
@@ -39,150 +58,145 @@ class Target:
     options: dict[str, Any] = field(default_factory=dict)  # convert_to_deploy keywords for this runtime
     packages: tuple[str, ...] = ()  # optional Python packages the export and the loader need
     extra: str = ""  # the pip extra that installs them
-    fixed_shape: bool = False  # the file has a fixed input shape (batch 1 unless asked otherwise)
+    fixed_shape: bool = False  # the file has a fixed input shape (batch 1 unless asked otherwise) and this suffix
+    read_metadata: Callable[[Path], dict[str, str]] = lambda path: {}
+    write_metadata: Callable[[Path, dict[str, str]], None] | None = None
+    companions: tuple[Callable[[Path], Path], ...] = ()  # the other files it writes, from the main file's path
+    fused: FusedOps | None = None  # --fused-ops, where the runtime has an operator for it
+    flags: frozenset[str] = frozenset()  # export options only this target takes: opset, int8, dynamic_batch
+    runtime: str = "PyTorch"  # what runs the file, for messages
+    run_packages: tuple[str, ...] | None = None  # the packages running a file needs (None: all of ``packages``)
+    input_shape: Callable[[Path], list[Any]] | None = None  # the graph's declared input shape, read without running
 
-    def missing(self) -> str | None:
-        """None when every package is importable, else one line naming the missing ones and the extra."""
-        absent = [p for p in self.packages if importlib.util.find_spec(p) is None]
+    def missing(self, run_only: bool = False) -> str | None:
+        """None when every package is importable (``run_only``: those that run a file), else one line naming the
+        missing ones and the extra."""
+        needed = self.packages if not run_only or self.run_packages is None else self.run_packages
+        absent = [p for p in needed if importlib.util.find_spec(p) is None]
         if not absent:
             return None
-        return f"--format {self.name} needs {', '.join(absent)}: pip install micronet-torch[{self.extra}]"
+        what = f"running {self.about} files" if run_only else f"--format {self.name}"
+        return f"{what} needs {', '.join(absent)}: pip install micronet-torch[{self.extra}]"
+
+    def main_file(self, output: str | os.PathLike) -> Path:
+        """The file an export to ``output`` writes (fixed-shape runtimes give it their suffix)."""
+        path = Path(output)
+        return path.with_suffix(self.suffix) if self.fixed_shape else path
+
+    def files(self, output: str | os.PathLike) -> list[Path]:
+        """Every file an export to ``output`` writes: the companions, then the main file."""
+        main = self.main_file(output)
+        return [companion(main) for companion in self.companions] + [main]
 
 
-def _per_image(run: Callable[[np.ndarray], np.ndarray]) -> Runner:
-    """A batch-1 program run over a batch image by image (the file is what a user gets: fixed shape)."""
-    return lambda x: np.concatenate([run(x[i : i + 1].numpy()) for i in range(len(x))])
-
-
-def _load_onnx(path: Path, threads: int = 1) -> Runner:
-    sess = ort_session(path, threads)
-    return lambda x: run_ort(sess, x)
-
-
-def _load_torchscript(path: Path, threads: int = 1) -> Runner:
-    mod = torch.jit.load(str(path))
-    return lambda x: mod(x).detach().numpy()
-
-
-def _load_program(path: Path, threads: int = 1) -> Runner:
-    prog = torch.export.load(str(path)).module()
-    return lambda x: prog(x).detach().numpy()
-
-
-def _load_openvino(path: Path, threads: int = 1) -> Runner:
-    run = openvino.load_openvino(path, threads)
-    return lambda x: run(x.numpy())
-
-
-def _load_executorch(path: Path, threads: int = 1) -> Runner:
-    return _per_image(executorch.load_executorch(path, threads))
-
-
-def _load_litert(path: Path, threads: int = 1) -> Runner:
-    return _per_image(litert.load_litert(path, threads))
-
-
-def _load_ncnn(path: Path, threads: int = 1) -> Runner:
-    run = ncnn.load_ncnn(path, threads)  # ncnn's blobs have no batch axis: it runs image by image itself
-    return lambda x: run(x.numpy())
-
-
-def _export_onnx(model: nn.Module, path: Path, shape: tuple[int, ...], **options: Any) -> ExportResult:
-    options.pop("metadata", None)  # ONNX metadata_props: runtime/metadata.py's export_metadata, on its own branch
-    options.pop("dynamic_batch", None)  # always dynamic
-    return export_onnx(model, path, shape, **options)
-
-
-def _export_torchscript(model: nn.Module, path: Path, shape: tuple[int, ...], **options: Any) -> ExportResult:
-    return export_torchscript(model, path, shape)
-
-
-def _export_program(model: nn.Module, path: Path, shape: tuple[int, ...], **options: Any) -> ExportResult:
-    return export_program(model, path, shape)
-
-
-def _export_openvino(
-    model: nn.Module, path: Path, shape: tuple[int, ...], metadata: dict | None = None, **options: Any
-) -> ExportResult:
-    dynamic, fused = bool(options.get("dynamic_batch")), bool(options.get("fused_ops"))
-    written = openvino.export_openvino(model, path, shape, metadata, dynamic, fused)  # type: ignore[arg-type]
-    how = "ONNX with micronet.ShiftMax + openvino.convert_model" if fused else "openvino.convert_model"
-    res = ExportResult(written, "openvino", exporter=f"{how} (fp32 IR)")
-    res.notes.append(f"input {'batch dynamic' if dynamic else 'shape fixed to ' + 'x'.join(map(str, shape))}")
-    return res
-
-
-def _export_executorch(
-    model: nn.Module, path: Path, shape: tuple[int, ...], metadata: dict | None = None, **options: Any
-) -> ExportResult:
-    written, report = executorch.write_executorch(model, path, shape, metadata)  # type: ignore[arg-type]
-    fused = any(executorch.KERNEL_CALL in op for op in report.outside)
-    how = "torch.export + XNNPACK partitioner" + (" + micronet::shift_max kernel" if fused else "")
-    res = ExportResult(written, "executorch", exporter=how)
-    counts = {op: report.outside.count(op) for op in dict.fromkeys(report.outside)}
-    res.notes.append(
-        f"{report.partitions} XNNPACK partition(s); outside the delegate: "
-        + (", ".join(f"{n} x {op}" for op, n in counts.items()) if counts else "nothing")
-    )
-    res.notes.append(f"metadata: numeric entries as constant methods, all in {_json(written)}")
-    dsm = report.shift_max_outside
-    if dsm:
-        res.failures.append(f"Dynamic Shift-Max operators outside the XNNPACK delegate: {', '.join(sorted(set(dsm)))}")
-    return res
-
-
-def _export_litert(
-    model: nn.Module, path: Path, shape: tuple[int, ...], metadata: dict | None = None, **options: Any
-) -> ExportResult:
-    written = litert.export_litert(model, path, shape, metadata)  # type: ignore[arg-type]
-    return ExportResult(written, "tflite", exporter="litert_torch.convert", notes=["metadata in " + _json(written)])
-
-
-def _export_ncnn(
-    model: nn.Module, path: Path, shape: tuple[int, ...], metadata: dict | None = None, **options: Any
-) -> ExportResult:
-    written = ncnn.export_ncnn(model, path, shape, metadata)  # type: ignore[arg-type]
-    res = ExportResult(written, "ncnn", exporter="pnnx (fp32)")
-    res.notes += [f"weights in {written.with_suffix('.bin').name}", "metadata in " + _json(written)]
-    return res
-
-
-def _json(path: Path) -> str:
-    return path.with_suffix(".json").name
-
-
-def _runtime(name: str, rt: str, suffix: str, export: Callable, load: Callable, about: str, packages: tuple) -> Target:
-    return Target(name, "portable", suffix, export, load, about, dict(RUNTIME_OPTIONS[rt]), packages, rt, True)
+def _portable(name: str) -> dict[str, Any]:
+    """The row fields every portable-graph runtime shares: its deploy options, fixed shape, its pip extra."""
+    return dict(backend="portable", options=dict(RUNTIME_OPTIONS[name]), extra=name, fixed_shape=True)
 
 
 TARGETS: dict[str, Target] = {
-    "onnx": Target("onnx", "onnx", ".onnx", _export_onnx, _load_onnx, "ONNX (ONNX Runtime and any ONNX runtime)"),
-    "torchscript": Target("torchscript", "eager", ".ts", _export_torchscript, _load_torchscript, "TorchScript"),
+    "onnx": Target(
+        "onnx",
+        "onnx",
+        ".onnx",
+        onnx.export_target,
+        ort.load_runner,
+        "ONNX (ONNX Runtime and any ONNX runtime)",
+        read_metadata=read_onnx_metadata,
+        write_metadata=onnx.write_metadata,
+        fused=FusedOps(
+            "onnx",
+            ort_library_path,
+            "uses the micronet.ShiftMax operator; ONNX Runtime sessions need "
+            "SessionOptions.register_custom_ops_library('{library}') (micronet_torch.fused_ops.register)",
+        ),
+        flags=frozenset({"opset", "int8"}),
+        runtime="ONNX Runtime",
+        input_shape=onnx.declared_input_shape,
+    ),
+    "torchscript": Target(
+        "torchscript",
+        "eager",
+        ".ts",
+        torch_export.torchscript_target,
+        torch_export.load_torchscript,
+        "TorchScript",
+        read_metadata=read_archive_metadata,
+        write_metadata=torch_export.write_torchscript_metadata,
+    ),
     "exported-program": Target(
-        "exported-program", "eager", ".pt2", _export_program, _load_program, "torch.export program"
+        "exported-program",
+        "eager",
+        ".pt2",
+        torch_export.program_target,
+        torch_export.load_program,
+        "torch.export program",
+        read_metadata=read_archive_metadata,
+        write_metadata=torch_export.write_program_metadata,
     ),
-    "openvino": _runtime(
-        "openvino", "openvino", ".xml", _export_openvino, _load_openvino, "OpenVINO IR (.xml + .bin)", ("openvino",)
+    "openvino": Target(
+        "openvino",
+        suffix=".xml",
+        export=openvino.export_target,
+        load=openvino.load_runner,
+        about="OpenVINO IR (.xml + .bin)",
+        packages=("openvino",),
+        read_metadata=read_openvino_metadata,
+        companions=(openvino.weights_file,),
+        fused=FusedOps(
+            "onnx",
+            openvino_ops.library_path,
+            "uses the micronet.ShiftMax operation; an openvino.Core needs core.add_extension('{library}')",
+        ),
+        flags=frozenset({"dynamic_batch"}),
+        runtime="OpenVINO",
+        **_portable("openvino"),
     ),
-    "executorch": _runtime(
+    "executorch": Target(
         "executorch",
-        "executorch",
-        ".pte",
-        _export_executorch,
-        _load_executorch,
-        "ExecuTorch program lowered to XNNPACK",
-        ("executorch",),
+        suffix=".pte",
+        export=executorch.export_target,
+        load=executorch.load_runner,
+        about="ExecuTorch program lowered to XNNPACK",
+        packages=("executorch",),
+        read_metadata=read_json_beside,
+        companions=(sidecar,),
+        fused=FusedOps(
+            "portable",
+            executorch_ops.library_path,
+            "calls the micronet::shift_max kernel; load it before the program: "
+            "ctypes.CDLL('{library}', mode=ctypes.RTLD_GLOBAL)",
+            dict(RUNTIME_OPTIONS["executorch"]),
+        ),
+        runtime="ExecuTorch",
+        **_portable("executorch"),
     ),
-    "tflite": _runtime(
+    "tflite": Target(
         "tflite",
-        "litert",
-        ".tflite",
-        _export_litert,
-        _load_litert,
-        "LiteRT flatbuffer",
-        ("litert_torch", "ai_edge_litert"),
+        suffix=".tflite",
+        export=litert.export_target,
+        load=litert.load_runner,
+        about="LiteRT flatbuffer",
+        packages=("litert_torch", "ai_edge_litert"),
+        read_metadata=read_json_beside,
+        companions=(sidecar,),
+        runtime="LiteRT",
+        run_packages=("ai_edge_litert",),
+        **_portable("litert"),
     ),
-    "ncnn": _runtime("ncnn", "ncnn", ".param", _export_ncnn, _load_ncnn, "ncnn (.param + .bin)", ("pnnx", "ncnn")),
+    "ncnn": Target(
+        "ncnn",
+        suffix=".param",
+        export=ncnn.export_target,
+        load=ncnn.load_runner,
+        about="ncnn (.param + .ncnn.bin)",
+        packages=("pnnx", "ncnn"),
+        read_metadata=read_json_beside,
+        companions=(ncnn.weights_file, sidecar),
+        runtime="ncnn",
+        run_packages=("ncnn",),
+        **_portable("ncnn"),
+    ),
 }
 FORMATS = tuple(TARGETS)
 
@@ -190,3 +204,9 @@ FORMATS = tuple(TARGETS)
 def load_exported(path: str | os.PathLike, fmt: str, threads: int = 1) -> Runner:
     """A callable running an exported file on a float tensor (returns a numpy array)."""
     return TARGETS[fmt].load(Path(path), threads)
+
+
+def target_of_file(path: str | os.PathLike) -> Target | None:
+    """The target whose files end like ``path`` (``.onnx``, ``.xml``, ``.pte``, ...), or None."""
+    suffix = Path(path).suffix.lower()
+    return next((t for t in TARGETS.values() if t.suffix == suffix), None)

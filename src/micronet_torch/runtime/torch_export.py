@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,3 +42,41 @@ def export_program(model: nn.Module, path: str | os.PathLike, input_shape: tuple
         prog = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     torch.export.save(prog, str(path))
     return ExportResult(path, "exported-program", exporter="torch.export")
+
+
+def torchscript_target(
+    model: nn.Module, path: Path, input_shape: tuple[int, ...], options: Any, metadata: dict[str, str] | None = None
+) -> ExportResult:
+    """The ``torchscript`` target's converter (its metadata goes in afterwards: ``write_torchscript_metadata``)."""
+    return export_torchscript(model, path, input_shape)
+
+
+def program_target(
+    model: nn.Module, path: Path, input_shape: tuple[int, ...], options: Any, metadata: dict[str, str] | None = None
+) -> ExportResult:
+    """The ``exported-program`` target's converter (metadata afterwards: ``write_program_metadata``)."""
+    return export_program(model, path, input_shape)
+
+
+def write_torchscript_metadata(path: str | os.PathLike, meta: dict[str, str]) -> None:
+    """``meta`` as the TorchScript archive's extra file ``metadata.json``."""
+    mod = torch.jit.load(str(path))
+    torch.jit.save(mod, str(path), _extra_files={"metadata.json": json.dumps(meta)})
+
+
+def write_program_metadata(path: str | os.PathLike, meta: dict[str, str]) -> None:
+    """``meta`` as the ``torch.export`` archive's extra file ``metadata.json``."""
+    prog = torch.export.load(str(path))
+    torch.export.save(prog, str(path), extra_files={"metadata.json": json.dumps(meta)})
+
+
+def load_torchscript(path: str | os.PathLike, threads: int = 1) -> Callable[[torch.Tensor], np.ndarray]:
+    """The ``torchscript`` target's loader."""
+    mod = torch.jit.load(str(path))
+    return lambda x: mod(x).detach().numpy()
+
+
+def load_program(path: str | os.PathLike, threads: int = 1) -> Callable[[torch.Tensor], np.ndarray]:
+    """The ``exported-program`` target's loader."""
+    prog = torch.export.load(str(path)).module()
+    return lambda x: prog(x).detach().numpy()

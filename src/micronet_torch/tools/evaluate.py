@@ -15,8 +15,10 @@ import torch
 
 from .._env import default_threads, default_workers, pick_device
 from ..data import build_eval_loader
+from ..data.config import MAX_BATCH_PIXELS, MAX_IMG_SIZE
 from ..models import CheckpointError, LoadedModel, load_model
-from ..runtime.ort import load_onnx_model
+from ..runtime.exported import open_exported
+from ..runtime.targets import TARGETS, target_of_file
 from ..train.metrics import evaluate
 
 ONNX_SUFFIXES = (".onnx",)
@@ -56,28 +58,26 @@ def open_model(
     device: torch.device | str = "cpu",
     threads: int = 1,
 ) -> LoadedModel:
-    """Any file ``micronet eval`` / ``predict`` take: a checkpoint (``models.load_model``) or an ONNX export
-    (fp32, int8, ``--fused-ops``; run by ONNX Runtime with the preprocessing of its metadata).
+    """Any file ``micronet eval`` / ``predict`` take: a checkpoint (``models.load_model``) or a file ``micronet
+    export`` wrote, in any format (``.onnx`` fp32 / int8 / ``--fused-ops``, ``.xml``, ``.pte``, ``.tflite``,
+    ``.param``, ``.ts``, ``.pt2``), run by its own runtime on the CPU with the preprocessing of its metadata.
 
     A file that is neither stops with "not a checkpoint this package reads: <what it looks like>".
     """
     path = Path(checkpoint)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder: give a file in it (e.g. {path / 'best.pt'})")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if is_onnx_file(path):
+    if img_size is not None and not 1 <= img_size <= MAX_IMG_SIZE:
+        raise ValueError(f"--img-size {img_size}: the input size must be 1 to {MAX_IMG_SIZE} px")
+    target = target_of_file(path)
+    if target is not None:
         if model:
-            print(f"note: {path} is an ONNX file; --model {model} is not needed and ignored")
+            print(f"note: {path} is an exported {target.name} file; --model {model} is not needed and ignored")
         if torch.device(device).type != "cpu":
-            print(f"note: {path} runs in ONNX Runtime on the CPU")
-        try:
-            return load_onnx_model(path, img_size, threads)
-        except ImportError as err:
-            raise CheckpointError(f"{path}: running ONNX files needs onnxruntime and onnx ({err})") from err
-        except (ValueError, FileNotFoundError):
-            raise
-        except Exception as err:  # onnxruntime's own errors (InvalidProtobuf, ...) are not user-error types
-            line = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            raise CheckpointError(f"{path}: ONNX Runtime cannot load it ({line})") from err
+            print(f"note: {path} runs in {target.runtime} on the CPU")
+        return open_exported(path, img_size, threads)
     try:
         return load_model(path, model, img_size, device)
     except CheckpointError as err:
@@ -90,6 +90,11 @@ def open_model(
         raise CheckpointError(
             f"{path} is not readable: not a checkpoint this package reads: {describe_file(path)}"
         ) from err
+
+
+def pixel_batch(batch_size: int, img_size: int) -> int:
+    """``batch_size`` lowered so that a batch holds at most ``MAX_BATCH_PIXELS`` pixels (at least one image)."""
+    return max(1, min(batch_size, MAX_BATCH_PIXELS // (img_size * img_size)))
 
 
 def check_classes(loaded: LoadedModel, data_classes: list[str], data: str) -> None:
@@ -126,8 +131,9 @@ def evaluate_checkpoint(
     """Evaluate ``checkpoint`` on ``data``; returns top1, top5, loss, n and what was evaluated."""
     dev = pick_device(device)
     loaded = open_model(checkpoint, model, img_size, dev, threads=threads or 1)
-    if loaded.source == "onnx":
+    if loaded.source in TARGETS:  # an exported file, run by its runtime on the CPU
         dev = torch.device("cpu")
+    batch_size = pixel_batch(batch_size, loaded.data_config.img_size)
     torch.set_num_threads(threads or default_threads(loaded.data_config.img_size))
     loader, data_classes, desc = build_eval_loader(
         data,

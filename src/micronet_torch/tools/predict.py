@@ -16,6 +16,7 @@ import torch
 
 from .._text import MESSAGE_LIMIT, PATH_LIMIT, one_line, printable
 from ..data import IMG_EXTENSIONS, DataError, eval_pixels, normalize, open_image
+from ..data.config import MAX_BATCH_PIXELS
 from ..models import LoadedModel
 
 
@@ -59,6 +60,7 @@ def predict_images(loaded: LoadedModel, images: list[str], topk: int = 5, batch_
     """
     dcfg = loaded.data_config
     device = _device(loaded.model)
+    batch_size = max(1, min(batch_size, MAX_BATCH_PIXELS // (dcfg.img_size * dcfg.img_size)))
     k = min(topk, len(loaded.class_names))
     paths, missing = expand_images(images)
     results: list[dict[str, Any]] = list(missing)
