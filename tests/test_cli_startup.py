@@ -47,9 +47,5 @@ def test_package_import_loads_no_torch_and_still_registers_with_timm() -> None:
 
 
 @pytest.mark.subprocess
-@pytest.mark.xfail(
-    strict=False,
-    reason="cli/eval.py, cli/predict.py and cli/export.py (owned by the export work) import the library at the top",
-)
 def test_top_level_help_imports_no_torch() -> None:
     assert heavy_imports(["--help"]) == []
