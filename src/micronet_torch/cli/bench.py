@@ -12,6 +12,7 @@ from typing import Any
 from ..data import DataConfig, default_policy
 from ..runtime import calibration_images
 from ..tools.bench import DEFAULT_MODELS, DEFAULT_PATHS, PATHS, environment, run_benchmark
+from ..tools.bench_mcu import add_mcu_arguments, run_bench_mcu
 from ..tools.bench_report import check_out_dir, environment_line, markdown, save
 from ..tools.bench_runtimes import ALL_RUNTIMES, markdown_runtimes, parse_runtimes, run_runtime_benchmark, save_runtimes
 from .common import CLIError, nonnegative_int, positive_float, positive_int
@@ -38,7 +39,9 @@ def run_bench_runtimes(args: argparse.Namespace, log: Callable[[str], None]) -> 
 def run_bench(args: argparse.Namespace) -> int:
     if args.floors and not args.runtimes:
         raise CLIError("--floors times deployment runtimes: give --runtimes too (e.g. --runtimes ort,openvino)")
-    check_out_dir(args.out_dir, "bench-runtimes" if args.runtimes else "bench", args.overwrite)
+    check_out_dir(
+        args.out_dir, "bench-mcu" if args.mcu else "bench-runtimes" if args.runtimes else "bench", args.overwrite
+    )
     calib = None
     if args.calib:
         cfg = DataConfig(img_size=args.img_size, in_chans=3, policy=default_policy(args.img_size))
@@ -49,6 +52,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
     env0 = environment()
     log(environment_line(env0))
+    if args.mcu:  # fully int8 TFLM files: flash, arena, reference-kernel latency (tools/bench_mcu.py)
+        return run_bench_mcu(args, log, _report)
     if args.runtimes:
         return run_bench_runtimes(args, log)
     records, env = run_benchmark(
@@ -101,6 +106,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         help="with --runtimes: also time each MicroNet with every Dynamic Shift-Max replaced by ReLU (+relu) and "
         "without its shift term (+noshift), in the same deploy graph: the least a cheaper operator could reach",
     )
+    add_mcu_arguments(p)
     p.add_argument("--runs", type=positive_int, default=50, help="timed runs per measurement [50]")
     p.add_argument("--warmup", type=nonnegative_int, default=10, help="warm-up runs [10]")
     p.add_argument("--img-size", type=positive_int, default=224, help="input size [224]")

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..models import build_model, load_model, published_data_config
 from ..models.loader import LoadedModel
 from ..runtime import DEFAULT_OPSET, FORMATS, INT8_FORMATS, TARGETS, ExportOptions, export_and_check
+from ..runtime.mcu import run_mcu_export
 from .common import CLIError, positive_int
 
 
@@ -26,6 +27,8 @@ def _loaded(args: argparse.Namespace) -> LoadedModel:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    if args.format == "tflite" and args.int8:  # fully int8 for TensorFlow Lite Micro (runtime/mcu.py)
+        return run_mcu_export(args, _loaded)
     options = ExportOptions(
         format=args.format,
         deploy=not args.no_deploy,

@@ -22,6 +22,7 @@ from ..models.blocks import SwishLinear
 from .fusions import expand_multipliers, fold_shift_max_scale, merge_separable, phase_stem
 from .ir import Conv, Op, Perm, PhaseStem, ShiftMax
 from .lower import _fold_bn, lower
+from .mcu import MCU_OPTIONS, mcu_features
 from .modules import ChannelGather, DeployMicroNet, FusedShiftMax, PhaseStemConv, _conv_module, nest_residuals
 from .permutations import optimize
 from .portable import PORTABLE_OPTIONS, PortableMicroNet, portable_features
@@ -61,7 +62,7 @@ def _fold_linear(unit: nn.Module, dtype: torch.dtype) -> nn.Module:
     return nn.Sequential(out, copy.deepcopy(act))
 
 
-BACKENDS = ("eager", "onnx", "portable")
+BACKENDS = ("eager", "onnx", "portable", "mcu")
 
 
 def _head(model: nn.Module, dtype: torch.dtype) -> nn.Sequential:
@@ -103,13 +104,15 @@ def convert_to_deploy(
     ``portable`` builds the gather-free graph of at most 4-D tensors that OpenVINO, ExecuTorch/XNNPACK,
     LiteRT and ncnn lower to their fast kernels (``portable.py``); ``options`` are its keywords
     (``scale_into_conv``, ``densify``, ``merge``, ``expand``, ``twin_conv``, ``move_perms``,
-    ``block_shuffles``; ``portable.RUNTIME_OPTIONS`` has each runtime's).
+    ``block_shuffles``; ``portable.RUNTIME_OPTIONS`` has each runtime's). ``mcu`` is the portable form in the ops
+    of a fully int8 TensorFlow Lite Micro graph (``mcu.py``; options ``shift``, ``merge``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    if fused_ops and backend == "eager":
+    if fused_ops and backend in ("eager", "mcu"):
         raise ValueError("fused_ops=True makes an ONNX Runtime or ExecuTorch graph; use backend='onnx' or 'portable'")
-    unknown = [k for k in options if backend != "portable" or k not in PORTABLE_OPTIONS]
+    allowed = {"portable": PORTABLE_OPTIONS, "mcu": MCU_OPTIONS}.get(backend, ())
+    unknown = [k for k in options if k not in allowed]
     if unknown:
         raise TypeError(f"convert_to_deploy(backend={backend!r}) takes no option(s) {unknown}")
     if not hasattr(model, "features") or not hasattr(model, "classifier"):
@@ -118,6 +121,10 @@ def convert_to_deploy(
         features = portable_features(model, dtype, **options, fused_ops=fused_ops)  # type: ignore[arg-type]
         portable = PortableMicroNet(features, _head(model, dtype), getattr(model, "num_classes", 0))
         return portable.eval().requires_grad_(False)
+    if backend == "mcu":
+        features = mcu_features(model, dtype, **options)  # type: ignore[arg-type]
+        mcu = PortableMicroNet(features, _head(model, dtype), getattr(model, "num_classes", 0))
+        return mcu.eval().requires_grad_(False)
     ops = optimize(lower(model))
     if backend == "onnx":
         # repeating channels turns multiplier convs into depthwise ones, through which a permutation that was
