@@ -92,8 +92,8 @@ def test_cpp_pair_compiles(tmp_path: Path) -> None:
     main_cc = tmp_path / "main.cc"
     main_cc.write_text(
         f'#include "{header.name}"\n'
-        "static_assert(micronet_m0::kNumOps == 5, \"ops\");\n"
-        "static_assert(micronet_m0::kArenaSize == 2048, \"arena\");\n"
+        'static_assert(micronet_m0::kNumOps == 5, "ops");\n'
+        'static_assert(micronet_m0::kArenaSize == 2048, "arena");\n'
         "int main() { micronet_m0::OpResolver r; return micronet_m0::RegisterOps(r) == kTfLiteOk &&\n"
         "  micronet_m0::QuantizePixel(255) == 127 && micronet_m0::kModelDataLen == 768 ? 0 : 1; }\n"
     )

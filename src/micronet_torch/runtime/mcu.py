@@ -54,7 +54,7 @@ class PixelInput(nn.Module):
     def __init__(self, graph: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
         c = len(mean)
-        self.graph = graph
+        self.body = graph
         self.norm = nn.Conv2d(c, c, 1, groups=c)
         m, s = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
         with torch.no_grad():
@@ -62,7 +62,7 @@ class PixelInput(nn.Module):
             self.norm.bias.copy_(-m / s)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.graph(self.norm(pixels.permute(0, 3, 1, 2)))
+        return self.body(self.norm(pixels.permute(0, 3, 1, 2)))
 
 
 @dataclass
@@ -168,11 +168,13 @@ def describe(data: bytes) -> dict[str, Any]:
 
 
 def run_litert_int8(path: Path, q_inputs: np.ndarray) -> np.ndarray:
-    """The int8 file in LiteRT's reference (builtin) kernels, image by image: int8 in, int8 out."""
-    from ai_edge_litert.interpreter import Interpreter  # optional heavy dependency
+    """The int8 file in LiteRT's reference kernels (``BUILTIN_REF``: the arithmetic TFLM's kernels share; XNNPACK's
+    int8 kernels round differently, up to several steps on MicroNet), image by image: int8 in, int8 out."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType  # optional heavy dependency
 
     with captured():
-        interp = Interpreter(model_path=str(path), num_threads=1)
+        ref = OpResolverType.BUILTIN_REF
+        interp = Interpreter(model_path=str(path), num_threads=1, experimental_op_resolver_type=ref)
         interp.allocate_tensors()
     inp, out = interp.get_input_details()[0]["index"], interp.get_output_details()[0]["index"]
     outs = []
