@@ -125,3 +125,28 @@ def test_cli_int8_tflite_needs_calib(tmp_path: Path, capsys) -> None:
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "--calib" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.runtime
+@pytest.mark.parametrize("name", ["micronet_m0", "micronet_m3"])
+def test_int8_export_runs_in_tflm(name: str, tmp_path: Path) -> None:
+    """The int8 file of M0 / M3 at 32 x 32: no float tensor, int8 in and out (pixels - 128), weights inside the
+    flatbuffer, TFLM within one int8 step of LiteRT's reference kernels on >= 99 % of outputs, and the arena TFLM
+    reports is head + tail and within the C++ pair's ``kArenaSize``. (Minutes: litert_torch's conversion.)"""
+    pytest.importorskip("ai_edge_quantizer")
+    pytest.importorskip("tflite_micro")
+    pytest.importorskip("litert_torch")
+    from micronet_torch.runtime.mcu import describe, export_mcu
+    from micronet_torch.tools.bench_mcu import MEAN, STD, synthetic_pixels
+
+    model = trained_like(micronet_torch.create_model(name, num_classes=10)).eval()
+    res = export_mcu(model, tmp_path / name, 32, MEAN, STD, synthetic_pixels(16, 32, 1), synthetic_pixels(16, 32, 2))
+    info = describe(res.path.read_bytes())
+    assert info["float_tensors"] == [] and info["input_type"] == info["output_type"] == 9  # int8
+    assert info["input_quant"] == (1.0, -128) and not info["buffers_after"] and info["misaligned_buffers"] == 0
+    assert res.step_agreement >= 0.99 and res.n_checked == 16
+    a = res.arena
+    assert a["total"] == a["head"] + a["tail"] and a["head"] > 0
+    assert a["total"] <= arena_size(a["total"]) and res.flash_bytes == res.path.stat().st_size
