@@ -23,13 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
+from .result import ConversionError
+
 EXTRA = "pip install micronet-torch[mcu]"
 DEFAULT_ARENA = 4 << 20  # bytes: enough for every registered model up to 224^2; the used part is what counts
 _ALLOC = re.compile(r"Arena allocation (total|head|tail) (\d+) bytes")
 
 
-class TflmError(RuntimeError):
-    """TFLM refused or crashed on a model; the message names the file and what happened."""
+class TflmError(ConversionError):
+    """TFLM refused or crashed on a model; the message names the file and what happened (``micronet`` prints it as
+    one line, like a converter's refusal)."""
 
 
 @dataclass
