@@ -142,11 +142,12 @@ def test_int8_export_runs_in_tflm(name: str, tmp_path: Path) -> None:
     from micronet_torch.tools.bench_mcu import MEAN, STD, synthetic_pixels
 
     model = trained_like(micronet_torch.create_model(name, num_classes=10)).eval()
-    res = export_mcu(model, tmp_path / name, 32, MEAN, STD, synthetic_pixels(16, 32, 1), synthetic_pixels(16, 32, 2))
+    check = synthetic_pixels(48, 32, 2)  # 480 outputs: the 99 % bar allows 4 two-step differences
+    res = export_mcu(model, tmp_path / name, 32, MEAN, STD, synthetic_pixels(16, 32, 1), check)
     info = describe(res.path.read_bytes())
     assert info["float_tensors"] == [] and info["input_type"] == info["output_type"] == 9  # int8
     assert info["input_quant"] == (1.0, -128) and not info["buffers_after"] and info["misaligned_buffers"] == 0
-    assert res.step_agreement >= 0.99 and res.n_checked == 16
+    assert res.step_agreement >= 0.99 and res.n_checked == 48
     a = res.arena
     assert a["total"] == a["head"] + a["tail"] and a["head"] > 0
     assert a["total"] <= arena_size(a["total"]) and res.flash_bytes == res.path.stat().st_size
