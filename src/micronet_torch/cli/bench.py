@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from ..tools.bench_report import ALL_RUNTIMES, DEFAULT_MODELS, PATHS
+from ..tools.bench_report import ALL_RUNTIMES, DEFAULT_MODELS, MCU_SIZES, PATHS
 from .common import CLIError, nonnegative_int, positive_float, positive_int
 
 DEFAULT_PATHS = PATHS
@@ -45,7 +45,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
     if args.floors and not args.runtimes:
         raise CLIError("--floors times deployment runtimes: give --runtimes too (e.g. --runtimes ort,openvino)")
-    check_out_dir(args.out_dir, "bench-runtimes" if args.runtimes else "bench", args.overwrite)
+    check_out_dir(
+        args.out_dir, "bench-mcu" if args.mcu else "bench-runtimes" if args.runtimes else "bench", args.overwrite
+    )
     calib = None
     if args.calib:
         cfg = DataConfig(img_size=args.img_size, in_chans=3, policy=default_policy(args.img_size))
@@ -56,6 +58,10 @@ def run_bench(args: argparse.Namespace) -> int:
 
     env0 = environment()
     log(environment_line(env0))
+    if args.mcu:  # fully int8 TFLM files: flash, arena, reference-kernel latency (tools/bench_mcu.py)
+        from ..tools.bench_mcu import run_bench_mcu  # heavy: torch, the quantizer, TFLM
+
+        return run_bench_mcu(args, log, _report)
     if args.runtimes:
         return run_bench_runtimes(args, log)
     records, env = run_benchmark(
@@ -108,6 +114,14 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         help="with --runtimes: also time each MicroNet with every Dynamic Shift-Max replaced by ReLU (+relu) and "
         "without its shift term (+noshift), in the same deploy graph: the least a cheaper operator could reach",
     )
+    p.add_argument(
+        "--mcu",
+        action="store_true",
+        help="fully int8 TFLM files instead of the latency tables: flash, TFLM arena (activations + fixed), ops, "
+        "tensors, reference-kernel latency on this host (models interleaved), int8 agreement (needs [mcu])",
+    )
+    p.add_argument("--mcu-sizes", default=",".join(map(str, MCU_SIZES)), help="--mcu input sizes [%(default)s]")
+    p.add_argument("--mcu-classes", type=positive_int, default=10, help="--mcu classifier classes [10]")
     p.add_argument("--runs", type=positive_int, default=50, help="timed runs per measurement [50]")
     p.add_argument("--warmup", type=nonnegative_int, default=10, help="warm-up runs [10]")
     p.add_argument("--img-size", type=positive_int, default=224, help="input size [224]")

@@ -34,6 +34,10 @@ def _loaded(args: argparse.Namespace) -> Any:
 def run_export(args: argparse.Namespace) -> int:
     from ..runtime import TARGETS, ExportOptions, export_checked  # heavy: torch and the converters
 
+    if args.format == "tflite" and args.int8:  # fully int8 for TensorFlow Lite Micro (runtime/mcu.py)
+        from ..runtime.mcu import run_mcu_export
+
+        return run_mcu_export(args, _loaded)
     options = ExportOptions(
         format=args.format,
         deploy=not args.no_deploy,

@@ -22,6 +22,7 @@ from torch import nn
 from .emit import DeployEmitter, Emitter, PortableEmitter
 from .ir import Op
 from .lower import lower
+from .mcu import SHIFTS, McuEmitter
 from .passes import Pass, run_passes, step
 
 Form = Callable[..., tuple[tuple[Pass, ...], Emitter]]
@@ -140,6 +141,16 @@ def portable_form(
     return passes, PortableEmitter(block_shuffles=block_shuffles, fused_ops=fused_ops)
 
 
+def mcu_form(shift: str = "gather", merge: str = "all") -> tuple[tuple[Pass, ...], Emitter]:
+    """The microcontroller form (``mcu.py``): the portable passes with every factorized pair merged, its Dynamic
+    Shift-Max written in the ops a fully int8 TFLite Micro model quantizes; ``shift`` takes each group-circular
+    shift as one channel gather ("gather"), a twin convolution ("twin") or channel rolls ("rolls")."""
+    if shift not in SHIFTS:
+        raise ValueError(f"shift={shift!r}: choose one of {SHIFTS}")
+    passes, _ = portable_form(merge=merge, twin_conv=shift == "twin")
+    return passes, McuEmitter(shift=shift)
+
+
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
@@ -155,6 +166,7 @@ BACKENDS: dict[str, Backend] = {
         row("portable-litert", portable_form, merge="all"),
         # ncnn runs a block shuffle's reshapes slower than the equivalent channel slices
         row("portable-ncnn", portable_form, merge="all", block_shuffles=False),
+        row("mcu", mcu_form),
     )
 }
 

@@ -10,6 +10,8 @@ from typing import Any
 
 from .._fs import atomic_write
 
+MCU_SIZES = (64, 96, 128, 160, 224)  # micronet bench --mcu's input sizes
+
 PATHS = ("eager", "deploy", "ort", "ort-fused", "ort-int8", "ort-plain", "ort-legacy")
 # the names the benchmark commands take (``micronet bench``, ``bench --runtimes``, ``bench-train``): data only, in
 # this module without torch so that the command line builds its parser without loading the benchmarks

@@ -1,0 +1,121 @@
+"""The microcontroller deploy form: the portable graph in the ops an int8 TensorFlow Lite Micro model quantizes.
+
+``convert_to_deploy(model, backend="mcu")`` builds the portable form (``portable``: gather-free, at most 4-D,
+BatchNorm and shuffles folded) and rewrites what a fully int8 TFLM graph cannot hold or pays for in SRAM and flash:
+
+* the clamp of an unscaled Dynamic Shift-Max is ``max(hi - relu(hi - z), lo)``: no MINIMUM, which int8
+  quantizers leave in float (ai-edge-quantizer's int8 op list has MAXIMUM, RELU, SUB, not MINIMUM). Exact:
+  ``hi - relu(hi - z) = min(z, hi)``.
+* ``shift="gather"`` (the default) takes each Dynamic Shift-Max's group-circular shift as one channel GATHER of
+  the map (``ChannelGather``; TFLM runs it on int8) instead of a twin convolution (a second copy of the weights
+  in flash) or channel rolls (two slices and a concatenation per roll, each a full-size tensor in the arena).
+  ``shift="twin"`` keeps the portable twin convolutions, ``shift="rolls"`` the rolls.
+
+Exact up to float rounding like every deploy form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .emit import PortableEmitter
+from .ir import Op
+from .portable import PortableShiftMax, TwinConvShiftMax
+
+SHIFTS = ("gather", "twin", "rolls")
+
+
+class McuShiftMax(PortableShiftMax):
+    """``PortableShiftMax`` whose clamp has no MINIMUM, and whose shift may be one channel gather."""
+
+    def coefficients(self, x: torch.Tensor) -> torch.Tensor:
+        """The (K * J [* rolls]) x C coefficients, (N, ., 1, 1): h-sigmoid or clamp, plus offset, times mask."""
+        z = self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True))))
+        if self.scaled:
+            coef = F.hardsigmoid(z)
+        else:  # clamp(z, lo, hi) = max(hi - relu(hi - z), lo): MAXIMUM, SUB and RELU all quantize to int8
+            coef = torch.clamp_min(self.hi - F.relu(self.hi - z), self.lo)
+        coef = coef + self.offset
+        return coef if self.mask is None else coef * self.mask
+
+    def forward(self, x: torch.Tensor, x_shifted: torch.Tensor | None = None) -> torch.Tensor:
+        c, k = self.channels, self.k
+        coef = self.coefficients(x)
+        a = [coef[:, i * c : (i + 1) * c] for i in range(coef.shape[1] // c)]
+        shift_index = self._buffers.get("shift_index")  # the gather form's
+        if shift_index is not None:
+            rolled = [torch.index_select(x, 1, shift_index)]
+        elif self.shifted_input:
+            if x_shifted is None:
+                raise ValueError("this Dynamic Shift-Max takes its shifted input from its TwinConvShiftMax")
+            rolled = [x_shifted]
+        else:
+            rolled = [x if d == 0 else torch.cat([x[:, d:], x[:, :d]], dim=1) for d in self.rolls]
+        out = None
+        for kk in range(k):
+            y = x * a[kk]
+            for r, xr in enumerate(rolled):
+                y = y + xr * a[k + kk * len(rolled) + r]
+            out = y if out is None else torch.maximum(out, y)
+        return out
+
+
+def _as_mcu(dsm: PortableShiftMax) -> McuShiftMax:
+    """The same Dynamic Shift-Max (same modules and buffers) with ``McuShiftMax``'s forward."""
+    out = McuShiftMax.__new__(McuShiftMax)
+    out.__dict__.update(dsm.__dict__)
+    return out
+
+
+def _gather_form(dsm: PortableShiftMax) -> McuShiftMax:
+    """A rolls-form ``dsm`` rebuilt to read its shift as one gather ``x[:, shift]``.
+
+    The rolls form multiplies roll ``d`` by a 0/1 mask folded into a repeat of the a_k1 coefficient rows (one
+    repeat per roll); each channel's mask is 1 for exactly one roll, which gives the shift:
+    ``shift[i] = (i + d_i) mod C``. The gather form keeps a_k0, then a_k1 once for each k (the first repeat).
+    """
+    c, k, n_rolls = dsm.channels, dsm.k, len(dsm.rolls)
+    masks = dsm.mask.view(-1)[k * c : k * c + n_rolls * c].view(n_rolls, c)  # kk = 0: one row block per roll
+    d = torch.tensor(dsm.rolls)[masks.argmax(0)]
+    shift = (torch.arange(c) + d) % c
+    rows = torch.cat([torch.arange(k * c), (k * c + torch.arange(k) * n_rolls * c).repeat_interleave(c)])
+    rows[k * c :] += torch.arange(c).repeat(k)
+    out = _as_mcu(dsm)
+    out._modules = dict(dsm._modules)
+    out._buffers = dict(dsm._buffers)
+    fc2 = nn.Conv2d(dsm.fc2.in_channels, rows.numel(), 1).to(dsm.fc2.weight.dtype)
+    with torch.no_grad():
+        fc2.weight.copy_(dsm.fc2.weight[rows])
+        fc2.bias.copy_(dsm.fc2.bias[rows])
+    out._modules["fc2"] = fc2
+    out._buffers["offset"] = dsm.offset[:, rows].clone()
+    out._buffers["mask"] = None
+    out._buffers["shift_index"] = shift
+    out.rolls = []
+    return out
+
+
+def _mcu_module(module: nn.Module, shift: str) -> nn.Module:
+    """The MCU form of one portable module (recursing into containers)."""
+    if isinstance(module, TwinConvShiftMax):
+        module.shift_max = _as_mcu(module.shift_max)
+        return module
+    if isinstance(module, PortableShiftMax):
+        return _gather_form(module) if shift == "gather" and module.rolls else _as_mcu(module)
+    for name, child in module.named_children():
+        setattr(module, name, _mcu_module(child, shift))
+    return module
+
+
+@dataclass(frozen=True)
+class McuEmitter(PortableEmitter):
+    """The portable modules, each Dynamic Shift-Max then rewritten into its MCU form (``shift``: see above)."""
+
+    shift: str = "gather"
+
+    def features(self, ops: list[Op], dtype: torch.dtype = torch.float32) -> nn.Sequential:
+        return _mcu_module(super().features(ops, dtype), self.shift)

@@ -1,0 +1,153 @@
+"""The microcontroller target: the ``mcu`` deploy form, the fully int8 ``.tflite`` run in TensorFlow Lite Micro (in a
+child process), its C++ pair, and ``micronet export --format tflite --int8``'s refusals."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import micronet_torch
+from micronet_torch.cli import main
+from micronet_torch.deploy import convert_to_deploy
+from micronet_torch.deploy.mcu import McuShiftMax
+from micronet_torch.deploy.portable import TwinConvShiftMax
+from micronet_torch.runtime.mcu_cpp import arena_size, resolver_method, write_cpp
+from micronet_torch.runtime.tflm import TflmError, run_tflm
+from micronet_torch.tools.bench import trained_like
+
+TOL = 2e-5
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("name", ["micronet_m0", "micronet_m3"])
+@pytest.mark.parametrize("shift", ["gather", "twin", "rolls"])
+def test_mcu_form_is_exact(name: str, shift: str) -> None:
+    """Every shift form of the ``mcu`` backend equals the eager model in float (deploy tolerance)."""
+    model = trained_like(micronet_torch.create_model(name, num_classes=10)).eval()
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x)
+        mcu = convert_to_deploy(model, backend="mcu", shift=shift)
+        assert _rel(mcu(x), ref) <= TOL
+    dsm = [m for m in mcu.modules() if isinstance(m, McuShiftMax)]
+    assert dsm and all(type(m) is McuShiftMax for m in dsm)
+    twins = [m for m in mcu.modules() if isinstance(m, TwinConvShiftMax)]
+    if shift == "gather":  # one gather per shift: no twin conv (no second copy of its weights), no rolls
+        assert not twins and all(not m.rolls for m in dsm)
+        assert any("shift_index" in m._buffers for m in dsm)
+
+
+def test_mcu_backend_refuses_unknown_options() -> None:
+    model = micronet_torch.create_model("micronet_m0").eval()
+    with pytest.raises(TypeError, match="block_shuffles"):
+        convert_to_deploy(model, backend="mcu", block_shuffles=False)
+    with pytest.raises(ValueError, match="shift"):
+        convert_to_deploy(model, backend="mcu", shift="wrong")
+
+
+def test_resolver_methods_and_arena_margin() -> None:
+    assert resolver_method("CONV_2D") == "AddConv2D"
+    assert resolver_method("DEPTHWISE_CONV_2D") == "AddDepthwiseConv2D"
+    assert resolver_method("FULLY_CONNECTED") == "AddFullyConnected"
+    assert resolver_method("RELU6") == "AddRelu6"
+    assert resolver_method("HARD_SWISH") == "AddHardSwish"
+    assert arena_size(100_000) == 108 * 1024  # 110_000 bytes rounded up to whole KiB
+    assert arena_size(1024) % 1024 == 0 and arena_size(1024) >= 1024 * 1.1
+
+
+STUB = """#pragma once
+typedef enum { kTfLiteOk = 0, kTfLiteError = 1 } TfLiteStatus;
+namespace tflite {
+template <unsigned int N> class MicroMutableOpResolver {
+ public:
+%s
+};
+}  // namespace tflite
+"""
+
+
+def test_cpp_pair_compiles(tmp_path: Path) -> None:
+    """The generated header and source compile with ``g++ -fsyntax-only`` against a stub of TFLM's resolver header
+    (the tflite-micro wheel ships no headers), with exactly the methods the model's ops need."""
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("no g++")
+    ops = {"CONV_2D": 3, "DEPTHWISE_CONV_2D": 2, "MEAN": 1, "GATHER": 1, "FULLY_CONNECTED": 2}
+    tfl = tmp_path / "micronet-m0.tflite"
+    tfl.write_bytes(bytes(range(256)) * 3)
+    header, source = write_cpp(
+        tfl, ops, {"total": 1000, "head": 600, "tail": 400}, (1.0, -128), (0.1, 3), (32, 32, 3), ["a", 'b"q', "c"]
+    )
+    stub = tmp_path / "tensorflow/lite/micro/micro_mutable_op_resolver.h"
+    stub.parent.mkdir(parents=True)
+    stub.write_text(STUB % "\n".join(f"  TfLiteStatus {resolver_method(op)}() {{ return kTfLiteOk; }}" for op in ops))
+    main_cc = tmp_path / "main.cc"
+    main_cc.write_text(
+        f'#include "{header.name}"\n'
+        'static_assert(micronet_m0::kNumOps == 5, "ops");\n'
+        'static_assert(micronet_m0::kArenaSize == 2048, "arena");\n'
+        "int main() { micronet_m0::OpResolver r; return micronet_m0::RegisterOps(r) == kTfLiteOk &&\n"
+        "  micronet_m0::QuantizePixel(255) == 127 && micronet_m0::kModelDataLen == 768 ? 0 : 1; }\n"
+    )
+    for src in (source, main_cc):
+        proc = subprocess.run(
+            [gxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Werror", "-I", str(tmp_path), str(src)],
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr
+    assert "alignas(16) const unsigned char kModelData[]" in source.read_text()
+
+
+@pytest.mark.subprocess
+@pytest.mark.runtime
+def test_tflm_failure_is_an_error_not_a_dead_process(tmp_path: Path) -> None:
+    pytest.importorskip("tflite_micro")
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"\0" * 64)
+    with pytest.raises(TflmError, match=r"bad\.tflite"):
+        run_tflm([bad], [np.zeros((1, 4), np.int8)], timeout=120)
+
+
+def test_cli_int8_tflite_needs_calib(tmp_path: Path, capsys) -> None:
+    """``--format tflite --int8`` without ``--calib``: one line and exit 2."""
+    pytest.importorskip("ai_edge_quantizer")
+    pytest.importorskip("tflite_micro")
+    args = ["export", "--model", "micronet_m0", "--format", "tflite", "--int8", "-o", str(tmp_path / "m.tflite")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--calib" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.runtime
+@pytest.mark.parametrize("name", ["micronet_m0", "micronet_m3"])
+def test_int8_export_runs_in_tflm(name: str, tmp_path: Path) -> None:
+    """The int8 file of M0 / M3 at 32 x 32: no float tensor, int8 in and out (pixels - 128), weights inside the
+    flatbuffer, TFLM within one int8 step of LiteRT's reference kernels on >= 99 % of outputs, and the arena TFLM
+    reports is head + tail and within the C++ pair's ``kArenaSize``. (Minutes: litert_torch's conversion.)"""
+    pytest.importorskip("ai_edge_quantizer")
+    pytest.importorskip("tflite_micro")
+    pytest.importorskip("litert_torch")
+    from micronet_torch.runtime.mcu import describe, export_mcu
+    from micronet_torch.tools.bench_mcu import MEAN, STD, synthetic_pixels
+
+    model = trained_like(micronet_torch.create_model(name, num_classes=10)).eval()
+    check = synthetic_pixels(48, 32, 2)  # 480 outputs: the 99 % bar allows 4 two-step differences
+    res = export_mcu(model, tmp_path / name, 32, MEAN, STD, synthetic_pixels(16, 32, 1), check)
+    info = describe(res.path.read_bytes())
+    assert info["float_tensors"] == [] and info["input_type"] == info["output_type"] == 9  # int8
+    assert info["input_quant"] == (1.0, -128) and not info["buffers_after"] and info["misaligned_buffers"] == 0
+    assert res.step_agreement >= 0.99 and res.n_checked == 48
+    a = res.arena
+    assert a["total"] == a["head"] + a["tail"] and a["head"] > 0
+    assert a["total"] <= arena_size(a["total"]) and res.flash_bytes == res.path.stat().st_size
