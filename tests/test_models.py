@@ -1,4 +1,5 @@
-"""The matrix over every registered model, plus the published numbers (params, structure)."""
+"""The matrix over every registered model (forward / backward, ONNX, features_only, classifier surface, every
+deploy backend's parity), plus the published numbers (params, structure)."""
 
 import numpy as np
 import onnxruntime as ort
@@ -9,10 +10,14 @@ from helpers import ABLATION_VARIANTS
 
 import micronet_torch
 from micronet_torch import MODEL_SPECS, create_model, list_models
+from micronet_torch.deploy import BACKENDS, convert_to_deploy
 from micronet_torch.ops import DynamicShiftMax
 
 SPEC_NAMES = list(MODEL_SPECS)
 SIZE = 64  # small inputs keep the CPU matrix fast; every model has output stride 32
+DEPLOY_TOL = 2e-5  # of max|logits|: every deploy rewrite is exact up to float rounding
+# one backend row per distinct graph form (rows with equal passes and emitter build the same graph)
+DEPLOY_ROWS = list({(b.passes, b.emitter): name for name, b in BACKENDS.items()}.values())
 
 
 def _randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
@@ -167,3 +172,18 @@ def test_plain_pointwise_at_matched_madds():
     narrow = create_model("micronet_m0", num_classes=10, pointwise="plain", width=0.85)
     assert plain > 1.2 * base  # ungrouped 1x1 convolutions cost more at the same width
     assert abs(micronet_torch.profile(narrow, img_size=32).madds / base - 1) < 0.10
+
+
+@pytest.mark.parametrize("backend", DEPLOY_ROWS)
+@pytest.mark.parametrize("name", SPEC_NAMES)
+def test_deploy_parity(name, backend):
+    """Every registered network (the preprint's names build the same ones) through every deploy backend row: the same logits as eager, BatchNorm statistics and
+    affines random so that every fold matters."""
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    _randomize_bn(model)
+    deployed = convert_to_deploy(model, backend=backend)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        ref, out = model(x), deployed(x)
+    assert float((out - ref).abs().max() / ref.abs().max()) <= DEPLOY_TOL
