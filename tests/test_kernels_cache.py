@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import multiprocessing
 import os
+import shutil
+import warnings
 from pathlib import Path
 
 import pytest
 
+from micronet_torch import _native
 from micronet_torch.kernels import build, cache, ort_ops
 
 SOURCE = '__attribute__((visibility("default"))) int micronet_test_answer(void) { return ANSWER; }\n'
@@ -146,3 +150,156 @@ def test_openvino_loads_a_private_copy(tmp_path) -> None:
     loaded = Path(openvino_ops.extension_path())
     assert loaded != cached and loaded.read_bytes() == cached.read_bytes()
     assert loaded.parent.stat().st_mode & 0o777 == 0o700
+
+
+# ---- the operator cache -------------------------------------------------------------------------------
+C_SOURCE = """
+__attribute__((visibility("default"))) int micronet_test_answer(void) { return 42; }
+"""
+
+
+@pytest.fixture
+def c_source(tmp_path) -> Path:
+    if _native.find_compiler() is None:
+        pytest.skip("no C compiler")
+    src = tmp_path / "answer.c"
+    src.write_text(C_SOURCE)
+    return src
+
+
+def build_answer(src: Path, folder: Path) -> Path:
+    return _native.build_library(src, "answer", "test", directory=folder)
+
+
+def loads_and_answers(path: Path) -> bool:
+    import ctypes
+
+    return ctypes.CDLL(str(path)).micronet_test_answer() == 42
+
+
+def test_cache_key_covers_local_includes(c_source, tmp_path) -> None:
+    """A library is rebuilt when a header it includes from its own folder changes, not only its source."""
+    header = c_source.parent / "answer_value.h"
+    header.write_text("#define ANSWER 42\n")
+    c_source.write_text('#include "answer_value.h"\n' + C_SOURCE.replace("return 42", "return ANSWER"))
+    assert _native.local_includes(c_source) == [header]
+    folder = tmp_path / "cache"
+    first = build_answer(c_source, folder)
+    assert loads_and_answers(first) and build_answer(c_source, folder) == first
+    header.write_text("#define ANSWER 43\n")
+    second = build_answer(c_source, folder)
+    assert second != first
+
+
+def test_cache_build_records_sha256_and_reuses(c_source, tmp_path) -> None:
+    folder = tmp_path / "cache"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", _native.NativeCacheWarning)
+        lib = build_answer(c_source, folder)
+        record = lib.with_name(lib.name + ".sha256")
+        assert record.read_text().strip() == hashlib.sha256(lib.read_bytes()).hexdigest()
+        assert (folder.stat().st_mode & 0o777) == 0o700
+        mtime = lib.stat().st_mtime_ns
+        assert build_answer(c_source, folder) == lib and lib.stat().st_mtime_ns == mtime  # trusted: not rebuilt
+    assert loads_and_answers(lib)
+
+
+def _rebuilt(c_source, folder, lib, match) -> None:
+    with pytest.warns(_native.NativeCacheWarning, match=match):
+        assert build_answer(c_source, folder) == lib
+    assert not lib.is_symlink() and lib.stat().st_uid == os.geteuid()
+    assert lib.with_name(lib.name + ".sha256").read_text().strip() == hashlib.sha256(lib.read_bytes()).hexdigest()
+
+
+def test_cache_planted_symlink_is_removed_never_followed(c_source, tmp_path) -> None:
+    folder = tmp_path / "cache"
+    lib = build_answer(c_source, folder)
+    evil = tmp_path / "evil.so"
+    evil.write_bytes(lib.read_bytes())  # even a library whose hash would match is refused through a link
+    lib.unlink()
+    lib.symlink_to(evil)
+    _rebuilt(c_source, folder, lib, "symlink")
+    assert evil.read_bytes()  # the link's target is untouched
+
+
+def test_cache_zero_byte_or_short_file_is_rebuilt(c_source, tmp_path) -> None:
+    folder = tmp_path / "cache"
+    lib = build_answer(c_source, folder)
+    lib.write_bytes(b"")
+    _rebuilt(c_source, folder, lib, "0 bytes")
+    lib.write_bytes(b"\x7fELF")
+    _rebuilt(c_source, folder, lib, "4 bytes")
+
+
+def test_cache_replaced_library_or_missing_record_is_rebuilt(c_source, tmp_path) -> None:
+    folder = tmp_path / "cache"
+    lib = build_answer(c_source, folder)
+    lib.write_bytes(lib.read_bytes() + b"\0planted")
+    _rebuilt(c_source, folder, lib, "does not match")
+    lib.with_name(lib.name + ".sha256").unlink()
+    _rebuilt(c_source, folder, lib, "no SHA-256 record")
+    record = lib.with_name(lib.name + ".sha256")
+    planted = tmp_path / "planted.sha256"
+    planted.write_text(hashlib.sha256(lib.read_bytes()).hexdigest())
+    record.unlink()
+    record.symlink_to(planted)
+    _rebuilt(c_source, folder, lib, "record that is a symlink")
+    lib.chmod(0o666)
+    _rebuilt(c_source, folder, lib, "writable by other users")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a file owned by another user")
+def test_cache_file_of_another_user_is_never_loaded(c_source, tmp_path) -> None:
+    folder = tmp_path / "cache"
+    lib = build_answer(c_source, folder)
+    os.chown(lib, NOBODY, NOBODY)
+    _rebuilt(c_source, folder, lib, "belongs to user id 65534")
+    os.chown(folder, NOBODY, NOBODY)
+    with pytest.raises(_native.NativeCacheError, match="belongs to user id 65534"):
+        build_answer(c_source, folder)
+
+
+def test_cache_folder_symlink_or_open_folder_refused(c_source, tmp_path) -> None:
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    link = tmp_path / "cache-link"
+    link.symlink_to(real)
+    with pytest.raises(_native.NativeCacheError, match="symlink"):
+        build_answer(c_source, link)
+    assert not list(real.iterdir())
+    folder = tmp_path / "open"
+    folder.mkdir()
+    folder.chmod(0o777)
+    with pytest.raises(_native.NativeCacheError, match="open is writable by other users") as err:
+        build_answer(c_source, folder)
+    assert "\n" not in str(err.value) and not list(folder.iterdir())
+
+
+def test_native_record_stays_private_under_a_group_umask(c_source, tmp_path) -> None:
+    """A group-writable umask must not make the SHA-256 record untrusted (a rebuild on every use)."""
+    old = os.umask(0o002)
+    try:
+        lib = build_answer(c_source, tmp_path / "cache")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", _native.NativeCacheWarning)
+            assert build_answer(c_source, tmp_path / "cache") == lib
+    finally:
+        os.umask(old)
+    assert lib.with_name(lib.name + ".sha256").stat().st_mode & 0o077 == 0
+
+
+def test_untrusted_operator_cache_surfaces_as_fused_ops_unavailable(tmp_path) -> None:
+    """deploy.fused: a cache folder that is a symlink loads nothing and says why, in one line."""
+    from micronet_torch.deploy.fused.build import FusedOpsUnavailable, library_path
+
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    link = tmp_path / "ort_ops"
+    link.symlink_to(real)
+    with pytest.raises(FusedOpsUnavailable, match="symlink") as err:
+        library_path(directory=link)
+    assert "\n" not in str(err.value) and not list(real.iterdir())
+    if shutil.which("false"):
+        with pytest.raises(FusedOpsUnavailable, match="failed") as err:  # a compiler that fails
+            library_path(directory=tmp_path / "cache", compiler=shutil.which("false"))
+        assert "\n" not in str(err.value)

@@ -177,8 +177,8 @@ def test_plain_pointwise_at_matched_madds():
 @pytest.mark.parametrize("backend", DEPLOY_ROWS)
 @pytest.mark.parametrize("name", SPEC_NAMES)
 def test_deploy_parity(name, backend):
-    """Every registered network (the preprint's names build the same ones) through every deploy backend row: the same logits as eager, BatchNorm statistics and
-    affines random so that every fold matters."""
+    """Every registered network (the preprint's names build the same ones) through every deploy backend row: the
+    same logits as eager, BatchNorm statistics and affines random so that every fold matters."""
     torch.manual_seed(0)
     model = create_model(name).eval()
     _randomize_bn(model)
