@@ -7,7 +7,6 @@ come from timm; DistributedDataParallel from PyTorch.
 
 from __future__ import annotations
 
-import errno
 from pathlib import Path
 from typing import Any
 
@@ -162,17 +161,10 @@ def build_augmentation(cfg: TrainConfig, env: DistEnv, num_classes: int) -> tupl
 
 
 def build_writer(out: Path, env: DistEnv) -> Any:
-    """TensorBoard events under ``out/tensorboard`` (rank 0 only)."""
-    if not env.is_main:
-        return None
-    from torch.utils.tensorboard import SummaryWriter  # tensorboard is slow to import: only when training
+    """TensorBoard events under ``out/tensorboard`` (rank 0 only; ``run_log.open_tensorboard``)."""
+    from .run_log import open_tensorboard
 
-    folder = out / "tensorboard"
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(
-            errno.ENOTDIR, "not a folder (the run writes its TensorBoard events there)", str(folder)
-        )
-    return SummaryWriter(log_dir=str(folder))
+    return open_tensorboard(out) if env.is_main else None
 
 
 def loader_workers(cfg: TrainConfig, env: DistEnv) -> int:
