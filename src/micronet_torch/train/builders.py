@@ -22,6 +22,7 @@ from ..models.weights import CLASSIFIER_PREFIX
 from ..ops import set_shift_max_impl
 from .config import TrainConfig, TrainingError
 from .distributed import DistEnv
+from .run_log import open_tensorboard
 
 
 def build_train_model(cfg: TrainConfig, num_classes: int, env: DistEnv, state: dict[str, Any] | None) -> nn.Module:
@@ -162,8 +163,6 @@ def build_augmentation(cfg: TrainConfig, env: DistEnv, num_classes: int) -> tupl
 
 def build_writer(out: Path, env: DistEnv) -> Any:
     """TensorBoard events under ``out/tensorboard`` (rank 0 only; ``run_log.open_tensorboard``)."""
-    from .run_log import open_tensorboard
-
     return open_tensorboard(out) if env.is_main else None
 
 

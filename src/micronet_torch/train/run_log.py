@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import socket
 import time
@@ -17,8 +16,10 @@ from typing import Any
 
 from .config import TrainConfig
 from .logs import write_curves, write_metrics_csv
-from .run_folder import write_summary_file
+from .run_folder import read_summary, write_summary_file
 from .state import TrainState
+
+__all__ = ["SUMMARY_KEYS", "RunLog", "open_tensorboard", "read_summary"]
 
 # the keys of summary.json, in the order written
 SUMMARY_KEYS = (
@@ -39,14 +40,6 @@ def open_tensorboard(out: Path) -> Any:
             errno.ENOTDIR, "not a folder (the run writes its TensorBoard events there)", str(folder)
         )
     return SummaryWriter(log_dir=str(folder))
-
-
-def read_summary(path: str | os.PathLike) -> dict[str, Any]:
-    """A ``summary.json`` as a dict, with ``train_seconds`` filled from an older summary's ``train_time_s``."""
-    summary = json.loads(Path(path).read_text())
-    if isinstance(summary, dict) and "train_seconds" not in summary and "train_time_s" in summary:
-        summary["train_seconds"] = summary["train_time_s"]
-    return summary
 
 
 class RunLog:
