@@ -7,7 +7,6 @@ come from timm; DistributedDataParallel from PyTorch.
 
 from __future__ import annotations
 
-import errno
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from ..models.weights import CLASSIFIER_PREFIX
 from ..ops import set_shift_max_impl
 from .config import TrainConfig, TrainingError
 from .distributed import DistEnv
+from .run_log import open_tensorboard
 
 
 def build_train_model(cfg: TrainConfig, num_classes: int, env: DistEnv, state: dict[str, Any] | None) -> nn.Module:
@@ -162,17 +162,8 @@ def build_augmentation(cfg: TrainConfig, env: DistEnv, num_classes: int) -> tupl
 
 
 def build_writer(out: Path, env: DistEnv) -> Any:
-    """TensorBoard events under ``out/tensorboard`` (rank 0 only)."""
-    if not env.is_main:
-        return None
-    from torch.utils.tensorboard import SummaryWriter  # tensorboard is slow to import: only when training
-
-    folder = out / "tensorboard"
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(
-            errno.ENOTDIR, "not a folder (the run writes its TensorBoard events there)", str(folder)
-        )
-    return SummaryWriter(log_dir=str(folder))
+    """TensorBoard events under ``out/tensorboard`` (rank 0 only; ``run_log.open_tensorboard``)."""
+    return open_tensorboard(out) if env.is_main else None
 
 
 def loader_workers(cfg: TrainConfig, env: DistEnv) -> int:

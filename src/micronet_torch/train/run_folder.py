@@ -208,6 +208,15 @@ def write_summary_file(out: Path, summary: dict[str, Any]) -> None:
     atomic_write(out / "summary.json", lambda fh: fh.write(payload))
 
 
+def read_summary(path: str | os.PathLike) -> Any:
+    """A ``summary.json`` as written (``ValueError`` when it is not JSON); in an object, ``train_seconds`` is
+    filled from the ``train_time_s`` of summaries written before that key."""
+    summary = json.loads(Path(path).read_text())
+    if isinstance(summary, dict) and "train_seconds" not in summary and "train_time_s" in summary:
+        summary["train_seconds"] = summary["train_time_s"]
+    return summary
+
+
 def run_status(out: str | os.PathLike) -> dict[str, Any]:
     """What a reader can tell about a run folder: its summary, corrected by the lock.
 
@@ -223,7 +232,7 @@ def run_status(out: str | os.PathLike) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     if summary_path.is_file():
         try:
-            summary = json.loads(summary_path.read_text())
+            summary = read_summary(summary_path)
         except ValueError as err:
             raise TrainingError(f"{summary_path} is not valid JSON ({err})") from err
         if not isinstance(summary, dict):
