@@ -24,7 +24,7 @@ from .._env import cpu_name
 from .._text import printable
 from ..models import build_model, profile_model
 from ..train import TrainConfig, Trainer
-from ..train.run_folder import Lock, claim
+from ..train.run_folder import Lock, claim, read_summary
 
 RESULT_FIELDS = [
     "name",
@@ -225,7 +225,7 @@ def train_one(cfg: ExperimentConfig, spec: RunSpec, seed: int) -> dict[str, Any]
     summary = Trainer(train_cfg, resume=resume, overwrite=resume is None, given=given).run()
     summary_file = out / "summary.json"
     if summary_file.is_file():
-        summary = {**json.loads(summary_file.read_text()), **(summary or {})}
+        summary = {**read_summary(summary_file), **(summary or {})}
     num_classes = int(summary.get("num_classes", 10))
     madds, params = model_cost(spec, num_classes)
     return dict(
