@@ -1,5 +1,7 @@
-"""Constants several test modules share: where the shared fixtures are, and the ablation variants."""
+"""What several test modules share: where the shared fixtures are, the ablation variants, a deadline."""
 
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,19 @@ def runtime_library_or_skip(fmt: str, build) -> str:
         return str(build())
     except FusedOpsUnavailable as err:
         pytest.skip(str(err))
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail (instead of hanging forever) when the block takes longer than ``seconds``."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"took longer than {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

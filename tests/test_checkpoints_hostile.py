@@ -9,17 +9,15 @@ import io
 import json
 import os
 import pickle
-import signal
 import struct
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import SHARED_FIXTURES
+from helpers import SHARED_FIXTURES, deadline
 from PIL import Image
 
 from micronet_torch.checkpoints.errors import CheckpointError
@@ -36,22 +34,6 @@ try:
     from numpy._core.multiarray import _reconstruct
 except ImportError:  # numpy < 2
     from numpy.core.multiarray import _reconstruct
-
-
-@contextmanager
-def deadline(seconds: int):
-    """Fail (instead of hanging forever) when the block takes longer than ``seconds``."""
-
-    def expire(signum, frame):
-        raise TimeoutError(f"took longer than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def png(path: Path, size: int = 4) -> None:

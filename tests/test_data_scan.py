@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
 import struct
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import SHARED_FIXTURES
+from helpers import SHARED_FIXTURES, deadline
 from PIL import Image
 
 from micronet_torch.data.scan import ImageFileError, SkipCounts, open_image_safely, walk_images
@@ -20,22 +18,6 @@ M0_PDPARAMS = FIXTURES / "paddleclas" / "MicroNet_M0_random.pdparams"
 M2_PDPARAMS = FIXTURES / "paddleclas" / "MicroNet_M2_random.pdparams"
 M0_OFFICIAL = FIXTURES / "official" / "micronet-m0-official-random.pth.tar"
 SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-@contextmanager
-def deadline(seconds: int):
-    """Fail (instead of hanging forever) when the block takes longer than ``seconds``."""
-
-    def expire(signum, frame):
-        raise TimeoutError(f"took longer than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # ---- data folders -------------------------------------------------------------------------------------

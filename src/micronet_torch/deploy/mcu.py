@@ -42,26 +42,11 @@ class McuShiftMax(PortableShiftMax):
         coef = coef + self.offset
         return coef if self.mask is None else coef * self.mask
 
-    def forward(self, x: torch.Tensor, x_shifted: torch.Tensor | None = None) -> torch.Tensor:
-        c, k = self.channels, self.k
-        coef = self.coefficients(x)
-        a = [coef[:, i * c : (i + 1) * c] for i in range(coef.shape[1] // c)]
+    def shifted_maps(self, x: torch.Tensor, x_shifted: torch.Tensor | None) -> list[torch.Tensor]:
         shift_index = self._buffers.get("shift_index")  # the gather form's
         if shift_index is not None:
-            rolled = [torch.index_select(x, 1, shift_index)]
-        elif self.shifted_input:
-            if x_shifted is None:
-                raise ValueError("this Dynamic Shift-Max takes its shifted input from its TwinConvShiftMax")
-            rolled = [x_shifted]
-        else:
-            rolled = [x if d == 0 else torch.cat([x[:, d:], x[:, :d]], dim=1) for d in self.rolls]
-        out = None
-        for kk in range(k):
-            y = x * a[kk]
-            for r, xr in enumerate(rolled):
-                y = y + xr * a[k + kk * len(rolled) + r]
-            out = y if out is None else torch.maximum(out, y)
-        return out
+            return [torch.index_select(x, 1, shift_index)]
+        return super().shifted_maps(x, x_shifted)
 
 
 def _as_mcu(dsm: PortableShiftMax) -> McuShiftMax:

@@ -159,19 +159,25 @@ class PortableShiftMax(nn.Module):
             self.fc2.bias.copy_(b2.to(dtype))
         self.register_buffer("offset", offset.to(dtype).view(1, -1, 1, 1).clone())
 
-    def forward(self, x: torch.Tensor, x_shifted: torch.Tensor | None = None) -> torch.Tensor:
-        c, k = self.channels, self.k
+    def coefficients(self, x: torch.Tensor) -> torch.Tensor:
+        """The fusion coefficients of every term, (N, terms * C, 1, 1)."""
         z = self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True))))
         coef = (F.hardsigmoid(z) if self.scaled else torch.clamp(z, self.lo, self.hi)) + self.offset
-        if self.mask is not None:
-            coef = coef * self.mask
-        a = [coef[:, i * c : (i + 1) * c] for i in range(coef.shape[1] // c)]  # each (N, C, 1, 1)
+        return coef if self.mask is None else coef * self.mask
+
+    def shifted_maps(self, x: torch.Tensor, x_shifted: torch.Tensor | None) -> list[torch.Tensor]:
+        """The group-circular shifts of ``x`` the fusion adds: the twin conv's output, or channel rolls."""
         if self.shifted_input:
             if x_shifted is None:
                 raise ValueError("this Dynamic Shift-Max takes its shifted input from its TwinConvShiftMax")
-            rolled = [x_shifted]
-        else:
-            rolled = [x if d == 0 else torch.cat([x[:, d:], x[:, :d]], dim=1) for d in self.rolls]
+            return [x_shifted]
+        return [x if d == 0 else torch.cat([x[:, d:], x[:, :d]], dim=1) for d in self.rolls]
+
+    def forward(self, x: torch.Tensor, x_shifted: torch.Tensor | None = None) -> torch.Tensor:
+        c, k = self.channels, self.k
+        coef = self.coefficients(x)
+        a = [coef[:, i * c : (i + 1) * c] for i in range(coef.shape[1] // c)]  # each (N, C, 1, 1)
+        rolled = self.shifted_maps(x, x_shifted)
         out = None
         for kk in range(k):
             y = x * a[kk]
