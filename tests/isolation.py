@@ -6,13 +6,16 @@ own (thread pools, allocators, operator registries) that stay loaded for the lif
 one of them must fail its tests, not end the test run. The parent collects and selects as usual; at the first
 ``runtime`` item of a module it runs every selected ``runtime`` item of that module in one child
 (``python -m pytest NODEIDS`` without xdist), then replays the child's reports as its own, so ``-k``, ``-x``,
-xdist and the summary work as for any other test. A child that dies is one failed report per test it did not
-finish, quoting the end of its output. ``MICRONET_TEST_CHILD`` names the child's report file; inside the child
+xdist and the summary work as for any other test; under xdist the child runs once per module, whichever worker
+reaches the module first, and the other worker reads its results. A child that dies is one failed report per
+test it did not finish, quoting the end of its output. ``MICRONET_TEST_CHILD`` names the child's report file; inside the child
 the marker changes nothing. The conftest imports these hooks and calls ``configure``.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import subprocess
@@ -23,6 +26,7 @@ from pathlib import Path
 import pytest
 
 CHILD_ENV = "MICRONET_TEST_CHILD"
+_NODEID = pytest.StashKey[str]()  # an item's node id before xdist's loadgroup adds "@group" to it
 CHILD_TIMEOUT_S = 2400  # a safety net for a hung runtime, far above a slow machine's module time
 _RESULTS = pytest.StashKey[dict]()
 
@@ -35,13 +39,10 @@ def _isolated(item: pytest.Item) -> bool:
     return not in_child() and item.get_closest_marker("runtime") is not None
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Keep each module's ``runtime`` items on one xdist worker (``--dist loadgroup``), so its child runs once."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        if _isolated(item):
-            item.add_marker(pytest.mark.xdist_group(f"runtime-{item.path.stem}"))
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Remember each ``runtime`` item's node id as the child will know it."""
+    if _isolated(item):
+        item.stash[_NODEID] = item.nodeid
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -49,7 +50,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     groups: dict[Path, list[str]] = {}
     for item in session.items:
         if _isolated(item):
-            groups.setdefault(item.path, []).append(item.nodeid)
+            groups.setdefault(item.path, []).append(item.stash[_NODEID])
     session.config.stash[_RESULTS] = {"groups": groups, "done": {}}
 
 
@@ -80,20 +81,43 @@ def _run_child(config: pytest.Config, path: Path, nodeids: list[str]) -> dict[st
         return reports
 
 
+def _module_results(config: pytest.Config, path: Path, nodeids: list[str]) -> dict[str, list[dict]]:
+    """The child's reports for a module, run once per test run: under xdist the first worker to reach the module
+    runs the child while holding a lock in the run's shared home; a worker that comes later reads its results."""
+    home = Path(os.environ.get("MICRONET_TEST_HOME") or tempfile.gettempdir())
+    key = hashlib.sha256(f"{path}\0{nodeids}".encode()).hexdigest()[:16]
+    results = home / f"isolation-{path.stem}-{key}.json"
+    with open(home / f"isolation-{path.stem}-{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if results.is_file():
+            return json.loads(results.read_text())
+        reports = _run_child(config, path, nodeids)
+        partial = results.with_suffix(".part")
+        partial.write_text(json.dumps(reports))
+        partial.replace(results)
+        return reports
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
     if not _isolated(item):
         return None
     state = item.config.stash[_RESULTS]
     if item.path not in state["done"]:
-        state["done"][item.path] = _run_child(item.config, item.path, state["groups"][item.path])
+        state["done"][item.path] = _module_results(item.config, item.path, state["groups"][item.path])
+    # what the items before this one set up (module, class fixtures) is torn down as pytest's own protocol would
+    # between this item and the next: this item sets nothing up in this process
+    item.session._setupstate.teardown_exact(nextitem)
     hook = item.ihook
     hook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-    for data in state["done"][item.path][item.nodeid]:
+    for data in state["done"][item.path][item.stash[_NODEID]]:
         if "__died__" in data:
             rep = pytest.TestReport(item.nodeid, item.location, {}, "failed", data["__died__"], "call")
         else:
             rep = item.config.hook.pytest_report_from_serializable(config=item.config, data=data)
+            rep.nodeid = item.nodeid  # the child's id, as this process names the item
+            if rep.skipped and isinstance(rep.longrepr, list):  # (path, line, reason), as a skip is reported
+                rep.longrepr = tuple(rep.longrepr)
         hook.pytest_runtest_logreport(report=rep)
     hook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
     return True
