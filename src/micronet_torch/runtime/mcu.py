@@ -272,7 +272,10 @@ def export_mcu(
     try:
         lite = run_litert_int8(path, q_check)
     except RuntimeError as err:  # e.g. a requantization scale out of range (weights far from trained ranges)
-        raise ConversionError(f"LiteRT cannot run the int8 file {path.name}: {str(err).strip()}") from err
+        raise ConversionError(
+            f"LiteRT cannot run the int8 file {path.name} (untrained weights? export a trained checkpoint): "
+            + " ".join(str(err).split())
+        ) from err
     micro: TflmRun = run_tflm([path], [q_check], arena_size)
     tflm_out = micro.outputs[0].reshape(lite.shape)
     diff = np.abs(tflm_out.astype(np.int32) - lite.astype(np.int32))
