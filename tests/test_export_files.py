@@ -43,6 +43,9 @@ def test_sidecars_and_weights_have_distinct_names_per_format(tmp_path: Path) -> 
     assert names["openvino"] == ["m0.bin", "m0.xml"]
     assert names["ncnn"] == ["m0.ncnn.bin", "m0.param.json", "m0.param"]
     assert names["executorch"] == ["m0.pte.json", "m0.pte"] and names["tflite"] == ["m0.tflite.json", "m0.tflite"]
+    # tflm is the int8 form of the tflite file: the same names (its metadata says which), plus the C++ pair
+    assert names["tflm"] == ["m0_model_data.h", "m0_model_data.cc", "m0.tflite.json", "m0.tflite"]
+    names.pop("tflm")
     every = [n for files in names.values() for n in files if n != "m0"]  # onnx/torchscript keep the name given
     assert len(every) == len(set(every))
     assert next(p.name for p in TARGETS["ncnn"].files(tmp_path / "m0.ncnn.param")) == "m0.ncnn.bin"

@@ -34,10 +34,6 @@ def _loaded(args: argparse.Namespace) -> Any:
 def run_export(args: argparse.Namespace) -> int:
     from ..runtime import TARGETS, ExportOptions, export_checked  # heavy: torch and the converters
 
-    if args.format == "tflite" and args.int8:  # fully int8 for TensorFlow Lite Micro (runtime/mcu.py)
-        from ..runtime.mcu import run_mcu_export
-
-        return run_mcu_export(args, _loaded)
     options = ExportOptions(
         format=args.format,
         deploy=not args.no_deploy,
@@ -83,7 +79,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--format",
         default="onnx",
-        help="onnx [default], torchscript, exported-program, openvino, executorch, tflite, ncnn (runtime.TARGETS)",
+        help="onnx [default], torchscript, exported-program, openvino, executorch, tflite, tflm (fully int8 for "
+        "microcontrollers; also --format tflite --int8), ncnn (runtime.TARGETS)",
     )
     p.add_argument(
         "--output", "-o", required=True, help="file to write (.onnx, .ts/.pt, .pt2, .xml, .pte, .tflite, .param)"
@@ -103,7 +100,11 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         "executorch (micronet::shift_max kernel, loaded before the program); faster; built with the system C / C++ "
         "compiler on first use",
     )
-    p.add_argument("--int8", action="store_true", help="also quantize (ONNX Runtime static int8); writes OUTPUT")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="also quantize (ONNX Runtime static int8); with --format tflite: the fully int8 tflm file",
+    )
     p.add_argument(
         "--calib", help="calibration images: an image folder (its train/ subfolder when it has one), or fashion-mnist"
     )

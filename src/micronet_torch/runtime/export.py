@@ -8,6 +8,7 @@ for int8, top-1 agreement on real images. The file carries ``metadata.export_met
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from torch import nn
 from ..data.config import MAX_IMG_SIZE
 from ..deploy import convert_to_deploy
 from ..kernels.ort_ops import FusedOpsUnavailable
-from ..models import LoadedModel
+from ..models import LoadedModel, MicroNet
 from .calibration import calibration_images
 from .files import check_outputs, commit, staging, write_failure
 from .metadata import export_metadata, write_onnx_metadata
@@ -52,15 +53,29 @@ class ExportOptions:
     dynamic_batch: bool = False  # OpenVINO: keep the batch axis dynamic (fixed-shape IRs fuse more)
 
     overwrite: bool = False  # replace files that this format's export did not write
+    # set by export_checked for a target that quantizes itself: (calibration images, what, check images, what)
+    calibration: tuple | None = None
 
     def validate(self) -> None:
-        """Refuse combinations that cannot work, naming the flags; a missing runtime names its pip extra."""
+        """Refuse combinations that cannot work, naming the flags; a missing runtime names its pip extra.
+
+        ``--int8`` on a format whose row names an ``int8_target`` selects that target (``--format tflite --int8``:
+        ``tflm``); a target that ``quantizes`` is int8 by construction and needs ``--calib``."""
         if self.format not in TARGETS:
             raise ExportError(f"--format {self.format}: choose one of {', '.join(TARGETS)}")
+        if self.int8 and TARGETS[self.format].int8_target:
+            self.format = TARGETS[self.format].int8_target
         target = TARGETS[self.format]
         missing = target.missing()
         if missing:
             raise ExportError(missing)
+        if target.quantizes:
+            self.int8 = False  # implied: the int8 here is the target's own, not ONNX Runtime's
+            if not self.calib:
+                raise ExportError(
+                    f"--format {self.format} writes a fully int8 file: it needs --calib DIR (an image folder, or "
+                    "fashion-mnist)"
+                )
 
         def takers(flag: str) -> str:
             return " or ".join(f"--format {t.name}" for t in TARGETS.values() if flag in t.flags)
@@ -98,7 +113,7 @@ class ExportOptions:
 def deploy_graph(model: nn.Module, target: Target, options: ExportOptions) -> nn.Module:
     """The graph the target's converter gets: the deploy form for its backend (the fused-operator form with
     ``--fused-ops``), or ``model`` itself with ``deploy`` off."""
-    if not options.deploy:
+    if not options.deploy or not isinstance(model, MicroNet):  # the baselines have no deploy form
         return model
     if options.fused_ops and target.fused is not None:
         return convert_to_deploy(model, backend=target.fused.backend, fused_ops=True, **target.fused.options)
@@ -156,7 +171,11 @@ def export_checked(loaded: LoadedModel, output: str | os.PathLike, options: Expo
     failed = out.with_name(out.stem + "-FAILED" + out.suffix)
     check_outputs(target, [out, failed] if options.int8 and options.keep_failed else [out], options.overwrite)
     report = ExportReport()
-    calib = _calibration(options, cfg, report) if options.int8 else None  # before the minute of fp32 export
+    calib = None
+    if options.int8 or target.quantizes:  # read before the minute of fp32 export
+        calib = _calibration(options, cfg, report)
+        if target.quantizes:
+            options = dataclasses.replace(options, calibration=calib)
     meta = {**export_metadata(loaded), "export_format": target.name}
     t0 = time.perf_counter()
     with staging(out.parent) as stage:
@@ -220,6 +239,10 @@ def _export_and_check_staged(
     if options.int8:
         lines.append(f"exported the fp32 graph to quantize [{res.exporter}, {time.perf_counter() - t0:.1f} s]")
     lines += [f"  note: {note}" for note in res.notes] + [f"  FAIL: {failure}" for failure in res.failures]
+    if target.quantizes:  # an int8 file its converter checked against the float model: no fp32 parity
+        lines += res.checks
+        report.ok, report.result, report.files = not res.failures, res, target.files(out)
+        return res
     check_x = torch.randn(3, *shape[1:], generator=torch.Generator().manual_seed(0))
     check_fp32(res, model, check_x)
     report.ok = res.rel_diff <= FP32_TOLERANCE and not res.failures

@@ -15,7 +15,7 @@ agreement with the float model on held-out images; TFLM's arena use and the flas
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -30,17 +30,18 @@ from torch import nn
 from .._fs import atomic_write
 from ..deploy import convert_to_deploy
 from ..models import MicroNet
-from .calibration import calibration_images
-from .export import ExportError
 from .litert import export_litert
 from .mcu_cpp import arena_size, write_cpp
+from .metadata import read_json_beside, write_json_beside
 from .native_log import captured
-from .targets import TARGETS
+from .result import ConversionError, ExportResult
 from .tflm import DEFAULT_ARENA, TflmRun, run_tflm
 
 EXTRA = "pip install micronet-torch[mcu]"
 INPUT_SCALE, INPUT_ZERO_POINT = 1.0, -128  # int8 input = camera pixel - 128
 MIN_STEP_AGREEMENT = 0.99  # TFLM vs LiteRT: outputs within one int8 step
+CHECK_COUNT = 1000  # held-out images the export runs in LiteRT and TFLM
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # a file without its sidecar
 FLOAT32, INT8 = 0, 9  # tflite TensorType
 
 
@@ -81,6 +82,7 @@ class McuFile:
     max_step_diff: int | None = None
     top1_agreement: float | None = None  # int8 (TFLM) vs float PyTorch
     n_checked: int = 0
+    num_classes: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -267,7 +269,13 @@ def export_mcu(
     if info["input_type"] != INT8 or info["output_type"] != INT8:
         res.float_tensors.append("input/output not int8")
     q_check = quantize_pixels(check_pixels)
-    lite = run_litert_int8(path, q_check)
+    try:
+        lite = run_litert_int8(path, q_check)
+    except RuntimeError as err:  # e.g. a requantization scale out of range (weights far from trained ranges)
+        raise ConversionError(
+            f"LiteRT cannot run the int8 file {path.name} (untrained weights? export a trained checkpoint): "
+            + " ".join(str(err).split())
+        ) from err
     micro: TflmRun = run_tflm([path], [q_check], arena_size)
     tflm_out = micro.outputs[0].reshape(lite.shape)
     diff = np.abs(tflm_out.astype(np.int32) - lite.astype(np.int32))
@@ -277,87 +285,91 @@ def export_mcu(
     with torch.no_grad():
         ref = graph(torch.from_numpy(check_pixels)).argmax(1).numpy()
     res.top1_agreement = float((tflm_out.reshape(len(ref), -1).argmax(1) == ref).mean())
-    res.n_checked = len(ref)
+    res.n_checked, res.num_classes = len(ref), int(tflm_out.reshape(len(ref), -1).shape[1])
     return res
 
 
-def _per_channel(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
-    return tuple(values) * channels if len(values) == 1 else tuple(values)
-
-
-def export_mcu_and_check(
-    loaded: Any,
-    output: str | os.PathLike,
-    calib: str,
-    calib_count: int = 512,
-    check_count: int = 1000,
-    skip_bad: bool = False,
-    log: Callable[[str], None] = print,
-) -> bool:
-    """``micronet export --format tflite --int8``: write the int8 ``.tflite`` and its C++ pair, print the checks
-    (no float tensor, TFLM within one int8 step of LiteRT on >= 99 % of outputs) and the figures; False when a
-    check fails. Calibration images: ``calib`` (a folder, or fashion-mnist: its training split, and its test
-    split for the agreement); held out from a folder when it has more than ``calib_count`` images."""
-
-    model, cfg = loaded.model.eval(), loaded.data_config
-    in_chans = getattr(model, "in_chans", cfg.in_chans)
-    mean, std = _per_channel(cfg.mean, in_chans), _per_channel(cfg.std, in_chans)
-    skipped: dict[str, str] = {}
-    if calib == "fashion-mnist":
-        cal_x, what = calibration_images(calib, cfg, calib_count, "train", skip_bad, skipped)
-        chk_x, check_what = calibration_images(calib, cfg, check_count, "val", skip_bad, skipped)
-    else:
-        all_x, what = calibration_images(calib, cfg, calib_count + check_count, "train", skip_bad, skipped)
-        cal_x, chk_x = all_x[:calib_count], all_x[calib_count:]
-        check_what = f"{len(chk_x)} held-out images of {calib}"
-        if not len(chk_x):
-            chk_x, check_what = cal_x, what + " (the calibration images: none held out)"
-    for p, err in sorted(skipped.items()):
-        log(f"  skipped unreadable calibration image {p}: {err}")
-    out = Path(output).with_suffix(".tflite")
-    res = export_mcu(model, out, cfg.img_size, mean, std, pixels_of(cal_x, mean, std), pixels_of(chk_x, mean, std))
-    n_ops = sum(res.ops.values())
-    log(
-        f"exported {loaded.name} (mcu deploy form, fully int8) to {res.path} [ai-edge-quantizer static int8, "
-        f"per-channel weights, calibrated on {len(cal_x)} images]: {res.flash_bytes} bytes of flash, {n_ops} ops, "
-        f"{res.tensors} tensors"
-    )
-    log("  ops: " + ", ".join(f"{k} {v}" for k, v in sorted(res.ops.items(), key=lambda kv: -kv[1])))
-    log(f"  input: int8 NHWC (1, {cfg.img_size}, {cfg.img_size}, {in_chans}) = camera pixel - 128 (scale 1)")
+def export_target(
+    graph: nn.Module, path: Path, input_shape: tuple[int, ...], options: Any, metadata: dict[str, str] | None = None
+) -> ExportResult:
+    """The ``tflm`` target's converter: ``export_mcu`` on ``options.calibration`` (the calibration and check images
+    ``export_checked`` read), then the C++ pair and the sidecar beside the file. Its checks come back as
+    ``checks`` lines; a float tensor left or TFLM off LiteRT by more than one step is a failure."""
+    meta = dict(metadata or {})
+    chans, size = int(input_shape[1]), int(input_shape[-1])
+    mean = tuple(json.loads(meta["mean"])) if "mean" in meta else IMAGENET_MEAN[:chans]
+    std = tuple(json.loads(meta["std"])) if "std" in meta else IMAGENET_STD[:chans]
+    if options.calibration is None:
+        raise ValueError("the tflm export needs calibration images (--calib DIR)")
+    calib_x, what, check_x, check_what = options.calibration
+    if len(check_x) > CHECK_COUNT:
+        check_x, check_what = check_x[:CHECK_COUNT], f"{CHECK_COUNT} images of {check_what}"
+    res = export_mcu(graph, path, size, mean, std, pixels_of(calib_x, mean, std), pixels_of(check_x, mean, std))
+    a, n_ops = res.arena, sum(res.ops.values())
     ok_float = not res.float_tensors
-    log(f"float tensors: {len(res.float_tensors)} {'OK' if ok_float else 'FAIL: ' + ', '.join(res.float_tensors[:8])}")
     ok_step = res.step_agreement is not None and res.step_agreement >= MIN_STEP_AGREEMENT
-    log(
-        f"TFLM vs LiteRT (int8 outputs, {res.n_checked} images): {res.step_agreement * 100:.2f} % within one step, "
-        f"max {res.max_step_diff} steps (limit {MIN_STEP_AGREEMENT * 100:.0f} %) {'OK' if ok_step else 'FAIL'}"
-    )
-    log(f"top-1 agreement int8 (TFLM) vs fp32 PyTorch on {check_what}: {res.top1_agreement * 100:.2f} %")
-    a = res.arena
-    log(
+    checks = [
+        f"  {res.flash_bytes} bytes of flash, {n_ops} ops, {res.tensors} tensors; calibrated on {what}",
+        "  ops: " + ", ".join(f"{k} {v}" for k, v in sorted(res.ops.items(), key=lambda kv: -kv[1])),
+        f"  input: int8 NHWC (1, {size}, {size}, {chans}) = camera pixel - 128 (scale 1); output: int8 logits "
+        f"(scale {res.output_quant[0]:.6g}, zero point {res.output_quant[1]})",
+        f"float tensors: {len(res.float_tensors)} "
+        + ("OK" if ok_float else "FAIL: " + ", ".join(res.float_tensors[:8])),
+        f"TFLM vs LiteRT (int8 outputs, {res.n_checked} images): {(res.step_agreement or 0) * 100:.2f} % within one "
+        f"step, max {res.max_step_diff} steps (limit {MIN_STEP_AGREEMENT * 100:.0f} %) {'OK' if ok_step else 'FAIL'}",
+        f"top-1 agreement int8 (TFLM) vs fp32 PyTorch on {check_what}: {(res.top1_agreement or 0) * 100:.2f} %",
         f"TFLM arena: {a.get('total', 0)} bytes on this 64-bit host ({a.get('head', 0)} activations + "
-        f"{a.get('tail', 0)} fixed); the C++ pair asks for {arena_size(a.get('total', 0))}"
-    )
-    names = list(loaded.class_names) or [str(i) for i in range(getattr(model, "num_classes", 0))]
+        f"{a.get('tail', 0)} fixed); the C++ pair asks for {arena_size(a.get('total', 0))}",
+    ]
+    names = json.loads(meta.get("class_names", "[]")) or [f"class_{i}" for i in range(res.num_classes)]
     header, source = write_cpp(
-        res.path, res.ops, a, res.input_quant, res.output_quant, (cfg.img_size, cfg.img_size, in_chans), names
+        res.path, res.ops, a, res.input_quant, res.output_quant, (size, size, chans), [str(n) for n in names]
     )
-    log(f"C++ for TFLM: {header} and {source.name} (docs/mcu.md)")
-    return ok_float and ok_step
+    checks.append(f"C++ for TFLM: {header.name} and {source.name} (docs/mcu.md)")
+    meta.update(
+        input_layout="NHWC int8 = camera pixel (0..255, RGB) - 128; normalization inside the model",
+        quantization="int8 ai-edge-quantizer static, per-channel weights, int8 input and output",
+        input_quant=json.dumps(list(res.input_quant)),
+        output_quant=json.dumps(list(res.output_quant)),
+        arena_bytes=json.dumps(a),
+    )
+    write_json_beside(res.path, meta)
+    failures = ([] if ok_float else ["float tensors left"]) + ([] if ok_step else ["TFLM differs from LiteRT"])
+    return ExportResult(
+        res.path,
+        "tflm",
+        exporter="ai-edge-quantizer static int8",
+        agreement=res.top1_agreement,
+        n_checked=res.n_checked,
+        notes=res.notes,
+        failures=failures,
+        checks=checks,
+    )
 
 
-def run_mcu_export(args: Any, load: Callable[[Any], Any]) -> int:
-    """``micronet export --format tflite --int8`` from its parsed flags (``load(args)`` gives the model)."""
+def load_runner(path: str | os.PathLike, threads: int = 1) -> Callable[[torch.Tensor], np.ndarray]:
+    """The ``tflm`` target's loader: normalized NCHW images back to camera pixels (the mean / std the sidecar
+    records), fed as ``pixel - 128`` through LiteRT's reference kernels (TFLM's arithmetic, in this process), image
+    by image; the int8 logits dequantized to float."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType  # optional heavy dependency
 
-    missing = TARGETS["tflite"].missing()
-    if missing:
-        raise ExportError(missing)
-    for package, pip in (("ai_edge_quantizer", "ai-edge-quantizer"), ("tflite_micro", "tflite-micro")):
-        if importlib.util.find_spec(package) is None:
-            raise ExportError(f"--format tflite --int8 needs {pip}: {EXTRA}")
-    if not args.calib:
-        raise ExportError("--int8 needs --calib DIR (an image folder, or fashion-mnist)")
-    clash = [f for f, on in (("--fused-ops", args.fused_ops), ("--no-deploy", args.no_deploy)) if on]
-    if clash:
-        raise ExportError(f"--format tflite --int8 writes the mcu deploy form; drop {', '.join(clash)}")
-    ok = export_mcu_and_check(load(args), args.output, args.calib, args.calib_count, skip_bad=args.skip_bad_images)
-    return 0 if ok else 1
+    meta = read_json_beside(path)
+    mean = tuple(json.loads(meta["mean"])) if "mean" in meta else IMAGENET_MEAN
+    std = tuple(json.loads(meta["std"])) if "std" in meta else IMAGENET_STD
+    with captured():
+        ref = OpResolverType.BUILTIN_REF
+        interp = Interpreter(model_path=str(path), num_threads=threads, experimental_op_resolver_type=ref)
+        interp.allocate_tensors()
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    out_scale, out_zero = out["quantization"]
+
+    def run(x: torch.Tensor) -> np.ndarray:
+        q = quantize_pixels(pixels_of(x, mean[: x.shape[1]], std[: x.shape[1]]))
+        outs = []
+        for img in q:
+            interp.set_tensor(inp["index"], img[None])
+            interp.invoke()
+            outs.append(interp.get_tensor(out["index"]).astype(np.float32))
+        return (np.concatenate(outs) - out_zero) * out_scale
+
+    return run

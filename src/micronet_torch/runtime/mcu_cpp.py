@@ -42,6 +42,18 @@ def _bytes_lines(data: bytes, per_line: int = 16) -> str:
     )
 
 
+def cpp_header(tflite: str | os.PathLike) -> Path:
+    """``<stem>_model_data.h`` beside the ``.tflite``."""
+    tflite = Path(tflite)
+    return tflite.with_name(tflite.stem + "_model_data.h")
+
+
+def cpp_source(tflite: str | os.PathLike) -> Path:
+    """``<stem>_model_data.cc`` beside the ``.tflite``."""
+    tflite = Path(tflite)
+    return tflite.with_name(tflite.stem + "_model_data.cc")
+
+
 def write_cpp(
     tflite: str | os.PathLike,
     ops: dict[str, int],
@@ -58,14 +70,13 @@ def write_cpp(
     tflite = Path(tflite)
     data = tflite.read_bytes()
     ns = _identifier(tflite.stem)
-    header = tflite.with_name(tflite.stem + "_model_data.h")
-    source = tflite.with_name(tflite.stem + "_model_data.cc")
+    header, source = cpp_header(tflite), cpp_source(tflite)
     names = sorted(ops)
     total = int(arena_measured.get("total", 0))
     h, w, c = input_shape
     register = "\n".join(f"  if (r.{resolver_method(op)}() != kTfLiteOk) return kTfLiteError;" for op in names)
     hdr = f"""// {tflite.name} for TensorFlow Lite Micro, written by micronet-torch
-// (micronet export --format tflite --int8). Fully int8: int8 input (camera pixel - 128) and int8 logits.
+// (micronet export --format tflm). Fully int8: int8 input (camera pixel - 128) and int8 logits.
 #pragma once
 
 #include <cstddef>

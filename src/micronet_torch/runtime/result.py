@@ -34,6 +34,7 @@ class ExportResult:
     n_checked: int = 0
     notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)  # what makes the export unusable although it wrote a file
+    checks: list[str] = field(default_factory=list)  # report lines of a converter that checks its own file (int8)
 
 
 def per_image(run: Callable[[np.ndarray], np.ndarray]) -> Callable[[Any], np.ndarray]:

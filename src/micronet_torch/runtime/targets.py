@@ -22,7 +22,7 @@ import torch
 from ..deploy import RUNTIME_OPTIONS
 from ..kernels import executorch_ops, openvino_ops
 from ..kernels.ort_ops import library_path as ort_library_path
-from . import executorch, litert, ncnn, onnx, openvino, ort, torch_export
+from . import executorch, litert, mcu, mcu_cpp, ncnn, onnx, openvino, ort, torch_export
 from .metadata import read_archive_metadata, read_json_beside, read_onnx_metadata, read_openvino_metadata, sidecar
 from .result import ExportResult
 
@@ -67,6 +67,8 @@ class Target:
     runtime: str = "PyTorch"  # what runs the file, for messages
     run_packages: tuple[str, ...] | None = None  # the packages running a file needs (None: all of ``packages``)
     input_shape: Callable[[Path], list[Any]] | None = None  # the graph's declared input shape, read without running
+    quantizes: bool = False  # the converter writes an int8 file from the --calib images and checks it itself
+    int8_target: str | None = None  # the target that --int8 on this format selects (tflite: tflm)
 
     def missing(self, run_only: bool = False) -> str | None:
         """None when every package is importable (``run_only``: those that run a file), else one line naming the
@@ -182,7 +184,25 @@ TARGETS: dict[str, Target] = {
         companions=(sidecar,),
         runtime="LiteRT",
         run_packages=("ai_edge_litert",),
+        int8_target="tflm",
         **_portable("litert"),
+    ),
+    "tflm": Target(
+        "tflm",
+        "mcu",
+        ".tflite",
+        mcu.export_target,
+        mcu.load_runner,
+        "fully int8 LiteRT flatbuffer for TensorFlow Lite Micro (+ C++ pair)",
+        packages=("litert_torch", "ai_edge_litert", "ai_edge_quantizer", "tflite_micro"),
+        extra="mcu",
+        fixed_shape=True,
+        read_metadata=read_json_beside,
+        companions=(mcu_cpp.cpp_header, mcu_cpp.cpp_source, sidecar),
+        flags=frozenset({"calib"}),
+        runtime="LiteRT (reference kernels, int8)",
+        run_packages=("ai_edge_litert",),
+        quantizes=True,
     ),
     "ncnn": Target(
         "ncnn",
@@ -207,6 +227,15 @@ def load_exported(path: str | os.PathLike, fmt: str, threads: int = 1) -> Runner
 
 
 def target_of_file(path: str | os.PathLike) -> Target | None:
-    """The target whose files end like ``path`` (``.onnx``, ``.xml``, ``.pte``, ...), or None."""
+    """The target whose files end like ``path`` (``.onnx``, ``.xml``, ``.pte``, ...), or None; where two share a
+    suffix (``tflite`` and its int8 form ``tflm``), the one the file's metadata names, else the first."""
     suffix = Path(path).suffix.lower()
-    return next((t for t in TARGETS.values() if t.suffix == suffix), None)
+    matches = [t for t in TARGETS.values() if t.suffix == suffix]
+    if len(matches) > 1:
+        for target in matches:
+            try:
+                if target.read_metadata(Path(path)).get("export_format") == target.name:
+                    return target
+            except Exception:  # unreadable metadata: the loader's own error names it
+                break
+    return matches[0] if matches else None

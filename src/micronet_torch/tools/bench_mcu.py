@@ -4,7 +4,7 @@ Per model and input size: flash (the ``.tflite`` bytes), TFLM's arena (activatio
 head, and the fixed tail: tensor and node records, quantization parameters), op and tensor count, latency in
 TFLM's reference kernels on this host (one child process per input size, the models' single-image calls
 interleaved round robin, so ratios hold on a shared CPU), and the int8 file's top-1 agreement with the float
-model. Every model is exported as ``micronet export --format tflite --int8`` does (``runtime.mcu``), with
+model. Every model is exported as ``micronet export --format tflm`` does (``runtime.mcu``), with
 ``trained_like`` BatchNorm statistics and smooth synthetic calibration images unless images are given.
 """
 
@@ -112,7 +112,7 @@ def markdown_mcu(records: list[McuRecord], env: dict[str, Any]) -> str:
     lines = [
         environment_line(env),
         "",
-        "TFLM reference kernels, fully int8 (micronet export --format tflite --int8), arena on this 64-bit host",
+        "TFLM reference kernels, fully int8 (micronet export --format tflm), arena on this 64-bit host",
         "",
         "| model | size | flash (KB) | arena (KB) | activations (KB) | fixed (KB) | ops | tensors | latency (ms) "
         "| vs first | top-1 agreement |",
