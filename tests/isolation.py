@@ -8,8 +8,8 @@ one of them must fail its tests, not end the test run. The parent collects and s
 (``python -m pytest NODEIDS`` without xdist), then replays the child's reports as its own, so ``-k``, ``-x``,
 xdist and the summary work as for any other test; under xdist the child runs once per module, whichever worker
 reaches the module first, and the other worker reads its results. A child that dies is one failed report per
-test it did not finish, quoting the end of its output. ``MICRONET_TEST_CHILD`` names the child's report file; inside the child
-the marker changes nothing. The conftest imports these hooks and calls ``configure``.
+test it did not finish, quoting the end of its output. ``MICRONET_TEST_CHILD`` names the child's report file;
+inside the child the marker changes nothing. The conftest imports these hooks and calls ``configure``.
 """
 
 from __future__ import annotations
