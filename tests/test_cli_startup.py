@@ -49,3 +49,16 @@ def test_package_import_loads_no_torch_and_still_registers_with_timm() -> None:
 @pytest.mark.subprocess
 def test_top_level_help_imports_no_torch() -> None:
     assert heavy_imports(["--help"]) == []
+
+
+def test_ops_imported_before_timm_still_registers_with_timm() -> None:
+    """timm first imported while ``ops`` is importing must not run the timm registration against a half-made
+    ``ops`` (a circular import): the operators import timm on first use only."""
+    code = (
+        "import micronet_torch\n"
+        "from micronet_torch.ops import DynamicShiftMax\n"
+        "import timm\n"
+        "assert type(timm.create_model('micronet_m0')).__name__ == 'MicroNet'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]

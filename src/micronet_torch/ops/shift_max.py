@@ -12,7 +12,6 @@ import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
-from timm.layers import make_divisible
 from torch import nn
 
 from ..kernels.fused import available, fused_shift_max
@@ -26,6 +25,10 @@ _impl_override: str | None = None  # set by use_shift_max_impl; wins over every 
 
 def squeeze_channels(channels: int, reduction: int) -> int:
     """Hidden width S of the hyper-function: make_divisible(C // reduction, 4), at least 4."""
+    # timm on first use, not at import: importing timm registers the models with timm (``micronet_torch``'s
+    # hook), which must not run while ``ops`` itself is still being imported
+    from timm.layers import make_divisible
+
     return max(4, make_divisible(channels // reduction, 4))
 
 
@@ -213,6 +216,8 @@ class SqueezeExcite(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 8) -> None:
         super().__init__()
+        from timm.layers import make_divisible  # on first use, as in the hyper-function's width above
+
         squeeze = make_divisible(channels // reduction, 4)
         self.fc = nn.Sequential(
             nn.Linear(channels, squeeze),
