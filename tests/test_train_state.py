@@ -13,6 +13,7 @@ import torch
 from micronet_torch.cli import main
 from micronet_torch.cli.main import build_parser
 from micronet_torch.cli.train import config_from_args, given_settings
+from micronet_torch.data.config import MAX_IMG_SIZE
 from micronet_torch.train import TrainConfig, TrainingError, resolve
 from micronet_torch.train import checkpoint as ckpt
 from micronet_torch.train.resume import merge_resumed
@@ -88,7 +89,7 @@ def spoiled(one_epoch: Path, tmp_path: Path, change) -> Path:
     ("change", "message"),
     [
         (lambda s: s["config"].update(lr="0.1"), "its saved config is not usable (--lr '0.1': use a number)"),
-        (lambda s: s["config"].update(img_size=100000), "(--img-size 100000: use at most 4096"),
+        (lambda s: s["config"].update(img_size=100000), f"(--img-size 100000: use at most {MAX_IMG_SIZE}"),
         (lambda s: s["config"].update(scale=5), "(--scale 5: use two numbers"),
         (lambda s: s["config"].update(amp="yes"), "(--amp 'yes': use true or false)"),
         (lambda s: s.update(config=[1, 2]), "the checkpoint's config is a list, not a dict"),
