@@ -217,7 +217,8 @@ def test_training_steps_match_eager(name, batch):
     """Three SGD steps give the same losses and weights. M3 at 32x32 ends in 1x1 maps whose BatchNorm sees
     only the batch: with 2 images its steps are chaotic (eager against eager on a channels-last input
     already differs by ~1e-2 after 3 steps), so M3 takes 8 images, where eager agrees with itself to ~1e-4
-    (step-3 loss) and fused agrees with eager to ~1e-5 (losses) and ~3e-5 (weights, global norm)."""
+    (step-3 loss) and fused agrees with eager to 1e-5 to 3e-5 (losses and weights, global norm) depending on
+    the CPU's summation order, so M3's later steps are held to eager's own noise floor, 1e-4."""
     torch.manual_seed(0)
     model = micronet_torch.create_model(name, num_classes=10)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -241,9 +242,10 @@ def test_training_steps_match_eager(name, batch):
     (le, ge, we), (lf, gf, wf) = results["eager"], results["fused"]
     assert lf[0] == le[0]  # the forward is bit-exact
     assert _global_rel(gf, ge) <= 1e-5
+    later_steps = 1e-5 if name == "micronet_m0" else 1e-4
     for a, b in zip(lf, le, strict=True):
-        assert abs(a - b) <= 1e-5 * abs(b)
-    assert _global_rel(wf, we) <= (1e-5 if name == "micronet_m0" else 1e-4)  # M3 measured 3e-5
+        assert abs(a - b) <= later_steps * abs(b)
+    assert _global_rel(wf, we) <= later_steps
 
 
 TRITON_CHECK = """
