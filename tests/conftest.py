@@ -15,6 +15,7 @@ import pytest
 from isolation import configure as configure_isolation
 from isolation import (  # noqa: F401  (hooks: pytest finds them in the conftest's namespace)
     pytest_collection_finish,
+    pytest_collection_modifyitems,
     pytest_itemcollected,
     pytest_runtest_logreport,
     pytest_runtest_protocol,

@@ -7,7 +7,8 @@ one of them must fail its tests, not end the test run. The parent collects and s
 ``runtime`` item of a module it runs every selected ``runtime`` item of that module in one child
 (``python -m pytest NODEIDS`` without xdist), then replays the child's reports as its own, so ``-k``, ``-x``,
 xdist and the summary work as for any other test; under xdist the child runs once per module, whichever worker
-reaches the module first, and the other worker reads its results. A child that dies is one failed report per
+reaches the module first, and another worker that reaches it reads its results (with ``--dist loadfile``, the
+README's command, one worker runs the whole module). A child that dies is one failed report per
 test it did not finish, quoting the end of its output. ``MICRONET_TEST_CHILD`` names the child's report file;
 inside the child the marker changes nothing. The conftest imports these hooks and calls ``configure``.
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 import pytest
 
 CHILD_ENV = "MICRONET_TEST_CHILD"
-_NODEID = pytest.StashKey[str]()  # an item's node id before xdist's loadgroup adds "@group" to it
+_NODEID = pytest.StashKey[str]()  # an item's node id as the child names it
 CHILD_TIMEOUT_S = 2400  # a safety net for a hung runtime, far above a slow machine's module time
 _RESULTS = pytest.StashKey[dict]()
 
@@ -43,6 +44,14 @@ def pytest_itemcollected(item: pytest.Item) -> None:
     """Remember each ``runtime`` item's node id as the child will know it."""
     if _isolated(item):
         item.stash[_NODEID] = item.nodeid
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The isolated modules first (a stable sort, so each module's items stay together): under xdist's
+    ``--dist loadfile`` each module is one unit of work on one worker, the isolated ones are the long units, and
+    long units started first leave the short ones to fill both workers at the end."""
+    items.sort(key=lambda item: not _isolated(item))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

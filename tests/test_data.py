@@ -200,7 +200,7 @@ def test_cifar_never_downloads_unasked(tmp_path: Path) -> None:
         D.load_builtin("cifar10", tmp_path, download=False)
 
 
-# ---- hostile folders and images (issue 15) and EXIF orientation (issue 14, item 8) ----------------------
+# ---- hostile folders and images and EXIF orientation -----------------------------------------------------
 def test_exif_rotated_jpeg_reads_as_its_upright_copy(tmp_path: Path) -> None:
     """A phone photo stored sideways with EXIF orientation 6 gives the pixels of the upright image."""
     rng = np.random.default_rng(0)
@@ -278,7 +278,7 @@ def test_decompression_bomb_in_a_folder_is_skippable(tmp_path: Path) -> None:
     assert x is None and path.endswith("bomb.png") and "bomb.png" in err and "decompression bomb" in err
 
 
-# ==== issue 14, items 9 and 12 (loaders: worker errors, skipped files named once) ==========================
+# ==== loaders: worker errors, skipped files named once =============================================================
 def _broken_split(tmp_path: Path, tiny_folder: Path):
     root = tmp_path / "d14"
     shutil.copytree(tiny_folder, root)

@@ -357,7 +357,7 @@ def test_pretrained_file_of_another_model_names_the_flag():
     assert "\n" not in str(err.value)
 
 
-# ---- convert keeps what evaluation needs (issue 14, item 4) -------------------------------------------
+# ---- convert keeps what evaluation needs --------------------------------------------------------------
 def test_converted_file_evaluates_and_predicts_like_the_checkpoint(tmp_path, capsys, trained, tiny_folder):
     from micronet_torch.checkpoints import load_model
 

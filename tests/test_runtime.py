@@ -127,7 +127,7 @@ def test_cli_int8_folder(tmp_path, capsys) -> None:
         ["export", "--model", "micronet_m0", "--img-size", "32", "--int8", "--calib", str(folder), "--output", str(out)]
     )
     text = capsys.readouterr().out
-    # random weights on 6 noise images may fail the agreement check; a failing int8 file is not written (#14)
+    # random weights on 6 noise images may fail the agreement check; a failing int8 file is not written
     assert "top-1 agreement" in text and (out.is_file() if rc == 0 else "not written" in text)
 
 

@@ -66,7 +66,7 @@ def test_run_benchmark_tiny() -> None:
     assert all(r.median_ms > 0 for r in records)
     assert "torch" in env and "cpu" in env
     text = markdown(records, env)
-    assert "micronet_m0" in text and "ONNX nodes" in text and "Targets" not in text  # users see no targets (#14)
+    assert "micronet_m0" in text and "ONNX nodes" in text and "Targets" not in text  # users see no targets
     assert "Targets" in markdown(records, env, show_targets=True)
 
 

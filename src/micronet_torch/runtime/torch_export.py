@@ -58,10 +58,20 @@ def program_target(
     return export_program(model, path, input_shape)
 
 
+def _jit_load(path: str | os.PathLike) -> torch.jit.ScriptModule:
+    """``torch.jit.load`` without its deprecation warning on the user's terminal (TorchScript is the format asked
+    for)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path))
+
+
 def write_torchscript_metadata(path: str | os.PathLike, meta: dict[str, str]) -> None:
     """``meta`` as the TorchScript archive's extra file ``metadata.json``."""
-    mod = torch.jit.load(str(path))
-    torch.jit.save(mod, str(path), _extra_files={"metadata.json": json.dumps(meta)})
+    mod = _jit_load(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(mod, str(path), _extra_files={"metadata.json": json.dumps(meta)})
 
 
 def write_program_metadata(path: str | os.PathLike, meta: dict[str, str]) -> None:
@@ -72,7 +82,7 @@ def write_program_metadata(path: str | os.PathLike, meta: dict[str, str]) -> Non
 
 def load_torchscript(path: str | os.PathLike, threads: int = 1) -> Callable[[torch.Tensor], np.ndarray]:
     """The ``torchscript`` target's loader."""
-    mod = torch.jit.load(str(path))
+    mod = _jit_load(path)
     return lambda x: mod(x).detach().numpy()
 
 
