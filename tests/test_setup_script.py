@@ -1,4 +1,4 @@
-"""Issue 14, item 15: ``scripts/setup.sh`` takes torch from ``TORCH_SPEC`` / ``MICRONET_TORCH_INDEX_URL``."""
+"""``scripts/setup.sh`` takes torch from ``TORCH_SPEC`` / ``MICRONET_TORCH_INDEX_URL``."""
 
 from __future__ import annotations
 

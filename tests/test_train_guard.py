@@ -1,4 +1,4 @@
-"""Issue 14: one run per folder (lock), honest resume (schedule changes), failed writes, dead runs, bad images."""
+"""One run per folder (lock), honest resume (schedule changes), failed writes, dead runs, bad images."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def dead_pid() -> int:
     return proc.pid
 
 
-# ---- item 1: one run per folder -------------------------------------------------------------------------
+# ---- one run per folder -------------------------------------------------------------------------
 def test_two_processes_one_folder(tmp_path: Path, tiny_folder: Path) -> None:
     """Started at once on one --output: exactly one trains; the other stops early, naming the first."""
     out = tmp_path / "same"
@@ -139,7 +139,7 @@ def test_experiment_pair_claimed_once_and_duplicates_not_counted(tmp_path: Path,
     assert "n=1" in write_report(cfg).read_text()  # the duplicate row is no second seed
 
 
-# ---- item 2: resume with a longer schedule ---------------------------------------------------------------
+# ---- resume with a longer schedule ---------------------------------------------------------------
 def test_resume_extends_schedule_or_refuses(capsys: pytest.CaptureFixture, tmp_path: Path, tiny_folder: Path) -> None:
     out = tmp_path / "o"
     assert main(tiny_args(tiny_folder, out, epochs=2)) == 0
@@ -159,7 +159,7 @@ def test_resume_extends_schedule_or_refuses(capsys: pytest.CaptureFixture, tmp_p
     assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
 
 
-# ---- item 3: failed writes, dead runs --------------------------------------------------------------------
+# ---- failed writes, dead runs --------------------------------------------------------------------
 def test_write_failure_is_one_line_and_marks_failed(
     capsys: pytest.CaptureFixture, tmp_path: Path, tiny_folder: Path
 ) -> None:
@@ -198,7 +198,7 @@ def test_killed_run_reads_interrupted_and_resumes(
     assert run_status(out)["status"] == "completed"
 
 
-# ---- items 9 and 12: bad images with workers, named once -------------------------------------------------
+# ---- bad images with workers, named once -------------------------------------------------
 def test_corrupt_image_with_workers_is_one_line(
     capsys: pytest.CaptureFixture, tmp_path: Path, tiny_folder: Path
 ) -> None:
@@ -214,7 +214,7 @@ def test_corrupt_image_with_workers_is_one_line(
     assert "skipped 1 unreadable" in err and "bad.png" in err
 
 
-# ---- item 14: fine-tuning says what it loaded --------------------------------------------------------------
+# ---- fine-tuning says what it loaded --------------------------------------------------------------
 def test_fine_tune_logs_loaded_weights_and_new_head(
     capsys: pytest.CaptureFixture, tmp_path: Path, tiny_folder: Path
 ) -> None:
