@@ -22,7 +22,7 @@ from PIL import Image
 
 from micronet_torch.checkpoints.errors import CheckpointError
 from micronet_torch.checkpoints.files import MAX_BYTES_ENV
-from micronet_torch.checkpoints.state_dict import pdparams_from_bytes, read_pdparams
+from micronet_torch.checkpoints.state_dict import paddleclas_filter_fn, pdparams_from_bytes, read_pdparams
 
 FIXTURES = SHARED_FIXTURES
 M0_PDPARAMS = FIXTURES / "paddleclas" / "MicroNet_M0_random.pdparams"
@@ -222,22 +222,16 @@ def test_numpy_free_reader_matches_the_numpy_reader() -> None:
     """The two real PaddleClas fixtures give exactly the tensors of the numpy-based reader (and the official file)."""
 
     def numpy_reader(path: Path) -> dict[str, torch.Tensor]:
-        """numpy's own unpickling, for the two trusted fixtures only, renamed as the published code names them."""
+        """numpy's own unpickling, for the two trusted fixtures only, renamed by the package's key map (which the
+        comparison with the official PyTorch file below checks on its own)."""
         with open(path, "rb") as fh:
             raw = pickle.load(fh)  # the shared fixtures are ours: numpy may rebuild them
-        out = {}
-        for key, value in raw.items():
-            if key == "StructuredToParameterName@@":
-                continue
-            tensor = torch.from_numpy(np.array(value, dtype=np.float32))
-            if key.endswith("._mean"):
-                key = key[: -len("_mean")] + "running_mean"
-            elif key.endswith("._variance"):
-                key = key[: -len("_variance")] + "running_var"
-            elif key.endswith(".weight") and tensor.ndim == 2:
-                tensor = tensor.t().contiguous()
-            out[key] = tensor
-        return out
+        tensors = {
+            key: torch.from_numpy(np.array(value, dtype=np.float32))
+            for key, value in raw.items()
+            if key != "StructuredToParameterName@@"
+        }
+        return paddleclas_filter_fn(tensors)
 
     for path in (M0_PDPARAMS, M2_PDPARAMS):
         if not path.is_file():
