@@ -27,11 +27,8 @@ OLD_PATHS = [
 # at import, and a module whose import raised is not kept), then quietly, and names each symbol's home
 OLD_PATHS_PROBE = """
 import importlib, json, sys, warnings
-result, warnings_of = {}, {}
-for old, name in json.loads(sys.argv[1]):
-    if old in warnings_of:
-        result[old + "." + name] = [warnings_of[old], getattr(sys.modules["micronet_torch." + old], name).__module__]
-        continue
+result = {}
+for old, names in json.loads(sys.argv[1]).items():
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
         try:
@@ -42,8 +39,8 @@ for old, name in json.loads(sys.argv[1]):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         module = importlib.import_module("micronet_torch." + old)
-    warnings_of[old] = warned
-    result[old + "." + name] = [warned, getattr(module, name).__module__]
+    for name in names:
+        result[old + "." + name] = [warned, getattr(module, name).__module__]
 print(json.dumps(result))
 """
 
@@ -51,8 +48,11 @@ print(json.dumps(result))
 @pytest.fixture(scope="module")
 def old_paths() -> dict[str, list[str]]:
     """For each old ``module.name``: the DeprecationWarning its first import gave, and the name's home now."""
-    pairs = json.dumps([[old, name] for old, name, _ in OLD_PATHS])
-    proc = subprocess.run([sys.executable, "-c", OLD_PATHS_PROBE, pairs], capture_output=True, text=True, check=True)
+    names: dict[str, list[str]] = {}
+    for old, name, _ in OLD_PATHS:
+        names.setdefault(old, []).append(name)
+    probe = [sys.executable, "-c", OLD_PATHS_PROBE, json.dumps(names)]
+    proc = subprocess.run(probe, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout)
 
 
