@@ -58,7 +58,7 @@ class LoadedModel:
     data_config: DataConfig
     class_names: list[str]
     source: str  # 'training' (this project's last.pt/best.pt) or 'weights' (published/converted)
-    info: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # a --qat run's int8 graph: "qat_state" (deploy.qat)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -184,15 +184,22 @@ def _from_training_checkpoint(ck: Checkpoint, model_name: str | None, img_size: 
         )
         dcfg.img_size, dcfg.policy = img_size, default_policy(img_size)
     state = obj["model"]
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: its 'model' entry is not a dict of tensors")
     check_tensors(state, str(path), ck.limits.file)
+    info: dict[str, Any] = {}
+    config = obj.get("config")
+    if isinstance(config, dict) and config.get("qat") is True:  # a --qat run: model = its int8 graph
+        info["qat_state"], state = state, obj.get("float_model")
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path}: a --qat checkpoint without the float model it started from")
+        check_tensors(state, str(path), ck.limits.file)
     model = _build(name, path, f"the {name} it names", num_classes=n_cls, in_chans=in_chans, **kwargs)
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, ValueError) as err:
         raise CheckpointError(f"--checkpoint {path}: its weights do not fit {name}: {one_line(err, 500)}") from err
-    info = {k: obj.get(k) for k in ("epoch", "best_top1", "model_source") if k in obj}
+    info.update({k: obj.get(k) for k in ("epoch", "best_top1", "model_source") if k in obj})
     return LoadedModel(model, name, dcfg, class_names, "training", info, kwargs)
 
 

@@ -17,10 +17,11 @@ INT8_FORMATS = ("qdq", "qoperator")
 
 def _loaded(args: argparse.Namespace) -> Any:
     """The model to export: from ``--checkpoint`` (any supported file), else ``--model`` with random weights."""
+    from ..deploy.qat import with_qat
     from ..models import LoadedModel, build_model, load_model, published_data_config  # heavy: torch
 
     if args.checkpoint is not None:
-        loaded = load_model(args.checkpoint, args.model, args.img_size, num_classes=args.num_classes)
+        loaded = with_qat(load_model(args.checkpoint, args.model, args.img_size, num_classes=args.num_classes), True)
         if args.in_chans and args.in_chans != loaded.data_config.in_chans:
             raise ValueError(f"--in-chans {args.in_chans}: {args.checkpoint} takes {loaded.data_config.in_chans}")
         return loaded

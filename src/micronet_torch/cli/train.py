@@ -53,7 +53,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--overwrite", action="store_true", help="start a new run in an OUTPUT that holds one")
     r = p.add_argument_group("recipe (unset flags take the recipe's value)")
-    r.add_argument("--recipe", choices=tuple(RECIPES), default=None, help="default: small data; paper: ImageNet")
+    r.add_argument(
+        "--recipe", choices=tuple(RECIPES), default=None, help="default: small data; paper: ImageNet; qat: --qat's"
+    )
     r.add_argument("--epochs", type=int)
     r.add_argument("--batch-size", "-b", type=int, help="global batch size (split over torchrun processes)")
     r.add_argument("--lr", type=float, help="peak learning rate at this batch size")
@@ -111,6 +113,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     x.add_argument("--skip-bad-images", action="store_true", default=None, help="skip unreadable images (counted)")
     x.add_argument("--log-interval", type=nonnegative_int, help="steps between plain log lines [every 30 s]")
     x.add_argument("--quiet", "-q", action="store_true", default=None)
+    q = p.add_argument_group("quantization-aware training")
+    q.add_argument(
+        "--qat",
+        action="store_true",
+        default=None,
+        help="fine-tune --pretrained's int8 microcontroller graph with int8 fake quantization (export it with "
+        "--format tflm); the recipe becomes 'qat' (3 epochs, small rate) unless --recipe is given",
+    )
 
 
 def given_settings(args: argparse.Namespace) -> set[str]:
@@ -128,6 +138,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cfg = TrainConfig()
     for name in given_settings(args):
         setattr(cfg, name, getattr(args, name))
+    if cfg.qat and args.recipe is None:
+        cfg.recipe = "qat"
     if not args.output:
         try:
             cfg.output = os.path.join("runs", resolve_name(cfg.model)[0].name)

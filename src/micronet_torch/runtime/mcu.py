@@ -29,6 +29,7 @@ from torch import nn
 
 from .._fs import atomic_write
 from ..deploy import convert_to_deploy
+from ..deploy.qat import Int8Graph, QatNet
 from ..models import MicroNet
 from .litert import export_litert
 from .mcu_cpp import arena_size, write_cpp
@@ -83,6 +84,7 @@ class McuFile:
     top1_agreement: float | None = None  # int8 (TFLM) vs float PyTorch
     n_checked: int = 0
     num_classes: int = 0
+    trained_ranges: int = 0  # activation tensors whose range a --qat run trained (the rest calibrated)
     notes: list[str] = field(default_factory=list)
 
 
@@ -111,10 +113,50 @@ def _read(data: bytes | bytearray):
     return flatbuffer_utils.read_model_from_bytearray(bytearray(data))
 
 
-def quantize_int8(float_path: Path, calib_pixels: np.ndarray) -> bytes:
+def trained_ranges(
+    float_path: Path, qnet: QatNet, pixels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]
+) -> dict[str, tuple[float, float]]:
+    """The float file's activation tensors that a ``--qat`` run quantized, by name, with their trained ranges.
+
+    The file names its tensors after the converter's graph, not the model's modules, so they are found by value:
+    one image through the file (all tensors kept) and through ``QatNet.float_values``; a tensor equal (NHWC) to a
+    quantization point's value takes that point's range."""
+    from ai_edge_litert.interpreter import Interpreter  # optional heavy dependency
+
+    with captured():
+        interp = Interpreter(model_path=str(float_path), num_threads=1, experimental_preserve_all_tensors=True)
+        interp.allocate_tensors()
+    interp.set_tensor(interp.get_input_details()[0]["index"], pixels[:1].astype(np.float32))
+    interp.invoke()
+    by_size: dict[int, list[tuple[str, np.ndarray]]] = {}
+    for d in interp.get_tensor_details():
+        if d["dtype"] != np.float32:
+            continue
+        try:
+            v = interp.get_tensor(d["index"])
+        except ValueError:  # a tensor without data
+            continue
+        by_size.setdefault(v.size, []).append((d["name"], v.ravel()))
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    x = (torch.from_numpy(pixels[:1]).permute(0, 3, 1, 2) / 255.0 - m) / s
+    found: dict[str, tuple[float, float]] = {}
+    for value, fq in qnet.float_values(x.float()):
+        flat = (value.permute(0, 2, 3, 1) if value.dim() == 4 else value).reshape(-1).numpy()
+        tol = 1e-4 * max(float(np.abs(flat).max()), 1e-6)
+        for name, candidate in by_size.get(flat.size, []):
+            if float(np.abs(candidate - flat).max()) <= tol:
+                found[name] = (float(fq.lo), float(fq.hi))
+    return found
+
+
+def quantize_int8(
+    float_path: Path, calib_pixels: np.ndarray, ranges: dict[str, tuple[float, float]] | None = None
+) -> bytes:
     """ai-edge-quantizer's static int8 recipe on the float file (per-channel weights), calibrated on
-    ``calib_pixels`` (N, H, W, C) with the input range pinned to 0..255; returns the file's bytes with every
-    buffer inside the flatbuffer and no tensor names."""
+    ``calib_pixels`` (N, H, W, C) with the input range pinned to 0..255 and the tensors of ``ranges`` (a
+    ``--qat`` run's, ``trained_ranges``) given theirs; returns the file's bytes with every buffer inside the
+    flatbuffer and no tensor names."""
     try:
         from ai_edge_litert.tools import flatbuffer_utils
         from ai_edge_quantizer import quantizer, recipe
@@ -135,6 +177,9 @@ def quantize_int8(float_path: Path, calib_pixels: np.ndarray) -> bytes:
         tname = tname.decode() if isinstance(tname, bytes) else tname
         # scale 1, zero point -128 exactly: the pixel range, whatever the calibration images held
         qsvs[tname] = {"min": np.zeros_like(qsvs[tname]["min"]), "max": np.full_like(qsvs[tname]["max"], 255.0)}
+        for name, (lo, hi) in (ranges or {}).items():
+            if name in qsvs and name != tname:
+                qsvs[name] = {"min": np.full_like(qsvs[name]["min"], lo), "max": np.full_like(qsvs[name]["max"], hi)}
         quantized = qt.quantize(qsvs, enable_progress_report=False).quantized_model
     model = _read(quantized)  # resolves buffers stored after the flatbuffer into the model
     flatbuffer_utils.strip_strings(model)
@@ -256,13 +301,18 @@ def export_mcu(
     path = Path(path).with_suffix(".tflite")
     in_chans = len(mean)
     graph = mcu_graph(model, mean, std, **options)
+    qnet = model.qat_net if isinstance(model, Int8Graph) else None
+    ranges: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory(prefix="micronet-mcu-") as tmp:
         float_path = _float_tflite(graph, Path(tmp) / "float.tflite", (1, img_size, img_size, in_chans))
-        data = quantize_int8(float_path, calib_pixels)
+        if qnet is not None:
+            ranges = trained_ranges(float_path, qnet, calib_pixels, mean, std)
+        data = quantize_int8(float_path, calib_pixels, ranges)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda fh: fh.write(data))
     info = describe(data)
     res = McuFile(path, len(data), info["ops"], info["tensors"], info["float_tensors"])
+    res.trained_ranges = len(ranges)
     res.input_quant, res.output_quant = info["input_quant"], info["output_quant"]
     if info["misaligned_buffers"]:
         res.notes.append(f"{info['misaligned_buffers']} buffers not 16-byte aligned")
@@ -309,7 +359,8 @@ def export_target(
     ok_float = not res.float_tensors
     ok_step = res.step_agreement is not None and res.step_agreement >= MIN_STEP_AGREEMENT
     checks = [
-        f"  {res.flash_bytes} bytes of flash, {n_ops} ops, {res.tensors} tensors; calibrated on {what}",
+        f"  {res.flash_bytes} bytes of flash, {n_ops} ops, {res.tensors} tensors; calibrated on {what}"
+        + (f"; {res.trained_ranges} activation ranges from quantization-aware training" if res.trained_ranges else ""),
         "  ops: " + ", ".join(f"{k} {v}" for k, v in sorted(res.ops.items(), key=lambda kv: -kv[1])),
         f"  input: int8 NHWC (1, {size}, {size}, {chans}) = camera pixel - 128 (scale 1); output: int8 logits "
         f"(scale {res.output_quant[0]:.6g}, zero point {res.output_quant[1]})",

@@ -16,6 +16,7 @@ import torch
 from .._env import default_threads, default_workers, pick_device
 from ..data import build_eval_loader
 from ..data.config import MAX_BATCH_PIXELS, MAX_IMG_SIZE
+from ..deploy.qat import with_qat
 from ..models import CheckpointError, LoadedModel, load_model
 from ..runtime.exported import open_exported
 from ..runtime.targets import TARGETS, target_of_file
@@ -79,7 +80,7 @@ def open_model(
             print(f"note: {path} runs in {target.runtime} on the CPU")
         return open_exported(path, img_size, threads)
     try:
-        return load_model(path, model, img_size, device)
+        return with_qat(load_model(path, model, img_size, device))
     except CheckpointError as err:
         if "not readable" not in str(err):
             raise

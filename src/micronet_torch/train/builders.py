@@ -17,6 +17,7 @@ from torch import nn
 
 from .._env import available_cores, default_workers
 from .._text import one_line
+from ..deploy.qat import qat_net
 from ..models import CheckpointError, build_model, read_state_dict
 from ..models.weights import CLASSIFIER_PREFIX
 from ..ops import set_shift_max_impl
@@ -34,6 +35,8 @@ def build_train_model(cfg: TrainConfig, num_classes: int, env: DistEnv, state: d
     model = build_model(cfg.model, pretrained=pretrained, num_classes=num_classes, in_chans=cfg.in_chans, **extra)
     if pretrained and env.is_main and not cfg.quiet:
         print(fine_tune_report(model, str(pretrained)), flush=True)
+    if cfg.qat:
+        return _qat_model(cfg, model, env, state)
     if state is not None:
         load_resumed(model, state["model"], "model")
     set_shift_max_impl(model, cfg.dsm)  # the fused kernels by default ("auto"); no effect on the state dict
@@ -46,6 +49,21 @@ def build_train_model(cfg: TrainConfig, num_classes: int, env: DistEnv, state: d
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     return model
+
+
+def _qat_model(cfg: TrainConfig, model: nn.Module, env: DistEnv, state: dict[str, Any] | None) -> nn.Module:
+    """``--qat``: the float model's int8 microcontroller graph with fake quantization (``deploy.qat``); the float
+    weights it started from ride along (``source_state``) into every checkpoint."""
+    if state is not None:
+        if not isinstance(state.get("float_model"), dict):
+            raise TrainingError("--resume: this --qat checkpoint lacks the float model it started from")
+        load_resumed(model, state["float_model"], "float model")
+    source = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    qnet = qat_net(model, cfg.img_size, cfg.in_chans)
+    if state is not None:
+        load_resumed(qnet, state["model"], "QAT model")
+    qnet.source_state = source
+    return qnet.to(env.device)
 
 
 def fine_tune_report(model: nn.Module, pretrained: str) -> str:

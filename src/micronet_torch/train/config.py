@@ -72,6 +72,7 @@ class TrainConfig:
     threads: int | None = None
     quiet: bool = False
     model_kwargs: dict[str, Any] | None = None  # extra create_model arguments (ablation Variant fields)
+    qat: bool = False  # quantization-aware fine-tuning of the int8 microcontroller graph (deploy.qat)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -272,3 +273,17 @@ def validate(cfg: TrainConfig, world: int) -> None:
         raise TrainingError("--mixup/--cutmix need an even batch size per process")
     if not 0.0 <= cfg.reprob <= 1.0:
         raise TrainingError(f"--reprob {cfg.reprob}: random erasing is a probability; use a value in [0, 1]")
+    if cfg.qat:
+        _check_qat(cfg)
+
+
+def _check_qat(cfg: TrainConfig) -> None:
+    """``--qat`` fine-tunes the folded int8 graph of a trained float model, in float32, eagerly."""
+    if not cfg.pretrained:
+        raise TrainingError(
+            "--qat fine-tunes a trained float model (its BatchNorm folded into the int8 graph): pass --pretrained "
+            "runs/<run>/best.pt (train it without --qat first)"
+        )
+    for flag, on in (("--amp", cfg.amp), ("--compile", cfg.compile), ("--sync-bn", cfg.sync_bn)):
+        if on:
+            raise TrainingError(f"--qat trains the int8 graph in float32 without BatchNorm, eagerly: drop {flag}")

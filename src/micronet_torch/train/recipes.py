@@ -78,6 +78,26 @@ RECIPES: dict[str, Recipe] = {
         warmup_epochs=0.0,
         per_model={"m3": dict(batch_size=512, warmup_epochs=5.0, weight_decay=4e-5)},  # 4 GPUs, with warm-up
     ),
+    "qat": Recipe(
+        name="qat",
+        about="quantization-aware fine-tuning (--qat) of a trained float model: a few epochs at a small rate",
+        epochs=3,
+        batch_size=128,
+        opt="adamw",
+        lr=0.005,
+        lr_adaptive=1e-4,
+        lr_batch=64,
+        lr_scaling="sqrt",
+        weight_decay=5e-5,
+        weight_decay_adaptive=0.01,
+        wd_all=False,
+        label_smoothing=0.0,
+        img_size=32,
+        scale=(0.25, 1.0),
+        ema_decay=0.998,
+        warmup_epochs=0.0,
+        pad_divisor=16,
+    ),
 }
 
 

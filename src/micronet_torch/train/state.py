@@ -60,13 +60,17 @@ class TrainState:
         scaler: torch.amp.GradScaler,
         world_size: int,
         loader: Any,
+        float_model: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """The checkpoint: ``model`` (clean CPU weights) from ``source`` ("model" or "ema") with this progress,
-        the optimiser, schedule, EMA and scaler states, and the RNG states as they are now."""
+        the optimiser, schedule, EMA and scaler states, and the RNG states as they are now. A ``--qat`` run's
+        ``model`` is its int8 graph (``deploy.qat.QatNet``); ``float_model`` then holds the float network it
+        started from, so a reader that does not know QAT still gets a working model."""
         return {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
             "model": dict(model),
+            "float_model": dict(float_model) if float_model is not None else None,
             "model_name": cfg.model,
             "model_kwargs": dict(cfg.model_kwargs or {}),
             "model_source": source,

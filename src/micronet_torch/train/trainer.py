@@ -195,6 +195,7 @@ class Trainer:
             scaler=p.scaler,
             world_size=self.env.world,
             loader=self.data.train,
+            float_model=getattr(p.model, "source_state", None),
         )
 
     def _write_summary(self, status: str, error: str | None = None) -> dict[str, Any]:

@@ -1,0 +1,294 @@
+"""Quantization-aware training of the microcontroller graph: int8 fake quantization where the int8 file quantizes.
+
+The int8 ``.tflite`` (``runtime/mcu.py``) quantizes the ``mcu`` deploy graph (``deploy/mcu.py``): per-channel
+symmetric int8 weights, and every op that computes new values (conv, fully connected, add, sub, mul, mean,
+maximum, relu, hard-sigmoid, ...) requantizes its output to per-tensor asymmetric int8; reshapes, slices and gathers
+keep their input's quantization, and a conv or add followed by its only consumer, a relu, is one op (the
+activation fused). ``QatNet`` trains that same graph with those roundings simulated, so the network learns
+weights and ranges that survive them:
+
+* every conv / linear weight passes through per-channel symmetric int8 fake quantization (-127..127);
+* every requantizing op's output passes through a ``FakeQuant`` whose range is a moving average of the batch
+  minimum and maximum (min-max calibration, as ai-edge-quantizer's static recipe does), with 0 inside it.
+
+The graph is the deploy module itself, run under a ``TorchFunctionMode`` that sees each torch call: no tracer is
+needed (the deploy graph's slicing reads tensor shapes, which ``torch.fx`` cannot trace) and the state dict keeps
+the deploy graph's names. The calls a forward makes are fixed by the graph, so the ``k``-th requantizing call
+always uses ``FakeQuant`` ``k``; a first pass at construction creates them and finds the fused activations.
+
+PyTorch's own QAT (``torch.ao.quantization``) is deprecated and needs a traceable graph, and torchao's targets
+linear layers of language models; neither places quantization where TFLite's converter does.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..models import MicroNet
+from .convert import convert_to_deploy
+
+QMIN, QMAX = -128, 127  # int8 activations (asymmetric, per tensor)
+WMAX = 127  # int8 weights (symmetric, per output channel: -127..127)
+# torch calls that compute new values: TFLite requantizes their output (names of the torch functions / methods)
+REQUANTIZING = frozenset(
+    "conv2d linear add __add__ __radd__ __iadd__ sub __sub__ __rsub__ mul __mul__ __rmul__ __imul__ relu relu_ "
+    "relu6 hardtanh hardsigmoid hardswish clamp clamp_min clamp_max maximum minimum mean adaptive_avg_pool2d "
+    "avg_pool2d cat concat div __truediv__ sigmoid matmul".split()
+)
+FUSED_ACTIVATIONS = frozenset({"relu", "relu_", "relu6", "hardtanh"})  # folded into the producing op by TFLite
+# TFLite's CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, ADD, SUB and MUL carry a fused activation
+FUSING_PRODUCERS = frozenset(
+    "conv2d linear add __add__ __radd__ __iadd__ sub __sub__ __rsub__ mul __mul__ __rmul__ __imul__".split()
+)
+
+
+def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
+    """``w`` rounded to per-output-channel symmetric int8 (scale ``max|w_c| / 127``), with a straight-through
+    gradient: what ai-edge-quantizer stores. Idempotent, so the export re-quantizes these values exactly."""
+    scale = w.detach().abs().flatten(1).amax(1).clamp_min(1e-12) / WMAX
+    zero = torch.zeros(len(scale), dtype=torch.int32, device=w.device)
+    return torch.fake_quantize_per_channel_affine(w, scale.float(), zero, 0, -WMAX, WMAX)
+
+
+class FakeQuant(nn.Module):
+    """Per-tensor asymmetric int8 fake quantization with a moving-average min-max range.
+
+    In training the range follows each batch's minimum and maximum (``momentum``); in eval it is fixed. The range
+    always holds 0 (TFLite's zero point must be an integer in range). ``lo`` / ``hi`` are buffers: saved and
+    restored with the model, and broadcast from rank 0 under DDP.
+    """
+
+    def __init__(self, momentum: float = 0.01) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("lo", torch.zeros(()))
+        self.register_buffer("hi", torch.zeros(()))
+        self.register_buffer("observed", torch.zeros((), dtype=torch.bool))
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int8 scale and zero point of the current range."""
+        lo, hi = self.lo.clamp(max=0.0), self.hi.clamp(min=0.0)
+        scale = ((hi - lo) / (QMAX - QMIN)).clamp_min(1e-8)
+        zero = (QMIN - torch.round(lo / scale)).clamp(QMIN, QMAX).to(torch.int32)
+        return scale.float(), zero
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                lo, hi = x.detach().amin().float(), x.detach().amax().float()
+                if bool(self.observed):
+                    self.lo.lerp_(lo, self.momentum)
+                    self.hi.lerp_(hi, self.momentum)
+                else:
+                    self.lo.copy_(lo)
+                    self.hi.copy_(hi)
+                    self.observed.fill_(True)
+        scale, zero = self.qparams()
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero, QMIN, QMAX)
+
+    def extra_repr(self) -> str:
+        return f"range=[{float(self.lo):.4g}, {float(self.hi):.4g}]"
+
+
+def _name(func: Any) -> str:
+    return getattr(func, "__name__", "")
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    return []
+
+
+class _QatMode(TorchFunctionMode):
+    """Runs ``net.graph`` with the weights and requantized outputs fake-quantized (see the module docstring).
+
+    Activations are told from weights and constants by provenance: the input and whatever a call derives from an
+    activation. With ``record`` it creates the ``FakeQuant``s and notes, per requantizing call, which producer it
+    consumes, so the net can mark the producers whose sole consumer is a fused activation.
+    """
+
+    def __init__(self, net: QatNet, record: bool = False, capture: list[torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self.net, self.record, self.capture = net, record, capture
+        self.index = 0
+        self.activations: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        self.producer: dict[int, int] = {}  # id of an activation -> index of the requantizing call that made it
+        self.consumers: dict[int, list[str]] = {}  # requantizing call -> names of the calls reading its output
+        self.kept: list[torch.Tensor] = []  # while recording: keep outputs alive so their ids stay unique
+
+    def mark(self, x: torch.Tensor) -> None:
+        self.activations[id(x)] = x
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = _name(func)
+        inputs = [t for t in _tensors(args) + _tensors(list(kwargs.values())) if self.activations.get(id(t)) is t]
+        if not inputs:
+            return func(*args, **kwargs)
+        if name in ("conv2d", "linear") and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            args = (args[0], fake_quant_weight(args[1]), *args[2:])
+        out = func(*args, **kwargs)
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            return out
+        if self.record:
+            for t in inputs:
+                if id(t) in self.producer:
+                    self.consumers[self.producer[id(t)]].append(name)
+        if name in REQUANTIZING:
+            k = self.index
+            self.index += 1
+            if self.record:
+                self.net.fq.append(FakeQuant(self.net.momentum).to(out.device))
+                self.net.ops.append(name)
+                self.consumers[k] = []
+                self.producer[id(out)] = k
+                self.kept.append(out)
+            elif self.capture is not None:  # float values, as the float file computes them
+                self.capture.append(out)
+            elif k not in self.net.fused:
+                out = self.net.fq[k](out)
+        elif self.record:
+            self.kept.append(out)
+        self.mark(out)
+        return out
+
+
+class QatNet(nn.Module):
+    """A deploy graph trained with int8 fake quantization (see the module docstring).
+
+    ``graph`` takes normalized NCHW images (the ``mcu`` deploy form of a MicroNet, or a baseline as it is);
+    ``input_quant`` stands for the int8 output of the file's first op, the normalization. ``example`` is one input
+    batch's shape for the first pass.
+    """
+
+    def __init__(self, graph: nn.Module, example: tuple[int, ...], momentum: float = 0.01) -> None:
+        super().__init__()
+        self.graph = graph
+        self.momentum = momentum
+        self.input_quant = FakeQuant(momentum)
+        self.fq = nn.ModuleList()
+        self.ops: list[str] = []
+        self.fused: set[int] = set()
+        p = next(graph.parameters())
+        with torch.no_grad():
+            mode = _QatMode(self, record=True)
+            x = torch.zeros(example, dtype=p.dtype, device=p.device)
+            mode.mark(x)
+            with mode:
+                graph(x)
+        self.fused = {
+            k
+            for k, users in mode.consumers.items()
+            if self.ops[k] in FUSING_PRODUCERS and len(users) == 1 and users[0] in FUSED_ACTIVATIONS
+        }
+
+    @property
+    def num_classes(self) -> int | None:
+        return getattr(self.graph, "num_classes", None)
+
+    def train(self, mode: bool = True) -> QatNet:
+        """Train mode moves the ranges; the graph itself stays in eval mode (a deploy graph is inference-only:
+        no BatchNorm, no dropout), its weights still trainable."""
+        self.training = mode
+        self.input_quant.train(mode)
+        self.fq.train(mode)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_quant(x)
+        mode = _QatMode(self)
+        mode.mark(x)
+        with mode:
+            return self.graph(x)
+
+    def float_values(self, x: torch.Tensor) -> list[tuple[torch.Tensor, FakeQuant]]:
+        """The float graph's tensor at each quantization point for input ``x``, with its ``FakeQuant`` (the input's
+        first; fused producers left out): what the float file computes there, to find its tensors by value."""
+        values: list[torch.Tensor] = []
+        mode = _QatMode(self, capture=values)
+        mode.mark(x)
+        with torch.no_grad(), mode:
+            self.graph(x)
+        pairs = [(x, self.input_quant)] + [(v, self.fq[k]) for k, v in enumerate(values) if k not in self.fused]
+        return pairs
+
+    def float_graph(self) -> nn.Module:
+        """The deploy graph with its weights rounded as the int8 file stores them (a plain float module to export:
+        re-quantizing these weights per channel gives the same int8 values)."""
+        graph = copy.deepcopy(self.graph).eval()
+        with torch.no_grad():
+            for m in graph.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    m.weight.copy_(fake_quant_weight(m.weight))
+        return graph
+
+    def ranges(self) -> list[tuple[str, float, float]]:
+        """The trained range of each requantizing op's output, in call order (the input's first)."""
+        out = [("input", float(self.input_quant.lo), float(self.input_quant.hi))]
+        return out + [(op, float(fq.lo), float(fq.hi)) for op, fq in zip(self.ops, self.fq, strict=True)]
+
+    def extra_repr(self) -> str:
+        return f"requantizing ops={len(self.fq)}, fused activations={len(self.fused)}"
+
+
+def qat_net(model: nn.Module, img_size: int, in_chans: int) -> QatNet:
+    """``QatNet`` of a float model: a MicroNet's ``mcu`` deploy form (BatchNorm folded: fine-tune a trained
+    network), another model (the MobileNetV3 baselines) as it is, in eval mode (no dropout, no batch statistics)."""
+    graph = convert_to_deploy(model, backend="mcu") if isinstance(model, MicroNet) else copy.deepcopy(model)
+    graph.eval()
+    for p in graph.parameters():
+        p.requires_grad_(True)
+    return QatNet(graph, (1, in_chans, img_size, img_size))
+
+
+def restore_qat(model: nn.Module, state: dict[str, torch.Tensor], img_size: int, in_chans: int) -> QatNet:
+    """The ``QatNet`` a ``--qat`` run saved (``state``), rebuilt on ``model`` (the float network it started from:
+    the graph's structure) and in eval mode; weights that do not fit are a ``ValueError``, one line."""
+    qnet = qat_net(model, img_size, in_chans)
+    try:
+        qnet.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(
+            "the --qat checkpoint's int8 graph does not fit its model: " + " ".join(str(err).split())[:300]
+        ) from err
+    return qnet.eval()
+
+
+def with_qat(loaded: Any, for_export: bool = False) -> Any:
+    """``loaded`` (a ``LoadedModel``) with a ``--qat`` run's trained graph in place of the float network: the
+    ``QatNet`` (int8 simulated) to evaluate, or with ``for_export`` its float graph with int8-rounded weights
+    (``QatNet.float_graph``), which every export target takes as it is. Other checkpoints come back unchanged."""
+    state = loaded.info.get("qat_state")
+    if state is None:
+        return loaded
+    cfg = loaded.data_config
+    qnet = restore_qat(loaded.model, state, cfg.img_size, cfg.in_chans)
+    loaded.model = Int8Graph(qnet) if for_export else qnet
+    return loaded
+
+
+class Int8Graph(nn.Module):
+    """What a ``--qat`` run exports: its float graph with int8-rounded weights (``QatNet.float_graph``), a plain
+    module to every target; ``qat_net`` keeps the trained ranges, which the int8 microcontroller export uses in
+    place of calibrated ones (``runtime/mcu.py``)."""
+
+    def __init__(self, qnet: QatNet) -> None:
+        super().__init__()
+        self.graph = qnet.float_graph()
+        self.__dict__["qat_net"] = qnet  # not a submodule: its weights are not the exported ones
+
+    @property
+    def num_classes(self) -> int | None:
+        return getattr(self.graph, "num_classes", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph(x)

@@ -1,0 +1,171 @@
+"""Quantization-aware training (``deploy.qat``, ``micronet train --qat``): fake quantization where the int8 file
+quantizes, a run that fine-tunes a float checkpoint, resumes bit-exactly and whose checkpoint eval and export read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import micronet_torch
+from micronet_torch import train as engine
+from micronet_torch.cli import main
+from micronet_torch.deploy import convert_to_deploy
+from micronet_torch.deploy.qat import (
+    FUSED_ACTIVATIONS,
+    FUSING_PRODUCERS,
+    FakeQuant,
+    QatNet,
+    fake_quant_weight,
+    qat_net,
+    with_qat,
+)
+from micronet_torch.tools.bench import trained_like
+
+
+def test_weights_round_to_per_channel_int8() -> None:
+    """Each output channel on its own symmetric int8 grid (scale max|w| / 127, values -127..127), the channel's
+    largest weight kept exactly; rounding twice changes nothing (the export re-quantizes without loss)."""
+    w = torch.randn(6, 4, 3, 3) * torch.tensor([1e-3, 0.1, 1, 10, 100, 0.5]).view(6, 1, 1, 1)
+    q = fake_quant_weight(w)
+    scale = w.abs().flatten(1).amax(1) / 127
+    steps = q / scale.view(6, 1, 1, 1)
+    assert torch.equal(steps.round().abs().amax((1, 2, 3)), torch.full((6,), 127.0))
+    assert float((steps - steps.round()).abs().max()) < 1e-3
+    assert torch.equal(q.abs().flatten(1).amax(1), w.abs().flatten(1).amax(1))
+    assert torch.equal(fake_quant_weight(q), q)
+    w.requires_grad_(True)
+    fake_quant_weight(w).sum().backward()  # straight-through
+    assert torch.equal(w.grad, torch.ones_like(w))
+
+
+def test_fake_quant_range_holds_zero_and_follows_batches() -> None:
+    """The first batch sets the range, later ones move it by ``momentum``; 0 is always a grid point; eval fixes it."""
+    fq = FakeQuant(momentum=0.5)
+    fq.train()
+    fq(torch.tensor([1.0, 3.0]))
+    assert (float(fq.lo), float(fq.hi)) == (1.0, 3.0)
+    fq(torch.tensor([-1.0, 5.0]))
+    assert (float(fq.lo), float(fq.hi)) == (0.0, 4.0)
+    scale, zero = fq.qparams()
+    assert int(zero) == -128 and float(scale) == pytest.approx(4.0 / 255)
+    fq.eval()
+    y = fq(torch.tensor([0.0, 2.0, 9.0, -3.0]))
+    assert float(y[0]) == 0.0 and float(y[2]) == pytest.approx(4.0) and float(y[3]) == 0.0
+    assert (float(fq.lo), float(fq.hi)) == (0.0, 4.0)
+
+
+@pytest.fixture(scope="module")
+def m0_qat() -> tuple[torch.nn.Module, QatNet]:
+    torch.manual_seed(0)
+    model = trained_like(micronet_torch.create_model("micronet_m0", num_classes=10)).eval()
+    return model, qat_net(model, 32, 3)
+
+
+def test_qat_net_quantizes_the_mcu_graph(m0_qat) -> None:
+    """One ``FakeQuant`` per requantizing op of the ``mcu`` graph; the ops whose output a fused activation
+    requantizes are conv / add / sub / mul followed by their relu; before training (ranges unset) the net is the float
+    graph, and with ranges observed it stays within int8 noise of it."""
+    model, qnet = m0_qat
+    graph = convert_to_deploy(model, backend="mcu")
+    assert len(qnet.fq) == len(qnet.ops) > 100 and 0 < len(qnet.fused) < len(qnet.ops)
+    assert {qnet.ops[k] for k in qnet.fused} <= FUSING_PRODUCERS and "conv2d" in {qnet.ops[k] for k in qnet.fused}
+    assert "maximum" in qnet.ops and "hardsigmoid" in qnet.ops  # Dynamic Shift-Max's max and coefficients
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = graph(x)
+        qnet.train()
+        qnet(x)  # observe the ranges
+        qnet.eval()
+        out = qnet(x)
+    rel = float((out - ref).abs().max() / ref.abs().max())
+    assert 0 < rel < 0.25, rel
+    assert set(FUSED_ACTIVATIONS) >= {"relu", "relu6"}
+
+
+def test_float_graph_holds_int8_weights(m0_qat) -> None:
+    """``float_graph`` is the deploy graph with every conv / linear weight already on its int8 grid."""
+    _, qnet = m0_qat
+    graph = qnet.float_graph()
+    convs = [m for m in graph.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(convs) > 40
+    assert all(torch.equal(fake_quant_weight(m.weight), m.weight) for m in convs)
+    assert not any(isinstance(m, (FakeQuant, QatNet)) for m in graph.modules())
+
+
+def test_qat_needs_a_float_checkpoint(tmp_path: Path, tiny_folder: Path, capsys) -> None:
+    """``--qat`` without ``--pretrained`` (or with ``--amp``): one line, exit 2, nothing trained."""
+    base = ["train", "--data", str(tiny_folder), "--img-size", "20", "--workers", "0", "--qat"]
+    assert main([*base, "--output", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "--pretrained" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main([*base, "--pretrained", "x.pt", "--amp", "--output", str(tmp_path / "b")]) == 2
+    assert "drop --amp" in capsys.readouterr().err
+
+
+class StopAfter(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def qat_runs(trained: Path, tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The shared trained run fine-tuned with ``--qat`` for 2 epochs: straight, and stopped after epoch 1's
+    checkpoint then resumed."""
+    root = tmp_path_factory.mktemp("qat")
+    args = ["train", "--qat", "--pretrained", str(trained / "best.pt"), "--data", str(tiny_folder), "--epochs", "2"]
+    args += ["--img-size", "20", "--batch-size", "6", "--workers", "0", "--quiet", "--output"]
+    assert main([*args, str(root / "straight")]) == 0
+    original = engine.Trainer._end_epoch
+
+    def end_then_stop(self, epoch: int, train_m: dict) -> None:
+        original(self, epoch, train_m)
+        if epoch == 0:
+            raise StopAfter
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine.Trainer, "_end_epoch", end_then_stop)
+        with pytest.raises(StopAfter):
+            main([*args, str(root / "resumed")])
+    assert main([*args, str(root / "resumed"), "--resume"]) == 0
+    return {"straight": root / "straight", "resumed": root / "resumed"}
+
+
+def test_qat_run_saves_its_graph_and_resumes_bit_exactly(qat_runs: dict[str, Path]) -> None:
+    """The checkpoint's model is the int8 graph (weights, and a range per requantizing op), with the float
+    network it started from; resumed after epoch 1, the run ends with the same tensors as the straight run."""
+    a = torch.load(qat_runs["straight"] / "last.pt", weights_only=True)
+    b = torch.load(qat_runs["resumed"] / "last.pt", weights_only=True)
+    assert a["config"]["qat"] is True and a["config"]["recipe"] == "qat" and a["epoch"] == 2
+    assert any(k.startswith("fq.") and k.endswith(".hi") for k in a["model"])
+    assert any(k.startswith("graph.") for k in a["model"]) and "stem.0.conv.weight" not in a["model"]
+    assert a["float_model"] and a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    keys = ("train_loss", "val_loss", "val_top1", "lr")
+    assert [[m[k] for k in keys] for m in a["metrics"]] == [[m[k] for k in keys] for m in b["metrics"]]
+
+
+def test_qat_checkpoint_is_evaluated_and_exported_as_its_graph(qat_runs: dict[str, Path], tiny_folder: Path, capsys):
+    """``micronet eval`` of a ``--qat`` checkpoint runs its int8-simulated graph (the top-1 the run recorded for
+    that epoch); ``export`` takes the graph with int8-rounded weights (any target; ``tflm`` quantizes it)."""
+    from micronet_torch.cli.export import _loaded
+    from micronet_torch.models import load_model
+
+    best = qat_runs["straight"] / "best.pt"
+    loaded = with_qat(load_model(best))
+    assert isinstance(loaded.model, QatNet) and not loaded.model.training
+    assert main(["eval", "-c", str(best), "--data", str(tiny_folder), "--workers", "0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = json.loads((qat_runs["straight"] / "summary.json").read_text())
+    assert result["top1"] == pytest.approx(summary["best_top1"], abs=1e-6)
+
+    class Args:
+        checkpoint, model, img_size, num_classes, in_chans = str(best), None, None, None, None
+
+    graph = _loaded(Args).model
+    assert not isinstance(graph, (QatNet, micronet_torch.MicroNet))
+    x = torch.randn(2, 3, 20, 20)
+    with torch.no_grad():
+        rel = float((graph(x) - loaded.model(x)).abs().max() / loaded.model(x).abs().max())
+    assert rel < 0.25
