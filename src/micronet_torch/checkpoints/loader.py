@@ -161,6 +161,14 @@ def _build(name: str, path: Path, what: str, **kwargs: Any) -> nn.Module:
         raise CheckpointError(f"{path}: cannot build {what} ({one_line(err, 200)})") from err
 
 
+def _tensors(entry: Any, error: str, ck: Checkpoint) -> dict[str, torch.Tensor]:
+    """A checkpoint entry that must be a state dict: a dict of tensors within the file's limits, else ``error``."""
+    if not isinstance(entry, dict) or not all(isinstance(v, torch.Tensor) for v in entry.values()):
+        raise CheckpointError(error)
+    check_tensors(entry, str(ck.path), ck.limits.file)
+    return entry
+
+
 def _from_training_checkpoint(ck: Checkpoint, model_name: str | None, img_size: int | None) -> LoadedModel:
     path, obj = ck.path, ck.content
     name, kwargs = ck.model_choice
@@ -183,17 +191,12 @@ def _from_training_checkpoint(ck: Checkpoint, model_name: str | None, img_size: 
             file=sys.stderr,
         )
         dcfg.img_size, dcfg.policy = img_size, default_policy(img_size)
-    state = obj["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: its 'model' entry is not a dict of tensors")
-    check_tensors(state, str(path), ck.limits.file)
+    state = _tensors(obj["model"], f"{path}: its 'model' entry is not a dict of tensors", ck)
     info: dict[str, Any] = {}
     config = obj.get("config")
     if isinstance(config, dict) and config.get("qat") is True:  # a --qat run: model = its int8 graph
-        info["qat_state"], state = state, obj.get("float_model")
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise CheckpointError(f"{path}: a --qat checkpoint without the float model it started from")
-        check_tensors(state, str(path), ck.limits.file)
+        lacks = f"{path}: a --qat checkpoint without the float model it started from"
+        info["qat_state"], state = state, _tensors(obj.get("float_model"), lacks, ck)
     model = _build(name, path, f"the {name} it names", num_classes=n_cls, in_chans=in_chans, **kwargs)
     try:
         model.load_state_dict(state)

@@ -218,8 +218,7 @@ class QatNet(nn.Module):
         mode.mark(x)
         with torch.no_grad(), mode:
             self.graph(x)
-        pairs = [(x, self.input_quant)] + [(v, self.fq[k]) for k, v in enumerate(values) if k not in self.fused]
-        return pairs
+        return [(x, self.input_quant)] + [(v, self.fq[k]) for k, v in enumerate(values) if k not in self.fused]
 
     def float_graph(self) -> nn.Module:
         """The deploy graph with its weights rounded as the int8 file stores them (a plain float module to export:
@@ -230,11 +229,6 @@ class QatNet(nn.Module):
                 if isinstance(m, (nn.Conv2d, nn.Linear)):
                     m.weight.copy_(fake_quant_weight(m.weight))
         return graph
-
-    def ranges(self) -> list[tuple[str, float, float]]:
-        """The trained range of each requantizing op's output, in call order (the input's first)."""
-        out = [("input", float(self.input_quant.lo), float(self.input_quant.hi))]
-        return out + [(op, float(fq.lo), float(fq.hi)) for op, fq in zip(self.ops, self.fq, strict=True)]
 
     def extra_repr(self) -> str:
         return f"requantizing ops={len(self.fq)}, fused activations={len(self.fused)}"

@@ -114,13 +114,13 @@ def _read(data: bytes | bytearray):
 
 
 def trained_ranges(
-    float_path: Path, qnet: QatNet, pixels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]
+    float_path: Path, qnet: QatNet, norm: nn.Module, pixels: np.ndarray
 ) -> dict[str, tuple[float, float]]:
     """The float file's activation tensors that a ``--qat`` run quantized, by name, with their trained ranges.
 
     The file names its tensors after the converter's graph, not the model's modules, so they are found by value:
-    one image through the file (all tensors kept) and through ``QatNet.float_values``; a tensor equal (NHWC) to a
-    quantization point's value takes that point's range."""
+    one image through the file (all tensors kept) and through ``norm`` (``PixelInput``'s, the file's first op) and
+    ``QatNet.float_values``; a tensor equal (NHWC) to a quantization point's value takes that point's range."""
     from ai_edge_litert.interpreter import Interpreter  # optional heavy dependency
 
     with captured():
@@ -137,11 +137,10 @@ def trained_ranges(
         except ValueError:  # a tensor without data
             continue
         by_size.setdefault(v.size, []).append((d["name"], v.ravel()))
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
-    x = (torch.from_numpy(pixels[:1]).permute(0, 3, 1, 2) / 255.0 - m) / s
+    with torch.no_grad():
+        x = norm(torch.from_numpy(pixels[:1].astype(np.float32)).permute(0, 3, 1, 2))
     found: dict[str, tuple[float, float]] = {}
-    for value, fq in qnet.float_values(x.float()):
+    for value, fq in qnet.float_values(x):
         flat = (value.permute(0, 2, 3, 1) if value.dim() == 4 else value).reshape(-1).numpy()
         tol = 1e-4 * max(float(np.abs(flat).max()), 1e-6)
         for name, candidate in by_size.get(flat.size, []):
@@ -308,12 +307,11 @@ def export_mcu(
     path = Path(path).with_suffix(".tflite")
     in_chans = len(mean)
     graph = mcu_graph(model, mean, std, **options)
-    qnet = model.qat_net if isinstance(model, Int8Graph) else None
     ranges: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory(prefix="micronet-mcu-") as tmp:
         float_path = _float_tflite(graph, Path(tmp) / "float.tflite", (1, img_size, img_size, in_chans))
-        if qnet is not None:
-            ranges = trained_ranges(float_path, qnet, calib_pixels, mean, std)
+        if isinstance(model, Int8Graph):  # a --qat checkpoint: its trained ranges
+            ranges = trained_ranges(float_path, model.qat_net, graph.norm, calib_pixels)
         data = quantize_int8(float_path, calib_pixels, ranges)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda fh: fh.write(data))

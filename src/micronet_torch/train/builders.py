@@ -17,10 +17,10 @@ from torch import nn
 
 from .._env import available_cores, default_workers
 from .._text import one_line
-from ..deploy.qat import qat_net
 from ..models import CheckpointError, build_model, read_state_dict
 from ..models.weights import CLASSIFIER_PREFIX
 from ..ops import set_shift_max_impl
+from .checkpoint import clean_state_dict
 from .config import TrainConfig, TrainingError
 from .distributed import DistEnv
 from .run_log import open_tensorboard
@@ -54,11 +54,13 @@ def build_train_model(cfg: TrainConfig, num_classes: int, env: DistEnv, state: d
 def _qat_model(cfg: TrainConfig, model: nn.Module, env: DistEnv, state: dict[str, Any] | None) -> nn.Module:
     """``--qat``: the float model's int8 microcontroller graph with fake quantization (``deploy.qat``); the float
     weights it started from ride along (``source_state``) into every checkpoint."""
+    from ..deploy.qat import qat_net  # the deploy compiler: only --qat runs need it at start-up
+
     if state is not None:
         if not isinstance(state.get("float_model"), dict):
             raise TrainingError("--resume: this --qat checkpoint lacks the float model it started from")
         load_resumed(model, state["float_model"], "float model")
-    source = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    source = clean_state_dict(model.state_dict())
     qnet = qat_net(model, cfg.img_size, cfg.in_chans)
     if state is not None:
         load_resumed(qnet, state["model"], "QAT model")

@@ -7,7 +7,7 @@ apply to models whose name ends with the key (the published recipe trains M3 dif
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 # optimisers whose step size does not scale with the gradient (their lr and weight decay are set apart)
@@ -78,27 +78,18 @@ RECIPES: dict[str, Recipe] = {
         warmup_epochs=0.0,
         per_model={"m3": dict(batch_size=512, warmup_epochs=5.0, weight_decay=4e-5)},  # 4 GPUs, with warm-up
     ),
-    "qat": Recipe(
-        name="qat",
-        about="quantization-aware fine-tuning (--qat) of a trained float model: a few epochs at a small rate",
-        epochs=3,
-        batch_size=128,
-        opt="adamw",
-        lr=0.005,
-        lr_adaptive=1e-4,
-        lr_batch=64,
-        lr_scaling="sqrt",
-        weight_decay=5e-5,
-        weight_decay_adaptive=0.01,
-        wd_all=False,
-        label_smoothing=0.0,
-        img_size=32,
-        scale=(0.25, 1.0),
-        ema_decay=0.998,
-        warmup_epochs=0.0,
-        pad_divisor=16,
-    ),
 }
+# --qat: the default recipe, short and slow (fine-tuning a trained float model, no warm-up)
+RECIPES["qat"] = replace(
+    RECIPES["default"],
+    name="qat",
+    about="quantization-aware fine-tuning (--qat) of a trained float model: a few epochs at a small rate",
+    epochs=3,
+    lr=0.005,
+    lr_adaptive=1e-4,
+    weight_decay_adaptive=0.01,
+    warmup_epochs=0.0,
+)
 
 
 def paper_weight_decay(model: str) -> float:
