@@ -3,8 +3,13 @@ whole test run, and the isolation of the deployment-runtime tests (``isolation.p
 
 from __future__ import annotations
 
-import gzip
 import os
+
+# One OpenMP thread per test process, set before torch loads: two xdist workers on two cores, each with a
+# thread pool of two that spins between ops, take turns on a core (a run's child processes inherit it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import gzip
 import shutil
 import struct
 import tempfile

@@ -166,7 +166,7 @@ def test_gpu_script_smoke_on_cpu(tmp_path) -> None:
             "cpu",
             "--quick",
             "--compile-backend",
-            "aot_eager",
+            "eager",
             "--json",
             str(out),
         ],
