@@ -65,6 +65,26 @@ def test_resolver_methods_and_arena_margin() -> None:
     assert arena_size(1024) % 1024 == 0 and arena_size(1024) >= 1024 * 1.1
 
 
+def test_calibrated_range_is_a_percentile_of_the_images_extremes() -> None:
+    """The calibrator's first value and each update are kept per image; the range is ``RANGE_PERCENTILE`` of the
+    images' maxima (100 - it of their minima), widened to hold 0; a tensor without per-image values passes."""
+    from micronet_torch.runtime.mcu import RANGE_PERCENTILE, _collect_extremes, _percentile_range
+
+    rng = np.random.default_rng(0)
+    lows, highs = rng.uniform(-3, -1, 200).astype(np.float32), rng.uniform(1, 9, 200).astype(np.float32)
+    qsv = {"min": lows[:1], "max": highs[:1]}  # the calibrator stores the first image's range as it is
+    for lo, hi in zip(lows[1:], highs[1:], strict=True):
+        qsv = _collect_extremes(qsv, {"min": np.array([lo]), "max": np.array([hi])})
+    got = _percentile_range(qsv)
+    assert got["max"].dtype == np.float32 and got["max"].shape == (1,)
+    assert got["max"][0] == pytest.approx(np.percentile(highs, RANGE_PERCENTILE), rel=1e-6)
+    assert got["min"][0] == pytest.approx(np.percentile(lows, 100 - RANGE_PERCENTILE), rel=1e-6)
+    assert highs.max() > got["max"][0] > np.median(highs)  # the most extreme images are clipped
+    positive = _percentile_range({"min": np.ones(1), "max": np.ones(1), "mins": [np.ones(1)], "maxs": [np.ones(1)]})
+    assert positive["min"][0] == 0 and positive["max"][0] == 1
+    assert _percentile_range({"min": np.ones(1), "max": np.ones(1)}) == {"min": np.ones(1), "max": np.ones(1)}
+
+
 STUB = """#pragma once
 typedef enum { kTfLiteOk = 0, kTfLiteError = 1 } TfLiteStatus;
 namespace tflite {
