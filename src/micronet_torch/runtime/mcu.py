@@ -29,6 +29,7 @@ from torch import nn
 
 from .._fs import atomic_write
 from ..deploy import convert_to_deploy
+from ..deploy.mcu import tflite_gathers
 from ..deploy.qat import Int8Graph, QatNet
 from ..models import MicroNet
 from .litert import export_litert
@@ -104,7 +105,8 @@ def mcu_graph(model: nn.Module, pixel_mean: tuple[float, ...], pixel_std: tuple[
 
 
 def _float_tflite(graph: nn.Module, path: Path, shape: tuple[int, int, int, int]) -> Path:
-    return export_litert(graph, path, shape)
+    with tflite_gathers():  # the mcu form's channel gathers as single GATHER ops (deploy/mcu.py)
+        return export_litert(graph, path, shape)
 
 
 def _read(data: bytes | bytearray):
