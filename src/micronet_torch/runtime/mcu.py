@@ -33,6 +33,7 @@ from torch import nn
 from .._fs import atomic_write
 from ..deploy import convert_to_deploy
 from ..deploy.mcu import tflite_gathers
+from ..deploy.modules import DeployMicroNet
 from ..deploy.qat import Int8Graph, QatNet
 from ..models import MicroNet
 from .litert import export_litert
@@ -72,8 +73,10 @@ class PixelInput(nn.Module):
             self.norm.bias.copy_(-m / s)
         features = getattr(graph, "features", None)
         self.folded = fold_stem and isinstance(features, nn.Sequential) and PixelStem.folds(features[0], c)
-        if self.folded:
-            features[0] = PixelStem(self.norm, features[0])
+        if self.folded:  # a shallow copy with its own features: the caller's graph keeps taking normalized input
+            self.body = copy.copy(graph)
+            self.body._modules = dict(graph._modules)
+            self.body._modules["features"] = nn.Sequential(PixelStem(self.norm, features[0]), *list(features)[1:])
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.permute(0, 3, 1, 2)
@@ -163,10 +166,10 @@ def pixels_of(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) 
 def mcu_graph(model: nn.Module, pixel_mean: tuple[float, ...], pixel_std: tuple[float, ...], **options: Any):
     """The float graph the int8 file quantizes: the ``mcu`` deploy form of a MicroNet (other models as they
     are), taking NHWC pixels."""
-    if not isinstance(model, MicroNet):
-        return PixelInput(model.eval(), pixel_mean, pixel_std).eval()
-    graph = convert_to_deploy(model, backend="mcu", **options)
-    return PixelInput(graph, pixel_mean, pixel_std, fold_stem=True).eval()
+    graph = convert_to_deploy(model, backend="mcu", **options) if isinstance(model, MicroNet) else model.eval()
+    # a deploy form (built here, or by the export's common path) has its stem first; a --qat graph (Int8Graph)
+    # keeps its trained stem weights as they are
+    return PixelInput(graph, pixel_mean, pixel_std, fold_stem=isinstance(graph, DeployMicroNet)).eval()
 
 
 def _float_tflite(graph: nn.Module, path: Path, shape: tuple[int, int, int, int]) -> Path:
