@@ -87,12 +87,13 @@ class PixelStem(nn.Module):
     """The pixel normalization and a 3 x 3, stride-2, padding-1 conv after it, as one conv on the pixels.
 
     The normalization is a per-channel affine map and the conv is linear, so ``conv(norm(p)) = conv'(p) +
-    conv(norm(0))``: ``conv'`` has the weights times ``1 / (255 std)`` and no bias, and ``conv(norm(0))`` is a
-    constant map (the biases, the merged pair's border correction, and the border, where the conv's zero
-    padding is ``-mean / std`` in pixels), computed in float64 per input size, one ADD in the file. ``conv'`` is
-    written 4 x 4 with a zero last row and column (on an even size the same outputs): TFLite's SAME padding of a
-    3 x 3 stride-2 conv pads after the image, PyTorch's before, so the 3 x 3 form needs a PAD op and its
-    full-size output, while the 4 x 4 one is padded one pixel on each side, TFLite's SAME. The input, the
+    conv(norm(0))``: ``conv'`` has the weights times ``1 / (255 std)``, and ``conv(norm(0))`` is a constant map.
+    Its value away from the borders is ``conv'``'s bias, so ``conv'``'s output has the stem's own range (the
+    int8 step the unfolded stem had); the rest, zero but at the borders (the merged pair's border correction,
+    and the padding, ``-mean / std`` in pixels), is computed in float64 per input size, one ADD in the file.
+    ``conv'`` is written 4 x 4 with a zero last row and column (on an even size the same outputs): TFLite's SAME
+    padding of a 3 x 3 stride-2 conv pads after the image, PyTorch's before, so the 3 x 3 form needs a PAD op and
+    its full-size output, while the 4 x 4 one is padded one pixel on each side, TFLite's SAME. The input, the
     normalized map and the padded map were the three largest tensors of the whole graph at the stem. Odd sizes
     take the unfolded path.
     """
@@ -100,8 +101,12 @@ class PixelStem(nn.Module):
     def __init__(self, norm: nn.Conv2d, conv: nn.Conv2d) -> None:
         super().__init__()
         self.norm, self.conv = norm, conv
-        w = conv.weight.detach().double() * norm.weight.detach().double().view(1, -1, 1, 1)
-        self.register_buffer("weight", F.pad(w, (0, 1, 0, 1)).to(conv.weight.dtype))
+        w, dtype = conv.weight.detach().double(), conv.weight.dtype
+        w4 = F.pad(w * norm.weight.detach().double().view(1, -1, 1, 1), (0, 1, 0, 1))
+        # conv(norm(0)) away from the borders, where no tap reads padding and no border correction applies
+        bias = conv.bias.detach().double() + (w * norm.bias.detach().double().view(1, -1, 1, 1)).sum((1, 2, 3))
+        self.register_buffer("weight", w4.to(dtype))
+        self.register_buffer("bias", bias.to(dtype))
         self._maps: dict[tuple, torch.Tensor] = {}
 
     @staticmethod
@@ -118,20 +123,22 @@ class PixelStem(nn.Module):
         )
 
     def offset_map(self, height: int, width: int) -> torch.Tensor:
-        """``conv(norm(0))`` at this input size, (1, C_out, H / 2, W / 2)."""
+        """``conv(norm(0))`` less the conv's bias at this input size, (1, C_out, H / 2, W / 2): zero but on the
+        borders."""
         key = (height, width, self.weight.device, self.weight.dtype)
         if key not in self._maps:
             with torch.no_grad():
                 norm, conv = copy.deepcopy(self.norm).double(), copy.deepcopy(self.conv).double()
                 zero = torch.zeros(1, self.conv.in_channels, height, width, dtype=torch.float64, device=key[2])
-                self._maps[key] = conv(norm(zero)).to(self.weight.dtype)
+                emap = conv(norm(zero)) - self.bias.double().view(1, -1, 1, 1)
+                self._maps[key] = emap.to(self.weight.dtype)
         return self._maps[key]
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         h, w = pixels.shape[2], pixels.shape[3]
         if h % 2 or w % 2:
             return self.conv(self.norm(pixels))
-        return F.conv2d(pixels, self.weight, None, 2, 1) + self.offset_map(h, w)
+        return F.conv2d(pixels, self.weight, self.bias, 2, 1) + self.offset_map(h, w)
 
 
 @dataclass
