@@ -7,15 +7,20 @@ BatchNorm and shuffles folded) and rewrites what a fully int8 TFLM graph cannot 
   quantizers leave in float (ai-edge-quantizer's int8 op list has MAXIMUM, RELU, SUB, not MINIMUM). Exact:
   ``hi - relu(hi - z) = min(z, hi)``.
 * ``shift="gather"`` (the default) takes each Dynamic Shift-Max's group-circular shift as one channel GATHER of
-  the map (``ChannelGather``; TFLM runs it on int8) instead of a twin convolution (a second copy of the weights
-  in flash) or channel rolls (two slices and a concatenation per roll, each a full-size tensor in the arena).
+  the map (TFLM runs it on int8) instead of a twin convolution (a second copy of the weights in flash) or
+  channel rolls (two slices and a concatenation per roll, each a full-size tensor in the arena).
   ``shift="twin"`` keeps the portable twin convolutions, ``shift="rolls"`` the rolls.
+* a channel shuffle the passes could not fold into weights is one channel gather too (``McuChannelGather``),
+  not the portable reshape -> transpose -> reshape, which keeps its neighbours in NCHW with transposes around
+  them. The TFLM export lowers each gather to one GATHER op (``tflite_gathers``).
 
 Exact up to float rounding like every deploy form.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -23,10 +28,71 @@ import torch.nn.functional as F
 from torch import nn
 
 from .emit import PortableEmitter
-from .ir import Op
+from .ir import Op, Perm
+from .permutations import is_identity
 from .portable import PortableShiftMax, TwinConvShiftMax
 
 SHIFTS = ("gather", "twin", "rolls")
+_MISSING = object()
+
+
+@contextmanager
+def tflite_gathers() -> Iterator[None]:
+    """Within: litert_torch converts a ``torch.index_select`` on a 4-D map into one TFLite GATHER.
+
+    Two entries of its tables are set for the time of the conversion: the layout pass reads only the gathered
+    map's layout (by default the 1-D index too, which keeps the gather and its neighbours in NCHW, with
+    transposes around them), so it moves the channel axis last and rewrites the gather's axis; and the lowering
+    is litert_torch's own one for ``tfl.gather`` (its experimental TFLite-op backend) instead of a StableHLO
+    gather, which the converter turns into TRANSPOSE + GATHER_ND + TRANSPOSE. TFLM runs GATHER on int8. A
+    litert_torch without these tables converts as it would anyway (the three ops per gather: larger, still exact).
+    """
+    try:  # litert_torch's internal tables (optional, heavy); another version converts without them, as before
+        from litert_torch._convert.fx_passes.optimize_layout_transposes_pass import layout_check
+        from litert_torch.backend.experimental.torch_tfl import _lowerings
+        from litert_torch.backend.lowerings import registry
+
+        tables = (layout_check.layout_sensitive_inputs_getters, registry.global_registry.registered_ops)
+        gather_lowering = _lowerings._tfl_gather_lowering
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def lower_gather(lctx, x, dim: int, index):
+        return gather_lowering(lctx, x, index, dim)
+
+    op = torch.ops.aten.index_select.default
+    patches = [(tables[0], lambda node: [node.args[0]]), (tables[1], lower_gather)]
+    saved = [(table, table.get(op, _MISSING)) for table, _ in patches]
+    for table, entry in patches:
+        table[op] = entry
+    try:
+        yield
+    finally:
+        for table, entry in saved:
+            if entry is _MISSING:
+                table.pop(op, None)
+            else:
+                table[op] = entry
+
+
+def channel_gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[:, index]`` of an NCHW map (``index``: int32, the GATHER op's index type)."""
+    return torch.index_select(x, 1, index)
+
+
+class McuChannelGather(nn.Module):
+    """A fixed channel permutation (a channel shuffle the passes could not fold) as one ``channel_gather``.
+
+    The index is not in the state dict: it follows from the network's structure, and a ``--qat`` checkpoint
+    saved when the shuffle was the portable reshape -> transpose -> reshape (no tensor) still loads."""
+
+    def __init__(self, index: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("index", index.to(torch.int32), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return channel_gather(x, self.index)
 
 
 class McuShiftMax(PortableShiftMax):
@@ -45,7 +111,7 @@ class McuShiftMax(PortableShiftMax):
     def shifted_maps(self, x: torch.Tensor, x_shifted: torch.Tensor | None) -> list[torch.Tensor]:
         shift_index = self._buffers.get("shift_index")  # the gather form's
         if shift_index is not None:
-            return [torch.index_select(x, 1, shift_index)]
+            return [channel_gather(x, shift_index)]
         return super().shifted_maps(x, x_shifted)
 
 
@@ -79,7 +145,7 @@ def _gather_form(dsm: PortableShiftMax) -> McuShiftMax:
     out._modules["fc2"] = fc2
     out._buffers["offset"] = dsm.offset[:, rows].clone()
     out._buffers["mask"] = None
-    out._buffers["shift_index"] = shift
+    out._buffers["shift_index"] = shift.to(torch.int32)
     out.rolls = []
     return out
 
@@ -101,6 +167,11 @@ class McuEmitter(PortableEmitter):
     """The portable modules, each Dynamic Shift-Max then rewritten into its MCU form (``shift``: see above)."""
 
     shift: str = "gather"
+
+    def module(self, op: Op, dtype: torch.dtype) -> nn.Module:
+        if isinstance(op, Perm):
+            return nn.Identity() if is_identity(op.index) else McuChannelGather(op.index)
+        return super().module(op, dtype)
 
     def features(self, ops: list[Op], dtype: torch.dtype = torch.float32) -> nn.Sequential:
         return _mcu_module(super().features(ops, dtype), self.shift)
