@@ -55,6 +55,8 @@ def tflite_gathers() -> Iterator[None]:
         tables = (layout_check.layout_sensitive_inputs_getters, registry.global_registry.registered_ops)
         gather_lowering = _lowerings._tfl_gather_lowering
     except (ImportError, AttributeError):
+        tables = None
+    if tables is None:
         yield
         return
 
