@@ -1,0 +1,120 @@
+"""The microcontroller model's input side: camera pixels in, the normalization inside the graph.
+
+A board feeds its camera's pixels (NHWC, 0..255, as int8 ``pixel - 128``) and does no float arithmetic, so the
+normalization ``(p / 255 - mean) / std`` is the graph's first op (``PixelInput``), before any padding: the image
+borders see the same zeros as the float model. For MicroNet it is folded into the stem conv (``PixelStem``),
+which removes the two largest tensors at the stem from the TFLM arena. ``mcu_graph`` is the float graph the
+int8 file quantizes (``runtime/mcu.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import MicroNet
+from .convert import convert_to_deploy
+from .modules import DeployMicroNet
+
+
+class PixelInput(nn.Module):
+    """``graph`` taking NHWC camera pixels (0..255) instead of normalized NCHW floats.
+
+    ``(p / 255 - mean) / std`` is a 1 x 1 depthwise conv (weight ``1 / (255 std)``, bias ``-mean / std``): one
+    int8 op, before any padding, so the borders see the same zeros as in the float model. With ``fold_stem``
+    and a network whose first op is a dense 3 x 3, stride-2 conv (MicroNet's stem), the two are one conv on the
+    pixels instead (``PixelStem``).
+    """
+
+    def __init__(
+        self, graph: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], fold_stem: bool = False
+    ) -> None:
+        super().__init__()
+        c = len(mean)
+        self.body = graph
+        self.norm = nn.Conv2d(c, c, 1, groups=c)
+        m, s = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
+        with torch.no_grad():
+            self.norm.weight.copy_((1.0 / (255.0 * s)).view(c, 1, 1, 1))
+            self.norm.bias.copy_(-m / s)
+        features = getattr(graph, "features", None)
+        self.folded = fold_stem and isinstance(features, nn.Sequential) and PixelStem.folds(features[0], c)
+        if self.folded:  # a shallow copy with its own features: the caller's graph keeps taking normalized input
+            self.body = copy.copy(graph)
+            self.body._modules = dict(graph._modules)
+            self.body._modules["features"] = nn.Sequential(PixelStem(self.norm, features[0]), *list(features)[1:])
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.permute(0, 3, 1, 2)
+        return self.body(x if self.folded else self.norm(x))
+
+
+class PixelStem(nn.Module):
+    """The pixel normalization and a 3 x 3, stride-2, padding-1 conv after it, as one conv on the pixels.
+
+    The normalization is a per-channel affine map and the conv is linear, so ``conv(norm(p)) = conv'(p) +
+    conv(norm(0))``: ``conv'`` has the weights times ``1 / (255 std)``, and ``conv(norm(0))`` is a constant map.
+    Its value away from the borders is ``conv'``'s bias, so ``conv'``'s output has the stem's own range (the
+    int8 step the unfolded stem had); the rest, zero but at the borders (the merged pair's border correction,
+    and the padding, ``-mean / std`` in pixels), is computed in float64 per input size, one ADD in the file.
+    ``conv'`` is written 4 x 4 with a zero last row and column (on an even size the same outputs): TFLite's SAME
+    padding of a 3 x 3 stride-2 conv pads after the image, PyTorch's before, so the 3 x 3 form needs a PAD op and
+    its full-size output, while the 4 x 4 one is padded one pixel on each side, TFLite's SAME. The input, the
+    normalized map and the padded map were the three largest tensors of the whole graph at the stem. Odd sizes
+    take the unfolded path.
+    """
+
+    def __init__(self, norm: nn.Conv2d, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.norm, self.conv = norm, conv
+        w, dtype = conv.weight.detach().double(), conv.weight.dtype
+        w4 = F.pad(w * norm.weight.detach().double().view(1, -1, 1, 1), (0, 1, 0, 1))
+        # conv(norm(0)) away from the borders, where no tap reads padding and no border correction applies
+        bias = conv.bias.detach().double() + (w * norm.bias.detach().double().view(1, -1, 1, 1)).sum((1, 2, 3))
+        self.register_buffer("weight", w4.to(dtype))
+        self.register_buffer("bias", bias.to(dtype))
+        self._maps: dict[tuple, torch.Tensor] = {}
+
+    @staticmethod
+    def folds(conv: nn.Module, in_chans: int) -> bool:
+        """Whether ``conv`` is a dense 3 x 3, stride-2, padding-1 conv on ``in_chans`` channels."""
+        return (
+            isinstance(conv, nn.Conv2d)
+            and conv.in_channels == in_chans
+            and conv.groups == 1
+            and conv.kernel_size == (3, 3)
+            and conv.stride == (2, 2)
+            and conv.padding == (1, 1)
+            and conv.dilation == (1, 1)
+        )
+
+    def offset_map(self, height: int, width: int) -> torch.Tensor:
+        """``conv(norm(0))`` less the conv's bias at this input size, (1, C_out, H / 2, W / 2): zero but on the
+        borders."""
+        key = (height, width, self.weight.device, self.weight.dtype)
+        if key not in self._maps:
+            with torch.no_grad():
+                norm, conv = copy.deepcopy(self.norm).double(), copy.deepcopy(self.conv).double()
+                zero = torch.zeros(1, self.conv.in_channels, height, width, dtype=torch.float64, device=key[2])
+                emap = conv(norm(zero)) - self.bias.double().view(1, -1, 1, 1)
+                self._maps[key] = emap.to(self.weight.dtype)
+        return self._maps[key]
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        h, w = pixels.shape[2], pixels.shape[3]
+        if h % 2 or w % 2:
+            return self.conv(self.norm(pixels))
+        return F.conv2d(pixels, self.weight, self.bias, 2, 1) + self.offset_map(h, w)
+
+
+def mcu_graph(model: nn.Module, pixel_mean: tuple[float, ...], pixel_std: tuple[float, ...], **options: Any):
+    """The float graph the int8 file quantizes: the ``mcu`` deploy form of a MicroNet (other models as they
+    are), taking NHWC pixels."""
+    graph = convert_to_deploy(model, backend="mcu", **options) if isinstance(model, MicroNet) else model.eval()
+    # a deploy form (built here, or by the export's common path) has its stem first; a --qat graph (Int8Graph)
+    # keeps its trained stem weights as they are
+    return PixelInput(graph, pixel_mean, pixel_std, fold_stem=isinstance(graph, DeployMicroNet)).eval()
