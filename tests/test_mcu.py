@@ -47,6 +47,28 @@ def test_mcu_form_is_exact(name: str, shift: str) -> None:
         assert any("shift_index" in m._buffers for m in dsm)
 
 
+@pytest.mark.parametrize("size", [32, 33])
+def test_pixel_input_folds_the_normalization_into_the_stem(size: int) -> None:
+    """Camera pixels in: with the normalization folded into MicroNet's stem conv (even sizes; an odd one keeps the
+    unfolded path) the graph equals the eager model on the normalized image, and the caller's graph is untouched."""
+    from micronet_torch.deploy.pixel_input import PixelInput, PixelStem, mcu_graph
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    model = trained_like(micronet_torch.create_model("micronet_m0", num_classes=10)).eval()
+    pixels = torch.randint(0, 256, (2, size, size, 3), generator=torch.Generator().manual_seed(0)).float()
+    x = (pixels.permute(0, 3, 1, 2) / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    graph = mcu_graph(model, mean, std)
+    assert isinstance(graph, PixelInput) and graph.folded
+    assert isinstance(graph.body.features[0], PixelStem) and graph.body.features[0].weight.shape[-2:] == (4, 4)
+    with torch.no_grad():
+        ref = model(x)
+        assert _rel(graph(pixels), ref) <= TOL
+        deploy = convert_to_deploy(model, backend="mcu")
+        stem = deploy.features[0]
+        assert PixelInput(deploy, mean, std, fold_stem=True).folded and deploy.features[0] is stem
+        assert _rel(deploy(x), ref) <= TOL  # the caller's deploy graph still takes normalized images
+
+
 def test_mcu_backend_refuses_unknown_options() -> None:
     model = micronet_torch.create_model("micronet_m0").eval()
     with pytest.raises(TypeError, match="block_shuffles"):
@@ -201,6 +223,8 @@ def test_int8_export_runs_in_tflm(exported: str, request) -> None:
     info = describe(path.read_bytes())
     assert info["float_tensors"] == [] and info["input_type"] == info["output_type"] == 9  # int8
     assert info["input_quant"] == (1.0, -128) and not info["buffers_after"] and info["misaligned_buffers"] == 0
+    # each channel gather is one GATHER op (deploy.mcu.tflite_gathers), never TRANSPOSE + GATHER_ND + TRANSPOSE
+    assert info["ops"].get("GATHER", 0) > 0 and not {"GATHER_ND", "TRANSPOSE"} & set(info["ops"])
     meta = json.loads((path.parent / f"{name}.tflite.json").read_text())
     assert meta["export_format"] == "tflm" and json.loads(meta["class_names"]) == CLASSES10
     arena = json.loads(meta["arena_bytes"])
