@@ -10,7 +10,7 @@ BatchNorm and shuffles folded) and rewrites what a fully int8 TFLM graph cannot 
   the map (TFLM runs it on int8) instead of a twin convolution (a second copy of the weights in flash) or
   channel rolls (two slices and a concatenation per roll, each a full-size tensor in the arena).
   ``shift="twin"`` keeps the portable twin convolutions, ``shift="rolls"`` the rolls.
-* a channel shuffle the passes could not fold into weights is one channel gather too (``McuChannelGather``),
+* a channel shuffle the passes could not fold into weights is one channel gather too (``ChannelGather``),
   not the portable reshape -> transpose -> reshape, which keeps its neighbours in NCHW with transposes around
   them. The TFLM export lowers each gather to one GATHER op (``tflite_gathers``).
 
@@ -29,6 +29,7 @@ from torch import nn
 
 from .emit import PortableEmitter
 from .ir import Op, Perm
+from .modules import ChannelGather
 from .permutations import is_identity
 from .portable import PortableShiftMax, TwinConvShiftMax
 
@@ -78,25 +79,6 @@ def tflite_gathers() -> Iterator[None]:
                 table[op] = entry
 
 
-def channel_gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[:, index]`` of an NCHW map (``index``: int32, the GATHER op's index type)."""
-    return torch.index_select(x, 1, index)
-
-
-class McuChannelGather(nn.Module):
-    """A fixed channel permutation (a channel shuffle the passes could not fold) as one ``channel_gather``.
-
-    The index is not in the state dict: it follows from the network's structure, and a ``--qat`` checkpoint
-    saved when the shuffle was the portable reshape -> transpose -> reshape (no tensor) still loads."""
-
-    def __init__(self, index: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("index", index.to(torch.int32), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return channel_gather(x, self.index)
-
-
 class McuShiftMax(PortableShiftMax):
     """``PortableShiftMax`` whose clamp has no MINIMUM, and whose shift may be one channel gather."""
 
@@ -113,7 +95,7 @@ class McuShiftMax(PortableShiftMax):
     def shifted_maps(self, x: torch.Tensor, x_shifted: torch.Tensor | None) -> list[torch.Tensor]:
         shift_index = self._buffers.get("shift_index")  # the gather form's
         if shift_index is not None:
-            return [channel_gather(x, shift_index)]
+            return [torch.index_select(x, 1, shift_index)]
         return super().shifted_maps(x, x_shifted)
 
 
@@ -172,7 +154,9 @@ class McuEmitter(PortableEmitter):
 
     def module(self, op: Op, dtype: torch.dtype) -> nn.Module:
         if isinstance(op, Perm):
-            return nn.Identity() if is_identity(op.index) else McuChannelGather(op.index)
+            # not the portable reshape -> transpose -> reshape; the index is left out of the state dict, so a
+            # --qat checkpoint saved with that form (no tensor) still loads
+            return nn.Identity() if is_identity(op.index) else ChannelGather(op.index, torch.int32, persistent=False)
         return super().module(op, dtype)
 
     def features(self, ops: list[Op], dtype: torch.dtype = torch.float32) -> nn.Sequential:

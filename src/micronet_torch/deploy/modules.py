@@ -17,11 +17,12 @@ from .permutations import is_identity
 
 
 class ChannelGather(nn.Module):
-    """A fixed channel permutation as one ``index_select`` (an ONNX Gather)."""
+    """A fixed channel permutation as one ``index_select`` (an ONNX Gather; a TFLite GATHER in the ``mcu`` form,
+    whose index is int32 and, following from the network's structure, left out of the state dict)."""
 
-    def __init__(self, index: torch.Tensor) -> None:
+    def __init__(self, index: torch.Tensor, dtype: torch.dtype = torch.long, persistent: bool = True) -> None:
         super().__init__()
-        self.register_buffer("index", index.clone().long())
+        self.register_buffer("index", index.clone().to(dtype), persistent=persistent)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.index_select(x, 1, self.index)

@@ -124,10 +124,11 @@ def trained_ranges(
 
 
 def _collect_extremes(qsv: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """The calibrator's update function: every calibration image's minimum and maximum of the tensor, kept."""
-    mins = qsv.get("mins", [qsv["min"]] if "min" in qsv else [])
-    maxs = qsv.get("maxs", [qsv["max"]] if "max" in qsv else [])
-    return {"min": new["min"], "max": new["max"], "mins": [*mins, new["min"]], "maxs": [*maxs, new["max"]]}
+    """The calibrator's update function: every calibration image's minimum and maximum of the tensor, kept (the
+    calibrator stores the first image's values as they are, then calls this with each next image's)."""
+    qsv.setdefault("mins", [qsv["min"]]).append(new["min"])
+    qsv.setdefault("maxs", [qsv["max"]]).append(new["max"])
+    return qsv
 
 
 def _percentile_range(qsv: dict[str, Any]) -> dict[str, Any]:
