@@ -15,8 +15,8 @@ from micronet_torch.deploy import convert_to_deploy
 from micronet_torch.deploy.fused import FusedOpsUnavailable
 from micronet_torch.deploy.fused.op import shift_max
 from micronet_torch.ops.shift_max import DynamicShiftMax
-from micronet_torch.runtime import ExportOptions, executorch_ops, export_model, load_exported
 from micronet_torch.runtime import executorch as et
+from micronet_torch.runtime import executorch_ops, load_exported
 from micronet_torch.tools.bench import trained_like
 from micronet_torch.tools.bench_runtimes import RuntimeRecord, parse_runtimes, ratio_lines
 
@@ -52,20 +52,25 @@ def test_parity_and_one_kernel_call_per_dsm(name: str, library: str, tmp_path) -
     assert _rel(load_exported(path, "executorch")(x), ref) <= TOL
 
 
-def test_published_fixture_through_the_kernel(library: str, tmp_path) -> None:
-    """The published-format M0 checkpoint's reference logits, through the fused program (``export_model``, as
-    ``micronet export`` builds it) with one kernel call per Dynamic Shift-Max and no part of one outside XNNPACK."""
+def test_published_fixture_through_the_kernel_from_the_cli(library: str, tmp_path, capsys) -> None:
+    """``micronet export -c`` of the published-format M0 checkpoint with ``--fused-ops``: the program gives the
+    reference logits with one kernel call per Dynamic Shift-Max and no part of one outside XNNPACK, and the
+    command prints how to load the kernel library."""
     ckpt = SHARED_FIXTURES / "official" / "micronet-m0-official-random.pth.tar"
     if not ckpt.is_file():
         pytest.skip("fixtures not available")
     ref = torch.load(SHARED_FIXTURES / "official" / "micronet-m0-official-io.pt", weights_only=True)
-    model = micronet_torch.create_model("micronet_m0", pretrained=str(ckpt)).eval()
-    res = export_model(model, tmp_path / "m0", (1, 3, 224, 224), ExportOptions(format="executorch", fused_ops=True))
-    n_dsm = sum(isinstance(m, DynamicShiftMax) for m in model.modules())
-    assert not res.failures and f"{n_dsm} x micronet.shift_max.default" in res.notes[0], res.notes
-    run = load_exported(res.path, "executorch")
+    out = tmp_path / "m0.pte"
+    args = ["export", "--model", "micronet_m0", "-c", str(ckpt), "--format", "executorch", "--fused-ops", "-o"]
+    assert main([*args, str(out)]) == 0
+    text = capsys.readouterr().out
+    n_dsm = sum(isinstance(m, DynamicShiftMax) for m in micronet_torch.create_model("micronet_m0").modules())
+    assert "ctypes.CDLL(" in text and f"{n_dsm} x micronet.shift_max.default" in text and "OK" in text, text
+    run = load_exported(out, "executorch")
     for i in range(ref["input"].shape[0]):  # the program has a fixed batch of 1
         assert _rel(run(ref["input"][i : i + 1]), ref["logits"][i : i + 1]) <= TOL
+    plain, _ = et.write_executorch(torch.nn.Conv2d(3, 4, 1).eval(), tmp_path / "plain", (1, 3, 8, 8))
+    assert not executorch_ops.uses_kernels(plain)
 
 
 class _OneShiftMax(torch.nn.Module):
@@ -107,16 +112,6 @@ def test_missing_compiler_is_one_line(tmp_path) -> None:
     with pytest.raises(FusedOpsUnavailable) as err:
         executorch_ops.library_path(directory=tmp_path, compiler=str(tmp_path / "no-such-c++"))
     assert "\n" not in str(err.value)
-
-
-def test_cli_export(library: str, tmp_path, capsys) -> None:
-    out = tmp_path / "m0.pte"
-    args = ["export", "--model", "micronet_m0", "--img-size", "32", "--format", "executorch", "--fused-ops", "-o"]
-    assert main([*args, str(out)]) == 0
-    text = capsys.readouterr().out
-    assert "ctypes.CDLL(" in text and "micronet.shift_max" in text and "OK" in text
-    plain, _ = et.write_executorch(torch.nn.Conv2d(3, 4, 1).eval(), tmp_path / "plain", (1, 3, 8, 8))
-    assert not executorch_ops.uses_kernels(plain)
 
 
 def test_bench_runtimes_with_the_kernel() -> None:

@@ -33,12 +33,19 @@ def m0():
     return model
 
 
-def test_onnx_dynamic_batch_parity(m0, tmp_path) -> None:
-    res = export_onnx(convert_to_deploy(m0, backend="onnx"), tmp_path / "m0.onnx", (1, 3, 64, 64))
+@pytest.fixture(scope="module")
+def deploy_onnx(m0, tmp_path_factory: pytest.TempPathFactory):
+    """M0's ONNX deploy graph exported once at 32 px (the export's default exporter), read by several tests."""
+    path = tmp_path_factory.mktemp("onnx") / "m0.onnx"
+    return export_onnx(convert_to_deploy(m0, backend="onnx"), path, (1, 3, 32, 32))
+
+
+def test_onnx_dynamic_batch_parity(m0, deploy_onnx) -> None:
+    res = deploy_onnx
     assert res.exporter in ("dynamo", "legacy") and res.nodes
     sess = ort_session(res.path)
     for n in (1, 4):
-        x = torch.randn(n, 3, 64, 64)
+        x = torch.randn(n, 3, 32, 32)
         ref = m0(x).detach().numpy()
         out = run_ort(sess, x)
         assert out.shape == ref.shape
@@ -46,8 +53,10 @@ def test_onnx_dynamic_batch_parity(m0, tmp_path) -> None:
 
 
 def test_deploy_graph_is_smaller(m0, tmp_path) -> None:
-    plain = export_onnx(m0, tmp_path / "plain.onnx", (1, 3, 32, 32))
-    dep = export_onnx(convert_to_deploy(m0, backend="onnx"), tmp_path / "dep.onnx", (1, 3, 32, 32))
+    """The deploy rewrites leave ONNX Runtime fewer nodes than the network as written (both files from one
+    exporter, the legacy one: a tenth of the dynamo exporter's time on the unrewritten network)."""
+    plain = export_onnx(m0, tmp_path / "plain.onnx", (1, 3, 32, 32), exporter="legacy")
+    dep = export_onnx(convert_to_deploy(m0, backend="onnx"), tmp_path / "dep.onnx", (1, 3, 32, 32), exporter="legacy")
     assert ort_nodes_after_optimization(dep.path) < ort_nodes_after_optimization(plain.path)
 
 
@@ -82,8 +91,8 @@ def test_legacy_exporter(m0, tmp_path) -> None:
     assert np.abs(run_ort(ort_session(res.path), x) - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
-def test_int8_runs_and_mostly_agrees(m0, tmp_path) -> None:
-    fp = export_onnx(convert_to_deploy(m0, backend="onnx"), tmp_path / "fp.onnx", (1, 3, 32, 32)).path
+def test_int8_runs_and_mostly_agrees(deploy_onnx, tmp_path) -> None:
+    fp = deploy_onnx.path
     calib = synthetic_images(16, 3, 32)
     q = quantize_onnx(fp, tmp_path / "q.onnx", calib)
     out = run_ort(ort_session(q), calib)

@@ -85,6 +85,8 @@ def test_ratio_lines_with_floors() -> None:
 
 
 def test_cli_floors(capsys) -> None:
+    """``micronet bench --runtimes ort --floors --json``: the models asked for and their floors, timed and checked
+    (the command without ``--floors`` runs the same path on the models alone)."""
     assert main(["bench", "--floors"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--runtimes" in err[0]

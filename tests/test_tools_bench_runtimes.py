@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from micronet_torch.cli import main
 from micronet_torch.runtime import TARGETS
 from micronet_torch.tools.bench_runtimes import (
     RuntimeRecord,
@@ -64,10 +63,3 @@ def test_run_runtime_benchmark_tiny(tmp_path) -> None:
     assert "**ort**" in text and "micronet_m0 / mobilenetv3_small_050" in text
     data = json.loads((tmp_path / "bench-runtimes.json").read_text())
     assert len(data["records"]) == len(records)
-
-
-def test_cli_bench_runtimes(capsys) -> None:
-    args = ["bench", "--runtimes", "ort", "--models", "micronet_m0", "mobilenetv3_small_050", "--img-size", "32"]
-    assert main([*args, "--runs", "2", "--warmup", "1", "--max-seconds", "1", "--json"]) == 0
-    data = json.loads(capsys.readouterr().out)
-    assert {r["model"] for r in data["records"]} == {"micronet_m0", "mobilenetv3_small_050"}
