@@ -225,6 +225,12 @@ def test_int8_export_runs_in_tflm(exported: str, request) -> None:
     assert info["input_quant"] == (1.0, -128) and not info["buffers_after"] and info["misaligned_buffers"] == 0
     # each channel gather is one GATHER op (deploy.mcu.tflite_gathers), never TRANSPOSE + GATHER_ND + TRANSPOSE
     assert info["ops"].get("GATHER", 0) > 0 and not {"GATHER_ND", "TRANSPOSE"} & set(info["ops"])
+    # each Dynamic Shift-Max's two coefficient layers and the head's two are FULLY_CONNECTED with per-tensor weights
+    # (one scale: TFLM keeps no per-channel multipliers for them); convs keep one scale per output channel
+    mcu = convert_to_deploy(micronet_torch.create_model(name, num_classes=10), backend="mcu")
+    n_dsm = sum(isinstance(m, McuShiftMax) for m in mcu.modules())
+    assert info["weight_scales"]["FULLY_CONNECTED"] == [1] * (2 * n_dsm + 2) and n_dsm >= 15
+    assert all(n > 1 for n in info["weight_scales"]["CONV_2D"] + info["weight_scales"]["DEPTHWISE_CONV_2D"])
     meta = json.loads((path.parent / f"{name}.tflite.json").read_text())
     assert meta["export_format"] == "tflm" and json.loads(meta["class_names"]) == CLASSES10
     arena = json.loads(meta["arena_bytes"])

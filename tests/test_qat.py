@@ -41,6 +41,20 @@ def test_weights_round_to_per_channel_int8() -> None:
     assert torch.equal(w.grad, torch.ones_like(w))
 
 
+def test_linear_weights_round_to_per_tensor_int8() -> None:
+    """A linear layer's weights (the file's FULLY_CONNECTED, quantized per tensor) on one symmetric int8 grid,
+    scale max|w| / 127 over the whole tensor; idempotent, with a straight-through gradient."""
+    w = torch.randn(6, 4) * torch.tensor([1e-3, 0.1, 1, 10, 100, 0.5]).view(6, 1)
+    q = fake_quant_weight(w, per_tensor=True)
+    steps = q / (w.abs().max() / 127)
+    assert float(steps.round().abs().max()) == 127.0 and float((steps - steps.round()).abs().max()) < 1e-3
+    assert torch.equal(q[0], torch.zeros(4))  # 1e-3 of a 100-scale tensor: under half a step
+    assert torch.equal(fake_quant_weight(q, per_tensor=True), q)
+    w.requires_grad_(True)
+    fake_quant_weight(w, per_tensor=True).sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+
+
 def test_fake_quant_range_holds_zero_and_follows_batches() -> None:
     """The first batch sets the range, later ones move it by ``momentum``; 0 is always a grid point; eval fixes it."""
     fq = FakeQuant(momentum=0.5)
@@ -71,8 +85,10 @@ def test_qat_net_quantizes_the_mcu_graph(m0_qat) -> None:
     model, qnet = m0_qat
     graph = convert_to_deploy(model, backend="mcu")
     assert len(qnet.fq) == len(qnet.ops) > 100 and 0 < len(qnet.fused) < len(qnet.ops)
-    assert {qnet.ops[k] for k in qnet.fused} <= FUSING_PRODUCERS and "conv2d" in {qnet.ops[k] for k in qnet.fused}
+    # the coefficient path's first linear layer carries its relu (FULLY_CONNECTED with a fused activation)
+    assert {qnet.ops[k] for k in qnet.fused} <= FUSING_PRODUCERS and "linear" in {qnet.ops[k] for k in qnet.fused}
     assert "maximum" in qnet.ops and "hardsigmoid" in qnet.ops  # Dynamic Shift-Max's max and coefficients
+    assert qnet.ops.count("linear") == 32  # 15 Dynamic Shift-Maxes' two coefficient layers, the head's two
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = graph(x)
@@ -86,12 +102,15 @@ def test_qat_net_quantizes_the_mcu_graph(m0_qat) -> None:
 
 
 def test_float_graph_holds_int8_weights(m0_qat) -> None:
-    """``float_graph`` is the deploy graph with every conv / linear weight already on its int8 grid."""
+    """``float_graph`` is the deploy graph with every conv weight already on its per-channel int8 grid and every
+    linear weight on its per-tensor one (the file's FULLY_CONNECTED)."""
     _, qnet = m0_qat
     graph = qnet.float_graph()
-    convs = [m for m in graph.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    assert len(convs) > 40
+    convs = [m for m in graph.modules() if isinstance(m, torch.nn.Conv2d)]
+    linears = [m for m in graph.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(convs) > 10 and len(linears) == 32
     assert all(torch.equal(fake_quant_weight(m.weight), m.weight) for m in convs)
+    assert all(torch.equal(fake_quant_weight(m.weight, per_tensor=True), m.weight) for m in linears)
     assert not any(isinstance(m, (FakeQuant, QatNet)) for m in graph.modules())
 
 

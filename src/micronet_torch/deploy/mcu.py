@@ -13,6 +13,10 @@ BatchNorm and shuffles folded) and rewrites what a fully int8 TFLM graph cannot 
 * a channel shuffle the passes could not fold into weights is one channel gather too (``ChannelGather``),
   not the portable reshape -> transpose -> reshape, which keeps its neighbours in NCHW with transposes around
   them. The TFLM export lowers each gather to one GATHER op (``tflite_gathers``).
+* each Dynamic Shift-Max's two coefficient layers (1 x 1 convs on the pooled 1 x 1 map) are ``nn.Linear`` on the
+  pooled vector: FULLY_CONNECTED ops, whose weights the TFLM export quantizes per tensor. TFLM's CONV_2D keeps
+  two int32 per output channel in its arena whatever the weights' granularity; FULLY_CONNECTED with per-tensor
+  weights keeps none.
 
 Exact up to float rounding like every deploy form.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -80,11 +85,12 @@ def tflite_gathers() -> Iterator[None]:
 
 
 class McuShiftMax(PortableShiftMax):
-    """``PortableShiftMax`` whose clamp has no MINIMUM, and whose shift may be one channel gather."""
+    """``PortableShiftMax`` whose coefficient layers are ``nn.Linear`` on the pooled vector, whose clamp has no
+    MINIMUM, and whose shift may be one channel gather."""
 
     def coefficients(self, x: torch.Tensor) -> torch.Tensor:
         """The (K * J [* rolls]) x C coefficients, (N, ., 1, 1): h-sigmoid or clamp, plus offset, times mask."""
-        z = self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True))))
+        z = self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True).flatten(1))))[:, :, None, None]
         if self.scaled:
             coef = F.hardsigmoid(z)
         else:  # clamp(z, lo, hi) = max(hi - relu(hi - z), lo): MAXIMUM, SUB and RELU all quantize to int8
@@ -98,11 +104,32 @@ class McuShiftMax(PortableShiftMax):
             return [torch.index_select(x, 1, shift_index)]
         return super().shifted_maps(x, x_shifted)
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # a state dict saved when the coefficient layers were 1 x 1 convs (a --qat checkpoint): the same weights
+        for name in ("fc1.weight", "fc2.weight"):
+            w = state_dict.get(prefix + name)
+            if w is not None and w.dim() == 4:
+                state_dict[prefix + name] = w.flatten(1)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def _linear(conv: nn.Conv2d) -> nn.Linear:
+    """The 1 x 1 conv ``conv`` as the ``nn.Linear`` it is on a 1 x 1 map (same weights)."""
+    out = nn.Linear(conv.in_channels, conv.out_channels).to(conv.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(conv.weight.flatten(1))
+        out.bias.copy_(conv.bias)
+    return out
+
 
 def _as_mcu(dsm: PortableShiftMax) -> McuShiftMax:
-    """The same Dynamic Shift-Max (same modules and buffers) with ``McuShiftMax``'s forward."""
+    """The same Dynamic Shift-Max (same buffers, the coefficient convs as linear layers) with ``McuShiftMax``'s
+    forward."""
     out = McuShiftMax.__new__(McuShiftMax)
     out.__dict__.update(dsm.__dict__)
+    out._modules = dict(dsm._modules)
+    out._modules.update(fc1=_linear(dsm.fc1), fc2=_linear(dsm.fc2))
+    out._buffers = dict(dsm._buffers)
     return out
 
 
@@ -120,11 +147,9 @@ def _gather_form(dsm: PortableShiftMax) -> McuShiftMax:
     rows = torch.cat([torch.arange(k * c), (k * c + torch.arange(k) * n_rolls * c).repeat_interleave(c)])
     rows[k * c :] += torch.arange(c).repeat(k)
     out = _as_mcu(dsm)
-    out._modules = dict(dsm._modules)
-    out._buffers = dict(dsm._buffers)
-    fc2 = nn.Conv2d(dsm.fc2.in_channels, rows.numel(), 1).to(dsm.fc2.weight.dtype)
+    fc2 = nn.Linear(dsm.fc2.in_channels, rows.numel()).to(dsm.fc2.weight.dtype)
     with torch.no_grad():
-        fc2.weight.copy_(dsm.fc2.weight[rows])
+        fc2.weight.copy_(dsm.fc2.weight[rows].flatten(1))
         fc2.bias.copy_(dsm.fc2.bias[rows])
     out._modules["fc2"] = fc2
     out._buffers["offset"] = dsm.offset[:, rows].clone()
