@@ -85,10 +85,8 @@ def test_qat_net_quantizes_the_mcu_graph(m0_qat) -> None:
     model, qnet = m0_qat
     graph = convert_to_deploy(model, backend="mcu")
     assert len(qnet.fq) == len(qnet.ops) > 100 and 0 < len(qnet.fused) < len(qnet.ops)
-    # the coefficient path's first linear layer carries its relu (FULLY_CONNECTED with a fused activation)
-    assert {qnet.ops[k] for k in qnet.fused} <= FUSING_PRODUCERS and "linear" in {qnet.ops[k] for k in qnet.fused}
+    assert {qnet.ops[k] for k in qnet.fused} <= FUSING_PRODUCERS and "conv2d" in {qnet.ops[k] for k in qnet.fused}
     assert "maximum" in qnet.ops and "hardsigmoid" in qnet.ops  # Dynamic Shift-Max's max and coefficients
-    assert qnet.ops.count("linear") == 32  # 15 Dynamic Shift-Maxes' two coefficient layers, the head's two
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = graph(x)
@@ -102,15 +100,34 @@ def test_qat_net_quantizes_the_mcu_graph(m0_qat) -> None:
 
 
 def test_float_graph_holds_int8_weights(m0_qat) -> None:
-    """``float_graph`` is the deploy graph with every conv weight already on its per-channel int8 grid and every
-    linear weight on its per-tensor one (the file's FULLY_CONNECTED)."""
+    """``float_graph`` is the deploy graph with every conv / linear weight already on its int8 grid."""
     _, qnet = m0_qat
+    graph = qnet.float_graph()
+    convs = [m for m in graph.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(convs) > 40 and not qnet.fc_per_tensor
+    assert all(torch.equal(fake_quant_weight(m.weight), m.weight) for m in convs)
+
+
+def test_linear_coefficient_form_rounds_linear_weights_per_tensor(m0_qat) -> None:
+    """With ``coefficients="linear"`` (the Dynamic Shift-Maxes' coefficient layers as FULLY_CONNECTED, quantized per
+    tensor) the QAT graph rounds every linear weight per tensor, conv weights per channel, and a coefficient
+    path's first linear layer carries its relu; a state dict of the conv form loads into it (same weights)."""
+    model, conv_qnet = m0_qat
+    qnet = qat_net(model, 32, 3, coefficients="linear")
+    assert qnet.fc_per_tensor and qnet.ops.count("linear") == 32  # 15 Dynamic Shift-Maxes' two, the head's two
+    assert "linear" in {qnet.ops[k] for k in qnet.fused}
     graph = qnet.float_graph()
     convs = [m for m in graph.modules() if isinstance(m, torch.nn.Conv2d)]
     linears = [m for m in graph.modules() if isinstance(m, torch.nn.Linear)]
     assert len(convs) > 10 and len(linears) == 32
     assert all(torch.equal(fake_quant_weight(m.weight), m.weight) for m in convs)
     assert all(torch.equal(fake_quant_weight(m.weight, per_tensor=True), m.weight) for m in linears)
+    qnet.load_state_dict(conv_qnet.state_dict())
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(
+            qnet.graph(x), conv_qnet.graph(x), rtol=0, atol=1e-5 * float(conv_qnet.graph(x).abs().max())
+        )
     assert not any(isinstance(m, (FakeQuant, QatNet)) for m in graph.modules())
 
 

@@ -3,10 +3,10 @@
 ``export_mcu`` goes: the ``mcu`` deploy graph (``deploy.mcu``: the portable form with a MINIMUM-free clamp and each
 shift as one gather; MobileNetV3 baselines as they are) taking NHWC camera pixels (``deploy.pixel_input``: the
 normalization inside the model, folded into MicroNet's stem conv) -> a float ``.tflite`` (``litert_torch``) ->
-Google's ai-edge-quantizer (static int8: per-channel int8 conv weights, per-tensor int8 fully connected weights,
-int8 activations, int32 biases, int8 input and output) -> the weights moved back inside the flatbuffer (the
-quantizer appends the buffers of a model over 256 KiB after it, which TFLM's loader ignores) and the tensor names
-dropped.
+Google's ai-edge-quantizer (static int8: per-channel int8 weights, or per-tensor fully connected weights with the
+form's linear coefficient layers; int8 activations, int32 biases, int8 input and output) -> the weights moved back
+inside the flatbuffer (the quantizer appends the buffers of a model over 256 KiB after it, which TFLM's loader
+ignores) and the tensor names dropped.
 
 The input's quantization is fixed to scale 1, zero point -128: the board feeds ``pixel - 128`` and does no float
 arithmetic. PyTorch's PT2E route through ``litert_torch`` is not used: its int8 file disagreed with the float
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .._fs import atomic_write
-from ..deploy.mcu import tflite_gathers
+from ..deploy.mcu import fc_per_tensor, tflite_gathers
 from ..deploy.pixel_input import mcu_graph
 from ..deploy.qat import Int8Graph, QatNet
 from .litert import export_litert
@@ -148,28 +148,31 @@ def _percentile_range(qsv: dict[str, Any]) -> dict[str, Any]:
     return {"min": np.minimum(lo, 0).astype(dtype), "max": np.maximum(hi, 0).astype(dtype)}
 
 
-def int8_recipe() -> list[dict[str, Any]]:
-    """ai-edge-quantizer's static int8 recipe (``static_wi8_ai8``: int8 activations, per-channel int8 weights) with
-    FULLY_CONNECTED weights per tensor: TFLM's FULLY_CONNECTED then keeps no per-channel output multipliers and
-    shifts (two int32 a channel) in its arena. These are the Dynamic Shift-Maxes' coefficient layers and the
-    classifier (``deploy/mcu.py``); ``--qat`` rounds them per tensor too (``deploy/qat.py``)."""
+def int8_recipe(fc_per_tensor: bool = False) -> list[dict[str, Any]]:
+    """ai-edge-quantizer's static int8 recipe (``static_wi8_ai8``: int8 activations, per-channel int8 weights), with
+    ``fc_per_tensor`` FULLY_CONNECTED weights per tensor: TFLM's FULLY_CONNECTED then keeps no per-channel output
+    multipliers and shifts (two int32 a channel) in its arena. For the ``mcu`` form with linear coefficient layers
+    (``deploy.mcu.fc_per_tensor``), whose ``--qat`` rounds them per tensor too (``deploy/qat.py``)."""
     try:
         from ai_edge_quantizer import qtyping, recipe_manager
     except ImportError as err:
         raise ImportError(f"the int8 LiteRT export needs ai-edge-quantizer: {EXTRA}") from err
     rules = recipe_manager.RecipeManager()
-    for op, granularity in (
-        (qtyping.TFLOperationName.ALL_SUPPORTED, qtyping.QuantGranularity.CHANNELWISE),
-        (qtyping.TFLOperationName.FULLY_CONNECTED, qtyping.QuantGranularity.TENSORWISE),
-    ):
+    entries = [(qtyping.TFLOperationName.ALL_SUPPORTED, qtyping.QuantGranularity.CHANNELWISE)]
+    if fc_per_tensor:
+        entries.append((qtyping.TFLOperationName.FULLY_CONNECTED, qtyping.QuantGranularity.TENSORWISE))
+    for op, granularity in entries:
         rules.add_static_config(".*", op, activation_num_bits=8, weight_num_bits=8, weight_granularity=granularity)
     return rules.get_quantization_recipe()
 
 
 def quantize_int8(
-    float_path: Path, calib_pixels: np.ndarray, ranges: dict[str, tuple[float, float]] | None = None
+    float_path: Path,
+    calib_pixels: np.ndarray,
+    ranges: dict[str, tuple[float, float]] | None = None,
+    fc_per_tensor: bool = False,
 ) -> bytes:
-    """ai-edge-quantizer's static int8 recipe on the float file (``int8_recipe``), calibrated on
+    """ai-edge-quantizer's static int8 recipe on the float file (``int8_recipe(fc_per_tensor)``), calibrated on
     ``calib_pixels`` (N, H, W, C) with the input range pinned to 0..255 and the tensors of ``ranges`` (a
     ``--qat`` run's, ``trained_ranges``) given theirs; returns the file's bytes with every buffer inside the
     flatbuffer and no tensor names."""
@@ -180,7 +183,7 @@ def quantize_int8(
         raise ImportError(f"the int8 LiteRT export needs ai-edge-quantizer: {EXTRA}") from err
     with captured():  # its progress report and TensorFlow's start-up lines
         qt = quantizer.Quantizer(str(float_path))
-        qt.load_quantization_recipe(int8_recipe())
+        qt.load_quantization_recipe(int8_recipe(fc_per_tensor))
         fmodel = flatbuffer_utils.read_model(str(float_path))
         sig = fmodel.signatureDefs[0]
         key = sig.signatureKey.decode() if isinstance(sig.signatureKey, bytes) else sig.signatureKey
@@ -188,7 +191,7 @@ def quantize_int8(
         in_name = in_name.decode() if isinstance(in_name, bytes) else in_name
         data = [{in_name: calib_pixels[i : i + 1]} for i in range(len(calib_pixels))]
         rules = recipe_manager.RecipeManager()
-        rules.load_quantization_recipe(int8_recipe())
+        rules.load_quantization_recipe(int8_recipe(fc_per_tensor))
         calib = calibrator.Calibrator(str(float_path), num_threads=1, qsv_update_func=_collect_extremes)
         calib.calibrate({key: data}, rules)
         qsvs = {name: _percentile_range(qsv) for name, qsv in calib.get_model_qsvs().items()}
@@ -332,7 +335,7 @@ def export_mcu(
         float_path = _float_tflite(graph, Path(tmp) / "float.tflite", (1, img_size, img_size, in_chans))
         if isinstance(model, Int8Graph):  # a --qat checkpoint: its trained ranges
             ranges = trained_ranges(float_path, model.qat_net, graph.norm, calib_pixels)
-        data = quantize_int8(float_path, calib_pixels, ranges)
+        data = quantize_int8(float_path, calib_pixels, ranges, fc_per_tensor(graph))
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda fh: fh.write(data))
     info = describe(data)
@@ -404,8 +407,7 @@ def export_target(
     checks.append(f"C++ for TFLM: {header.name} and {source.name} (docs/mcu.md)")
     meta.update(
         input_layout="NHWC int8 = camera pixel (0..255, RGB) - 128; normalization inside the model",
-        quantization="int8 ai-edge-quantizer static, per-channel conv and per-tensor fully connected weights, "
-        "int8 input and output",
+        quantization="int8 ai-edge-quantizer static, per-channel weights, int8 input and output",
         input_quant=json.dumps(list(res.input_quant)),
         output_quant=json.dumps(list(res.output_quant)),
         arena_bytes=json.dumps(a),
