@@ -87,6 +87,14 @@ def test_mcu_backend_refuses_unknown_options() -> None:
         convert_to_deploy(model, backend="mcu", coefficients="wrong")
 
 
+def test_bench_mcu_coefficients_flag_refuses_unknown_forms(capsys) -> None:
+    """``micronet bench --mcu --mcu-coefficients`` takes the ``mcu`` form's coefficient layers (conv, linear)."""
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "--mcu", "--mcu-coefficients", "dense"])
+    assert stop.value.code == 2 and "--mcu-coefficients" in capsys.readouterr().err
+
+
+@pytest.mark.runtime
 def test_int8_recipe_quantizes_fully_connected_per_tensor_only_when_asked() -> None:
     """``int8_recipe(True)`` (the linear coefficient form) adds a FULLY_CONNECTED entry with per-tensor weights on
     top of the static recipe's per-channel one; the default is ai-edge-quantizer's ``static_wi8_ai8`` as it is."""
