@@ -16,7 +16,7 @@ import torch
 import micronet_torch
 from micronet_torch.cli import main
 from micronet_torch.deploy import convert_to_deploy
-from micronet_torch.deploy.mcu import McuShiftMax
+from micronet_torch.deploy.mcu import McuShiftMax, fc_per_tensor
 from micronet_torch.deploy.portable import TwinConvShiftMax
 from micronet_torch.runtime.mcu_cpp import arena_size, resolver_method, write_cpp
 from micronet_torch.runtime.tflm import TflmError, run_tflm
@@ -30,17 +30,25 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("name", ["micronet_m0", "micronet_m3"])
-@pytest.mark.parametrize("shift", ["gather", "twin", "rolls"])
-def test_mcu_form_is_exact(name: str, shift: str) -> None:
-    """Every shift form of the ``mcu`` backend equals the eager model in float (deploy tolerance)."""
+@pytest.mark.parametrize(
+    "shift, coefficients",
+    [("gather", "conv"), ("twin", "conv"), ("rolls", "conv"), ("gather", "linear"), ("twin", "linear")],
+)
+def test_mcu_form_is_exact(name: str, shift: str, coefficients: str) -> None:
+    """Every shift and coefficient form of the ``mcu`` backend equals the eager model in float (deploy tolerance);
+    ``coefficients="linear"`` writes each Dynamic Shift-Max's coefficient layers as linear layers, and only then
+    does the TFLM export quantize FULLY_CONNECTED weights per tensor."""
     model = trained_like(micronet_torch.create_model(name, num_classes=10)).eval()
     x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(x)
-        mcu = convert_to_deploy(model, backend="mcu", shift=shift)
+        mcu = convert_to_deploy(model, backend="mcu", shift=shift, coefficients=coefficients)
         assert _rel(mcu(x), ref) <= TOL
     dsm = [m for m in mcu.modules() if isinstance(m, McuShiftMax)]
     assert dsm and all(type(m) is McuShiftMax for m in dsm)
+    layer = torch.nn.Linear if coefficients == "linear" else torch.nn.Conv2d
+    assert all(type(m.fc1) is layer and type(m.fc2) is layer for m in dsm)
+    assert fc_per_tensor(mcu) == (coefficients == "linear")
     twins = [m for m in mcu.modules() if isinstance(m, TwinConvShiftMax)]
     if shift == "gather":  # one gather per shift: no twin conv (no second copy of its weights), no rolls
         assert not twins and all(not m.rolls for m in dsm)
@@ -75,6 +83,31 @@ def test_mcu_backend_refuses_unknown_options() -> None:
         convert_to_deploy(model, backend="mcu", block_shuffles=False)
     with pytest.raises(ValueError, match="shift"):
         convert_to_deploy(model, backend="mcu", shift="wrong")
+    with pytest.raises(ValueError, match="coefficients"):
+        convert_to_deploy(model, backend="mcu", coefficients="wrong")
+
+
+def test_bench_mcu_coefficients_flag_refuses_unknown_forms(capsys) -> None:
+    """``micronet bench --mcu --mcu-coefficients`` takes the ``mcu`` form's coefficient layers (conv, linear)."""
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "--mcu", "--mcu-coefficients", "dense"])
+    assert stop.value.code == 2 and "--mcu-coefficients" in capsys.readouterr().err
+
+
+@pytest.mark.runtime
+def test_int8_recipe_quantizes_fully_connected_per_tensor_only_when_asked() -> None:
+    """``int8_recipe(True)`` (the linear coefficient form) adds a FULLY_CONNECTED entry with per-tensor weights on
+    top of the static recipe's per-channel one; the default is ai-edge-quantizer's ``static_wi8_ai8`` as it is."""
+    pytest.importorskip("ai_edge_quantizer")
+    from ai_edge_quantizer import recipe
+
+    from micronet_torch.runtime.mcu import int8_recipe
+
+    assert int8_recipe() == recipe.static_wi8_ai8()
+    base, fc = int8_recipe(True)
+    assert base == recipe.static_wi8_ai8()[0] and fc["operation"] == "FULLY_CONNECTED"
+    assert fc["op_config"]["weight_tensor_config"]["granularity"] == "TENSORWISE"
+    assert base["op_config"]["weight_tensor_config"]["granularity"] == "CHANNELWISE"
 
 
 def test_resolver_methods_and_arena_margin() -> None:
@@ -225,6 +258,10 @@ def test_int8_export_runs_in_tflm(exported: str, request) -> None:
     assert info["input_quant"] == (1.0, -128) and not info["buffers_after"] and info["misaligned_buffers"] == 0
     # each channel gather is one GATHER op (deploy.mcu.tflite_gathers), never TRANSPOSE + GATHER_ND + TRANSPOSE
     assert info["ops"].get("GATHER", 0) > 0 and not {"GATHER_ND", "TRANSPOSE"} & set(info["ops"])
+    # the default coefficient form: the Dynamic Shift-Maxes' coefficient layers are CONV_2D, the head's two layers
+    # FULLY_CONNECTED, every weight with one scale per output channel
+    assert len(info["weight_scales"]["FULLY_CONNECTED"]) == 2
+    assert all(n > 1 for scales in info["weight_scales"].values() for n in scales)
     meta = json.loads((path.parent / f"{name}.tflite.json").read_text())
     assert meta["export_format"] == "tflm" and json.loads(meta["class_names"]) == CLASSES10
     arena = json.loads(meta["arena_bytes"])

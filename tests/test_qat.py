@@ -41,6 +41,20 @@ def test_weights_round_to_per_channel_int8() -> None:
     assert torch.equal(w.grad, torch.ones_like(w))
 
 
+def test_linear_weights_round_to_per_tensor_int8() -> None:
+    """A linear layer's weights (the file's FULLY_CONNECTED, quantized per tensor) on one symmetric int8 grid,
+    scale max|w| / 127 over the whole tensor; idempotent, with a straight-through gradient."""
+    w = torch.randn(6, 4) * torch.tensor([1e-3, 0.1, 1, 10, 100, 0.5]).view(6, 1)
+    q = fake_quant_weight(w, per_tensor=True)
+    steps = q / (w.abs().max() / 127)
+    assert float(steps.round().abs().max()) == 127.0 and float((steps - steps.round()).abs().max()) < 1e-3
+    assert torch.equal(q[0], torch.zeros(4))  # 1e-3 of a 100-scale tensor: under half a step
+    assert torch.equal(fake_quant_weight(q, per_tensor=True), q)
+    w.requires_grad_(True)
+    fake_quant_weight(w, per_tensor=True).sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+
+
 def test_fake_quant_range_holds_zero_and_follows_batches() -> None:
     """The first batch sets the range, later ones move it by ``momentum``; 0 is always a grid point; eval fixes it."""
     fq = FakeQuant(momentum=0.5)
@@ -90,8 +104,30 @@ def test_float_graph_holds_int8_weights(m0_qat) -> None:
     _, qnet = m0_qat
     graph = qnet.float_graph()
     convs = [m for m in graph.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    assert len(convs) > 40
+    assert len(convs) > 40 and not qnet.fc_per_tensor
     assert all(torch.equal(fake_quant_weight(m.weight), m.weight) for m in convs)
+
+
+def test_linear_coefficient_form_rounds_linear_weights_per_tensor(m0_qat) -> None:
+    """With ``coefficients="linear"`` (the Dynamic Shift-Maxes' coefficient layers as FULLY_CONNECTED, quantized per
+    tensor) the QAT graph rounds every linear weight per tensor, conv weights per channel, and a coefficient
+    path's first linear layer carries its relu; a state dict of the conv form loads into it (same weights)."""
+    model, conv_qnet = m0_qat
+    qnet = qat_net(model, 32, 3, coefficients="linear")
+    assert qnet.fc_per_tensor and qnet.ops.count("linear") == 32  # 15 Dynamic Shift-Maxes' two, the head's two
+    assert "linear" in {qnet.ops[k] for k in qnet.fused}
+    graph = qnet.float_graph()
+    convs = [m for m in graph.modules() if isinstance(m, torch.nn.Conv2d)]
+    linears = [m for m in graph.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(convs) > 10 and len(linears) == 32
+    assert all(torch.equal(fake_quant_weight(m.weight), m.weight) for m in convs)
+    assert all(torch.equal(fake_quant_weight(m.weight, per_tensor=True), m.weight) for m in linears)
+    qnet.load_state_dict(conv_qnet.state_dict())
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(
+            qnet.graph(x), conv_qnet.graph(x), rtol=0, atol=1e-5 * float(conv_qnet.graph(x).abs().max())
+        )
     assert not any(isinstance(m, (FakeQuant, QatNet)) for m in graph.modules())
 
 

@@ -122,6 +122,13 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--mcu-sizes", default=",".join(map(str, MCU_SIZES)), help="--mcu input sizes [%(default)s]")
     p.add_argument("--mcu-classes", type=positive_int, default=10, help="--mcu classifier classes [10]")
+    p.add_argument(
+        "--mcu-coefficients",
+        choices=("conv", "linear"),
+        default="conv",
+        help="--mcu: MicroNet's Dynamic Shift-Max coefficient layers as 1 x 1 convs, or as FULLY_CONNECTED with "
+        "per-tensor weights (smaller arena, TFLM rounds them unlike LiteRT; docs/mcu.md) [conv]",
+    )
     p.add_argument("--runs", type=positive_int, default=50, help="timed runs per measurement [50]")
     p.add_argument("--warmup", type=nonnegative_int, default=10, help="warm-up runs [10]")
     p.add_argument("--img-size", type=positive_int, default=224, help="input size [224]")

@@ -22,7 +22,7 @@ from torch import nn
 from .emit import DeployEmitter, Emitter, PortableEmitter
 from .ir import Op
 from .lower import lower
-from .mcu import SHIFTS, McuEmitter
+from .mcu import COEFFICIENTS, SHIFTS, McuEmitter
 from .passes import Pass, run_passes, step
 
 Form = Callable[..., tuple[tuple[Pass, ...], Emitter]]
@@ -141,14 +141,17 @@ def portable_form(
     return passes, PortableEmitter(block_shuffles=block_shuffles, fused_ops=fused_ops)
 
 
-def mcu_form(shift: str = "gather", merge: str = "all") -> tuple[tuple[Pass, ...], Emitter]:
+def mcu_form(shift: str = "gather", merge: str = "all", coefficients: str = "conv") -> tuple[tuple[Pass, ...], Emitter]:
     """The microcontroller form (``mcu.py``): the portable passes with every factorized pair merged, its Dynamic
     Shift-Max written in the ops a fully int8 TFLite Micro model quantizes; ``shift`` takes each group-circular
-    shift as one channel gather ("gather"), a twin convolution ("twin") or channel rolls ("rolls")."""
+    shift as one channel gather ("gather"), a twin convolution ("twin") or channel rolls ("rolls"), and
+    ``coefficients`` its two coefficient layers as 1 x 1 convs ("conv") or linear layers ("linear")."""
     if shift not in SHIFTS:
         raise ValueError(f"shift={shift!r}: choose one of {SHIFTS}")
+    if coefficients not in COEFFICIENTS:
+        raise ValueError(f"coefficients={coefficients!r}: choose one of {COEFFICIENTS}")
     passes, _ = portable_form(merge=merge, twin_conv=shift == "twin")
-    return passes, McuEmitter(shift=shift)
+    return passes, McuEmitter(shift=shift, coefficients=coefficients)
 
 
 BACKENDS: dict[str, Backend] = {

@@ -13,6 +13,13 @@ BatchNorm and shuffles folded) and rewrites what a fully int8 TFLM graph cannot 
 * a channel shuffle the passes could not fold into weights is one channel gather too (``ChannelGather``),
   not the portable reshape -> transpose -> reshape, which keeps its neighbours in NCHW with transposes around
   them. The TFLM export lowers each gather to one GATHER op (``tflite_gathers``).
+* ``coefficients="linear"`` writes each Dynamic Shift-Max's two coefficient layers (1 x 1 convs on the pooled
+  1 x 1 map) as ``nn.Linear`` on the pooled vector: FULLY_CONNECTED ops, whose weights the TFLM export then
+  quantizes per tensor (``fc_per_tensor``). TFLM's CONV_2D keeps two int32 per output channel in its arena whatever
+  the weights' granularity; FULLY_CONNECTED with per-tensor weights keeps none. Not the default: TFLM's
+  FULLY_CONNECTED requantizes with two roundings where LiteRT's reference kernel rounds once, and the flipped
+  coefficients move the logits several int8 steps away from LiteRT's (docs/mcu.md). ``"conv"`` (the default)
+  keeps the 1 x 1 convs.
 
 Exact up to float rounding like every deploy form.
 """
@@ -22,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +42,7 @@ from .permutations import is_identity
 from .portable import PortableShiftMax, TwinConvShiftMax
 
 SHIFTS = ("gather", "twin", "rolls")
+COEFFICIENTS = ("conv", "linear")
 _MISSING = object()
 
 
@@ -80,11 +89,16 @@ def tflite_gathers() -> Iterator[None]:
 
 
 class McuShiftMax(PortableShiftMax):
-    """``PortableShiftMax`` whose clamp has no MINIMUM, and whose shift may be one channel gather."""
+    """``PortableShiftMax`` whose clamp has no MINIMUM, whose shift may be one channel gather, and whose coefficient
+    layers may be ``nn.Linear`` on the pooled vector."""
 
     def coefficients(self, x: torch.Tensor) -> torch.Tensor:
         """The (K * J [* rolls]) x C coefficients, (N, ., 1, 1): h-sigmoid or clamp, plus offset, times mask."""
-        z = self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True))))
+        pooled = x.mean((2, 3), keepdim=True)  # keep_dims: a plain mean keeps the map in NCHW behind a TRANSPOSE
+        if isinstance(self.fc1, nn.Linear):
+            z = self.fc2(F.relu(self.fc1(pooled.flatten(1))))[:, :, None, None]
+        else:
+            z = self.fc2(F.relu(self.fc1(pooled)))
         if self.scaled:
             coef = F.hardsigmoid(z)
         else:  # clamp(z, lo, hi) = max(hi - relu(hi - z), lo): MAXIMUM, SUB and RELU all quantize to int8
@@ -98,15 +112,37 @@ class McuShiftMax(PortableShiftMax):
             return [torch.index_select(x, 1, shift_index)]
         return super().shifted_maps(x, x_shifted)
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # the other coefficient form's state dict (1 x 1 conv or linear weights): the same weights
+        for name in ("fc1", "fc2"):
+            w, mine = state_dict.get(f"{prefix}{name}.weight"), getattr(self, name).weight
+            if w is not None and w.dim() != mine.dim() and w.numel() == mine.numel():
+                state_dict[f"{prefix}{name}.weight"] = w.reshape(mine.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
-def _as_mcu(dsm: PortableShiftMax) -> McuShiftMax:
-    """The same Dynamic Shift-Max (same modules and buffers) with ``McuShiftMax``'s forward."""
-    out = McuShiftMax.__new__(McuShiftMax)
-    out.__dict__.update(dsm.__dict__)
+
+def _linear(conv: nn.Conv2d) -> nn.Linear:
+    """The 1 x 1 conv ``conv`` as the ``nn.Linear`` it is on a 1 x 1 map (same weights)."""
+    out = nn.Linear(conv.in_channels, conv.out_channels).to(conv.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(conv.weight.flatten(1))
+        out.bias.copy_(conv.bias)
     return out
 
 
-def _gather_form(dsm: PortableShiftMax) -> McuShiftMax:
+def _as_mcu(dsm: PortableShiftMax, linear: bool = False) -> McuShiftMax:
+    """The same Dynamic Shift-Max (same buffers and modules; with ``linear`` the coefficient convs as linear
+    layers) with ``McuShiftMax``'s forward."""
+    out = McuShiftMax.__new__(McuShiftMax)
+    out.__dict__.update(dsm.__dict__)
+    out._modules = dict(dsm._modules)
+    if linear:
+        out._modules.update(fc1=_linear(dsm.fc1), fc2=_linear(dsm.fc2))
+    out._buffers = dict(dsm._buffers)
+    return out
+
+
+def _gather_form(dsm: PortableShiftMax, linear: bool) -> McuShiftMax:
     """A rolls-form ``dsm`` rebuilt to read its shift as one gather ``x[:, shift]``.
 
     The rolls form multiplies roll ``d`` by a 0/1 mask folded into a repeat of the a_k1 coefficient rows (one
@@ -119,14 +155,12 @@ def _gather_form(dsm: PortableShiftMax) -> McuShiftMax:
     shift = (torch.arange(c) + d) % c
     rows = torch.cat([torch.arange(k * c), (k * c + torch.arange(k) * n_rolls * c).repeat_interleave(c)])
     rows[k * c :] += torch.arange(c).repeat(k)
-    out = _as_mcu(dsm)
-    out._modules = dict(dsm._modules)
-    out._buffers = dict(dsm._buffers)
+    out = _as_mcu(dsm, linear)
     fc2 = nn.Conv2d(dsm.fc2.in_channels, rows.numel(), 1).to(dsm.fc2.weight.dtype)
     with torch.no_grad():
         fc2.weight.copy_(dsm.fc2.weight[rows])
         fc2.bias.copy_(dsm.fc2.bias[rows])
-    out._modules["fc2"] = fc2
+    out._modules["fc2"] = _linear(fc2) if linear else fc2
     out._buffers["offset"] = dsm.offset[:, rows].clone()
     out._buffers["mask"] = None
     out._buffers["shift_index"] = shift.to(torch.int32)
@@ -134,23 +168,32 @@ def _gather_form(dsm: PortableShiftMax) -> McuShiftMax:
     return out
 
 
-def _mcu_module(module: nn.Module, shift: str) -> nn.Module:
+def _mcu_module(module: nn.Module, shift: str, linear: bool) -> nn.Module:
     """The MCU form of one portable module (recursing into containers)."""
     if isinstance(module, TwinConvShiftMax):
-        module.shift_max = _as_mcu(module.shift_max)
+        module.shift_max = _as_mcu(module.shift_max, linear)
         return module
     if isinstance(module, PortableShiftMax):
-        return _gather_form(module) if shift == "gather" and module.rolls else _as_mcu(module)
+        return _gather_form(module, linear) if shift == "gather" and module.rolls else _as_mcu(module, linear)
     for name, child in module.named_children():
-        setattr(module, name, _mcu_module(child, shift))
+        setattr(module, name, _mcu_module(child, shift, linear))
     return module
+
+
+def fc_per_tensor(graph: nn.Module) -> bool:
+    """Whether the TFLM export quantizes ``graph``'s FULLY_CONNECTED weights per tensor (and ``--qat`` rounds its
+    linear weights so): the ``mcu`` form with ``coefficients="linear"``, whose Dynamic Shift-Maxes' coefficient
+    layers are linear; otherwise every weight is per output channel, as ai-edge-quantizer's static recipe has it."""
+    return any(isinstance(m, McuShiftMax) and isinstance(m.fc1, nn.Linear) for m in graph.modules())
 
 
 @dataclass(frozen=True)
 class McuEmitter(PortableEmitter):
-    """The portable modules, each Dynamic Shift-Max then rewritten into its MCU form (``shift``: see above)."""
+    """The portable modules, each Dynamic Shift-Max then rewritten into its MCU form (``shift``, ``coefficients``:
+    see above)."""
 
     shift: str = "gather"
+    coefficients: str = "conv"
 
     def module(self, op: Op, dtype: torch.dtype) -> nn.Module:
         if isinstance(op, Perm):
@@ -160,4 +203,4 @@ class McuEmitter(PortableEmitter):
         return super().module(op, dtype)
 
     def features(self, ops: list[Op], dtype: torch.dtype = torch.float32) -> nn.Sequential:
-        return _mcu_module(super().features(ops, dtype), self.shift)
+        return _mcu_module(super().features(ops, dtype), self.shift, self.coefficients == "linear")

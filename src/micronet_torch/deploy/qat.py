@@ -1,13 +1,15 @@
 """Quantization-aware training of the microcontroller graph: int8 fake quantization where the int8 file quantizes.
 
-The int8 ``.tflite`` (``runtime/mcu.py``) quantizes the ``mcu`` deploy graph (``deploy/mcu.py``): per-channel
-symmetric int8 weights, and every op that computes new values (conv, fully connected, add, sub, mul, mean,
-maximum, relu, hard-sigmoid, ...) requantizes its output to per-tensor asymmetric int8; reshapes, slices and gathers
-keep their input's quantization, and a conv or add followed by its only consumer, a relu, is one op (the
-activation fused). ``QatNet`` trains that same graph with those roundings simulated, so the network learns
-weights and ranges that survive them:
+The int8 ``.tflite`` (``runtime/mcu.py``) quantizes the ``mcu`` deploy graph (``deploy/mcu.py``): symmetric int8
+weights per output channel (per tensor for the fully connected layers of a form with linear coefficient layers:
+``deploy.mcu.fc_per_tensor``), and every op that computes new
+values (conv, fully connected, add, sub, mul, mean, maximum, relu, hard-sigmoid, ...) requantizes its output to
+per-tensor asymmetric int8; reshapes, slices and gathers keep their input's quantization, and a conv or add
+followed by its only consumer, a relu, is one op (the activation fused). ``QatNet`` trains that same graph with
+those roundings simulated, so the network learns weights and ranges that survive them:
 
-* every conv / linear weight passes through per-channel symmetric int8 fake quantization (-127..127);
+* every conv / linear weight passes through per-channel (linear weights, with ``fc_per_tensor``: per-tensor)
+  symmetric int8 fake quantization (-127..127);
 * every requantizing op's output passes through a ``FakeQuant`` whose range is a moving average of the batch
   minimum and maximum (min-max calibration, as ai-edge-quantizer's static recipe does), with 0 inside it.
 
@@ -32,9 +34,10 @@ from torch.overrides import TorchFunctionMode
 
 from ..models import MicroNet
 from .convert import convert_to_deploy
+from .mcu import fc_per_tensor
 
 QMIN, QMAX = -128, 127  # int8 activations (asymmetric, per tensor)
-WMAX = 127  # int8 weights (symmetric, per output channel: -127..127)
+WMAX = 127  # int8 weights (symmetric: -127..127; per output channel, or per tensor)
 # torch calls that compute new values: TFLite requantizes their output (names of the torch functions / methods)
 REQUANTIZING = frozenset(
     "conv2d linear add __add__ __radd__ __iadd__ sub __sub__ __rsub__ mul __mul__ __rmul__ __imul__ relu relu_ "
@@ -48,9 +51,14 @@ FUSING_PRODUCERS = frozenset(
 )
 
 
-def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
-    """``w`` rounded to per-output-channel symmetric int8 (scale ``max|w_c| / 127``), with a straight-through
-    gradient: what ai-edge-quantizer stores. Idempotent, so the export re-quantizes these values exactly."""
+def fake_quant_weight(w: torch.Tensor, per_tensor: bool = False) -> torch.Tensor:
+    """``w`` rounded to per-output-channel symmetric int8 (scale ``max|w_c| / 127``), or with ``per_tensor`` to one
+    scale ``max|w| / 127`` (a linear layer: the file's FULLY_CONNECTED weights), with a straight-through gradient:
+    what ai-edge-quantizer stores. Idempotent, so the export re-quantizes these values exactly."""
+    if per_tensor:
+        scale = w.detach().abs().amax().clamp_min(1e-12).float() / WMAX
+        zero = torch.zeros((), dtype=torch.int32, device=w.device)
+        return torch.fake_quantize_per_tensor_affine(w, scale, zero, -WMAX, WMAX)
     scale = w.detach().abs().flatten(1).amax(1).clamp_min(1e-12) / WMAX
     zero = torch.zeros(len(scale), dtype=torch.int32, device=w.device)
     return torch.fake_quantize_per_channel_affine(w, scale.float(), zero, 0, -WMAX, WMAX)
@@ -135,7 +143,8 @@ class _QatMode(TorchFunctionMode):
         if not inputs:
             return func(*args, **kwargs)
         if name in ("conv2d", "linear") and len(args) > 1 and isinstance(args[1], torch.Tensor):
-            args = (args[0], fake_quant_weight(args[1]), *args[2:])
+            per_tensor = name == "linear" and self.net.fc_per_tensor
+            args = (args[0], fake_quant_weight(args[1], per_tensor=per_tensor), *args[2:])
         out = func(*args, **kwargs)
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             return out
@@ -178,6 +187,7 @@ class QatNet(nn.Module):
         self.fq = nn.ModuleList()
         self.ops: list[str] = []
         self.fused: set[int] = set()
+        self.fc_per_tensor = fc_per_tensor(graph)  # linear weights rounded per tensor, as the file stores them
         p = next(graph.parameters())
         with torch.no_grad():
             mode = _QatMode(self, record=True)
@@ -222,22 +232,25 @@ class QatNet(nn.Module):
 
     def float_graph(self) -> nn.Module:
         """The deploy graph with its weights rounded as the int8 file stores them (a plain float module to export:
-        re-quantizing these weights per channel gives the same int8 values)."""
+        re-quantizing these weights, per channel or per tensor as the file does, gives the same int8 values)."""
         graph = copy.deepcopy(self.graph).eval()
         with torch.no_grad():
             for m in graph.modules():
                 if isinstance(m, (nn.Conv2d, nn.Linear)):
-                    m.weight.copy_(fake_quant_weight(m.weight))
+                    per_tensor = self.fc_per_tensor and isinstance(m, nn.Linear)
+                    m.weight.copy_(fake_quant_weight(m.weight, per_tensor=per_tensor))
         return graph
 
     def extra_repr(self) -> str:
         return f"requantizing ops={len(self.fq)}, fused activations={len(self.fused)}"
 
 
-def qat_net(model: nn.Module, img_size: int, in_chans: int) -> QatNet:
+def qat_net(model: nn.Module, img_size: int, in_chans: int, **options: Any) -> QatNet:
     """``QatNet`` of a float model: a MicroNet's ``mcu`` deploy form (BatchNorm folded: fine-tune a trained
-    network), another model (the MobileNetV3 baselines) as it is, in eval mode (no dropout, no batch statistics)."""
-    graph = convert_to_deploy(model, backend="mcu") if isinstance(model, MicroNet) else copy.deepcopy(model)
+    network; ``options`` are the form's, e.g. ``coefficients="linear"``), another model (the MobileNetV3 baselines)
+    as it is, in eval mode (no dropout, no batch statistics)."""
+    mcu = isinstance(model, MicroNet)
+    graph = convert_to_deploy(model, backend="mcu", **options) if mcu else copy.deepcopy(model)
     graph.eval()
     for p in graph.parameters():
         p.requires_grad_(True)

@@ -3,9 +3,10 @@
 ``export_mcu`` goes: the ``mcu`` deploy graph (``deploy.mcu``: the portable form with a MINIMUM-free clamp and each
 shift as one gather; MobileNetV3 baselines as they are) taking NHWC camera pixels (``deploy.pixel_input``: the
 normalization inside the model, folded into MicroNet's stem conv) -> a float ``.tflite`` (``litert_torch``) ->
-Google's ai-edge-quantizer (static int8: per-channel int8 weights, int8 activations, int32 biases, int8 input and
-output) -> the weights moved back inside the flatbuffer (the quantizer appends the buffers of a model over 256 KiB
-after it, which TFLM's loader ignores) and the tensor names dropped.
+Google's ai-edge-quantizer (static int8: per-channel int8 weights, or per-tensor fully connected weights with the
+form's linear coefficient layers; int8 activations, int32 biases, int8 input and output) -> the weights moved back
+inside the flatbuffer (the quantizer appends the buffers of a model over 256 KiB after it, which TFLM's loader
+ignores) and the tensor names dropped.
 
 The input's quantization is fixed to scale 1, zero point -128: the board feeds ``pixel - 128`` and does no float
 arithmetic. PyTorch's PT2E route through ``litert_torch`` is not used: its int8 file disagreed with the float
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from .._fs import atomic_write
-from ..deploy.mcu import tflite_gathers
+from ..deploy.mcu import fc_per_tensor, tflite_gathers
 from ..deploy.pixel_input import mcu_graph
 from ..deploy.qat import Int8Graph, QatNet
 from .litert import export_litert
@@ -45,6 +46,7 @@ RANGE_PERCENTILE = 99.5  # an activation's int8 range: this percentile of the ca
 CHECK_COUNT = 1000  # held-out images the export runs in LiteRT and TFLM
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # a file without its sidecar
 FLOAT32, INT8 = 0, 9  # tflite TensorType
+WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")  # their second input is the weights
 
 
 @dataclass
@@ -146,21 +148,42 @@ def _percentile_range(qsv: dict[str, Any]) -> dict[str, Any]:
     return {"min": np.minimum(lo, 0).astype(dtype), "max": np.maximum(hi, 0).astype(dtype)}
 
 
+def int8_recipe(fc_per_tensor: bool = False) -> list[dict[str, Any]]:
+    """ai-edge-quantizer's static int8 recipe (``static_wi8_ai8``: int8 activations, per-channel int8 weights), with
+    ``fc_per_tensor`` FULLY_CONNECTED weights per tensor: TFLM's FULLY_CONNECTED then keeps no per-channel output
+    multipliers and shifts (two int32 a channel) in its arena. For the ``mcu`` form with linear coefficient layers
+    (``deploy.mcu.fc_per_tensor``), whose ``--qat`` rounds them per tensor too (``deploy/qat.py``)."""
+    try:
+        from ai_edge_quantizer import qtyping, recipe_manager
+    except ImportError as err:
+        raise ImportError(f"the int8 LiteRT export needs ai-edge-quantizer: {EXTRA}") from err
+    rules = recipe_manager.RecipeManager()
+    entries = [(qtyping.TFLOperationName.ALL_SUPPORTED, qtyping.QuantGranularity.CHANNELWISE)]
+    if fc_per_tensor:
+        entries.append((qtyping.TFLOperationName.FULLY_CONNECTED, qtyping.QuantGranularity.TENSORWISE))
+    for op, granularity in entries:
+        rules.add_static_config(".*", op, activation_num_bits=8, weight_num_bits=8, weight_granularity=granularity)
+    return rules.get_quantization_recipe()
+
+
 def quantize_int8(
-    float_path: Path, calib_pixels: np.ndarray, ranges: dict[str, tuple[float, float]] | None = None
+    float_path: Path,
+    calib_pixels: np.ndarray,
+    ranges: dict[str, tuple[float, float]] | None = None,
+    fc_per_tensor: bool = False,
 ) -> bytes:
-    """ai-edge-quantizer's static int8 recipe on the float file (per-channel weights), calibrated on
+    """ai-edge-quantizer's static int8 recipe on the float file (``int8_recipe(fc_per_tensor)``), calibrated on
     ``calib_pixels`` (N, H, W, C) with the input range pinned to 0..255 and the tensors of ``ranges`` (a
     ``--qat`` run's, ``trained_ranges``) given theirs; returns the file's bytes with every buffer inside the
     flatbuffer and no tensor names."""
     try:
         from ai_edge_litert.tools import flatbuffer_utils
-        from ai_edge_quantizer import calibrator, quantizer, recipe, recipe_manager
+        from ai_edge_quantizer import calibrator, quantizer, recipe_manager
     except ImportError as err:
         raise ImportError(f"the int8 LiteRT export needs ai-edge-quantizer: {EXTRA}") from err
     with captured():  # its progress report and TensorFlow's start-up lines
         qt = quantizer.Quantizer(str(float_path))
-        qt.load_quantization_recipe(recipe.static_wi8_ai8())
+        qt.load_quantization_recipe(int8_recipe(fc_per_tensor))
         fmodel = flatbuffer_utils.read_model(str(float_path))
         sig = fmodel.signatureDefs[0]
         key = sig.signatureKey.decode() if isinstance(sig.signatureKey, bytes) else sig.signatureKey
@@ -168,7 +191,7 @@ def quantize_int8(
         in_name = in_name.decode() if isinstance(in_name, bytes) else in_name
         data = [{in_name: calib_pixels[i : i + 1]} for i in range(len(calib_pixels))]
         rules = recipe_manager.RecipeManager()
-        rules.load_quantization_recipe(recipe.static_wi8_ai8())
+        rules.load_quantization_recipe(int8_recipe(fc_per_tensor))
         calib = calibrator.Calibrator(str(float_path), num_threads=1, qsv_update_func=_collect_extremes)
         calib.calibrate({key: data}, rules)
         qsvs = {name: _percentile_range(qsv) for name, qsv in calib.get_model_qsvs().items()}
@@ -222,16 +245,21 @@ def pack_for_tflm(model: Any) -> bytes:
 
 
 def describe(data: bytes) -> dict[str, Any]:
-    """Op counts, tensor count, float tensors and the input / output quantization of a ``.tflite``."""
+    """Op counts, tensor count, float tensors, the input / output quantization of a ``.tflite`` and, per op name, the
+    number of scales of each such op's weights (``weight_scales``: 1 for per-tensor weights)."""
     from ai_edge_litert import schema_py_generated
     from ai_edge_litert.tools import flatbuffer_utils
 
     model = _read(data)
     sub = model.subgraphs[0]
     ops: dict[str, int] = {}
+    weight_scales: dict[str, list[int]] = {}
     for op in sub.operators:
         name = flatbuffer_utils.opcode_to_name(model, op.opcodeIndex)
         ops[name] = ops.get(name, 0) + 1
+        if name in WEIGHTED_OPS and len(op.inputs) > 1 and op.inputs[1] >= 0:
+            q = sub.tensors[op.inputs[1]].quantization
+            weight_scales.setdefault(name, []).append(0 if q is None or q.scale is None else len(q.scale))
     floats = [str(i) for i, t in enumerate(sub.tensors) if t.type == FLOAT32]
 
     def quant(index: int) -> tuple[float, int]:
@@ -247,6 +275,7 @@ def describe(data: bytes) -> dict[str, Any]:
     return dict(
         misaligned_buffers=misaligned,
         ops=ops,
+        weight_scales=weight_scales,
         tensors=len(sub.tensors),
         float_tensors=floats,
         input_type=int(sub.tensors[sub.inputs[0]].type),
@@ -306,7 +335,7 @@ def export_mcu(
         float_path = _float_tflite(graph, Path(tmp) / "float.tflite", (1, img_size, img_size, in_chans))
         if isinstance(model, Int8Graph):  # a --qat checkpoint: its trained ranges
             ranges = trained_ranges(float_path, model.qat_net, graph.norm, calib_pixels)
-        data = quantize_int8(float_path, calib_pixels, ranges)
+        data = quantize_int8(float_path, calib_pixels, ranges, fc_per_tensor(graph))
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda fh: fh.write(data))
     info = describe(data)

@@ -67,8 +67,10 @@ def run_mcu_benchmark(
     check_count: int = 64,
     log: Callable[[str], None] = print,
     keep_dir: str | os.PathLike | None = None,
+    mcu_options: dict[str, Any] | None = None,
 ) -> tuple[list[McuRecord], dict[str, Any]]:
-    """Export every model at every size and measure it in TFLM (see the module docstring)."""
+    """Export every model at every size and measure it in TFLM (see the module docstring); ``mcu_options`` are the
+    MicroNets' ``mcu`` form options (``coefficients="linear"``)."""
     env = environment()
     records: list[McuRecord] = []
     with tempfile.TemporaryDirectory(prefix="micronet-bench-mcu-") as tmp:
@@ -80,7 +82,8 @@ def run_mcu_benchmark(
             files = []
             for name in models:
                 model = trained_like(build_model(name, num_classes=num_classes)).eval()
-                res = export_mcu(model, folder / f"{name}-{size}.tflite", size, MEAN, STD, calib, check)
+                path = folder / f"{name}-{size}.tflite"
+                res = export_mcu(model, path, size, MEAN, STD, calib, check, **(mcu_options or {}))
                 files.append(res)
                 log(
                     f"{name} at {size}^2: {res.flash_bytes} B flash, arena {res.arena.get('total', 0)} B "
@@ -144,6 +147,7 @@ def run_bench_mcu(args: Any, log: Callable[[str], None], report: Callable[..., i
     if not sizes or min(sizes) < 16 or args.mcu_classes < 1:
         raise ValueError("--mcu-sizes needs sizes of at least 16, --mcu-classes at least 1")
     models = tuple(args.models) if args.models != list(DEFAULT_BENCH_MODELS) else MCU_MODELS
-    records, env = run_mcu_benchmark(models, sizes, args.mcu_classes, min(args.runs, 50), log=log)
+    options = {"coefficients": getattr(args, "mcu_coefficients", "conv")}
+    records, env = run_mcu_benchmark(models, sizes, args.mcu_classes, min(args.runs, 50), log=log, mcu_options=options)
     payload = dict(environment=env, records=[asdict(r) for r in records])
     return report(args, log, lambda: save_mcu(records, env, args.out_dir), payload, markdown_mcu(records, env))
