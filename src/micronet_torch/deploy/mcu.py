@@ -20,6 +20,12 @@ BatchNorm and shuffles folded) and rewrites what a fully int8 TFLM graph cannot 
   FULLY_CONNECTED requantizes with two roundings where LiteRT's reference kernel rounds once, and the flipped
   coefficients move the logits several int8 steps away from LiteRT's (docs/mcu.md). ``"conv"`` (the default)
   keeps the 1 x 1 convs.
+* the classifier runs on the pooled (N, C, 1, 1) map, its linears as 1 x 1 convs, flattened after the last
+  (``McuMicroNet``): CONV_2D ops, not FULLY_CONNECTED, in the int8 file. TFLM requantizes both with two roundings
+  (gemmlowp's rounding doubling high multiply, then a rounding right shift); LiteRT's reference CONV_2D does the
+  same, but its reference FULLY_CONNECTED rounds once (``round(acc * scale)`` in double), one step apart from TFLM
+  wherever the exact value lies just under a half step, which the second linear carries to several steps on the
+  logits. With CONV_2D the export's TFLM-vs-LiteRT check compares the same arithmetic (bit-equal outputs).
 
 Exact up to float rounding like every deploy form.
 """
@@ -29,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +43,9 @@ from torch import nn
 
 from .emit import PortableEmitter
 from .ir import Op, Perm
-from .modules import ChannelGather
+from .modules import ChannelGather, DeployMicroNet
 from .permutations import is_identity
-from .portable import PortableShiftMax, TwinConvShiftMax
+from .portable import PortableMicroNet, PortableShiftMax, TwinConvShiftMax
 
 SHIFTS = ("gather", "twin", "rolls")
 COEFFICIENTS = ("conv", "linear")
@@ -180,6 +186,41 @@ def _mcu_module(module: nn.Module, shift: str, linear: bool) -> nn.Module:
     return module
 
 
+def _conv(linear: nn.Linear) -> nn.Conv2d:
+    """The linear layer ``linear`` as the 1 x 1 conv it is on a 1 x 1 map (same weights)."""
+    out = nn.Conv2d(linear.in_features, linear.out_features, 1).to(linear.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(linear.weight[:, :, None, None])
+        out.bias.copy_(linear.bias)
+    return out
+
+
+def _conv_linears(module: nn.Module) -> nn.Module:
+    """``module`` with each ``nn.Linear`` in it a 1 x 1 conv."""
+    for name, child in module.named_children():
+        setattr(module, name, _conv(child) if isinstance(child, nn.Linear) else _conv_linears(child))
+    return module
+
+
+class McuMicroNet(PortableMicroNet):
+    """``PortableMicroNet`` whose head runs on the pooled (N, C, 1, 1) map, its linears as 1 x 1 convs, the
+    logits flattened at the end (see the module docstring)."""
+
+    def __init__(self, features: nn.Sequential, head: nn.Sequential, num_classes: int) -> None:
+        super().__init__(features, _conv_linears(head), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self.features(x)).mean((2, 3), keepdim=True)
+        return torch.flatten(self.head(x), 1)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # a state dict saved with the head's linear weights (a --qat checkpoint of the earlier form): the same weights
+        for key, w in list(state_dict.items()):
+            if key.startswith(f"{prefix}head.") and key.endswith(".weight") and w.dim() == 2:
+                state_dict[key] = w[:, :, None, None]
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
 def fc_per_tensor(graph: nn.Module) -> bool:
     """Whether the TFLM export quantizes ``graph``'s FULLY_CONNECTED weights per tensor (and ``--qat`` rounds its
     linear weights so): the ``mcu`` form with ``coefficients="linear"``, whose Dynamic Shift-Maxes' coefficient
@@ -190,8 +231,9 @@ def fc_per_tensor(graph: nn.Module) -> bool:
 @dataclass(frozen=True)
 class McuEmitter(PortableEmitter):
     """The portable modules, each Dynamic Shift-Max then rewritten into its MCU form (``shift``, ``coefficients``:
-    see above)."""
+    see above), and the head on the pooled map (``McuMicroNet``)."""
 
+    network: ClassVar[type[DeployMicroNet]] = McuMicroNet
     shift: str = "gather"
     coefficients: str = "conv"
 
