@@ -20,6 +20,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,9 @@ def pixels_of(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) 
 
 
 def _float_tflite(graph: nn.Module, path: Path, shape: tuple[int, int, int, int]) -> Path:
-    with tflite_gathers():  # the mcu form's channel gathers as single GATHER ops (deploy/mcu.py)
+    with ExitStack() as stack:
+        with captured():  # importing litert_torch's tables (torchao) logs a torch deprecation line on stderr
+            stack.enter_context(tflite_gathers())  # the mcu form's gathers as single GATHER ops (deploy/mcu.py)
         return export_litert(graph, path, shape)
 
 
