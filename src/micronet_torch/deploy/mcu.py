@@ -32,7 +32,7 @@ Exact up to float rounding like every deploy form.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -119,12 +119,19 @@ class McuShiftMax(PortableShiftMax):
         return super().shifted_maps(x, x_shifted)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        # the other coefficient form's state dict (1 x 1 conv or linear weights): the same weights
-        for name in ("fc1", "fc2"):
-            w, mine = state_dict.get(f"{prefix}{name}.weight"), getattr(self, name).weight
-            if w is not None and w.dim() != mine.dim() and w.numel() == mine.numel():
-                state_dict[f"{prefix}{name}.weight"] = w.reshape(mine.shape)
+        _weights_as_own_layout(self, ("fc1", "fc2"), state_dict, prefix)  # the other coefficient form's
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def _weights_as_own_layout(module: nn.Module, names: Iterable[str], state_dict: dict, prefix: str) -> None:
+    """The weights of ``module``'s submodules ``names`` in ``state_dict`` reshaped to their own layout where they
+    were saved in the other one (a 1 x 1 conv's (O, I, 1, 1) or a linear layer's (O, I): the same weights), so a
+    state dict of either form loads into both."""
+    for name in names:
+        key, mine = f"{prefix}{name}.weight", module.get_submodule(name).weight
+        w = state_dict.get(key)
+        if w is not None and w.dim() != mine.dim() and w.numel() == mine.numel():
+            state_dict[key] = w.reshape(mine.shape)
 
 
 def _linear(conv: nn.Conv2d) -> nn.Linear:
@@ -214,10 +221,9 @@ class McuMicroNet(PortableMicroNet):
         return torch.flatten(self.head(x), 1)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        # a state dict saved with the head's linear weights (a --qat checkpoint of the earlier form): the same weights
-        for key, w in list(state_dict.items()):
-            if key.startswith(f"{prefix}head.") and key.endswith(".weight") and w.dim() == 2:
-                state_dict[key] = w[:, :, None, None]
+        # a state dict saved with the head's linear weights (a --qat checkpoint of the earlier form)
+        convs = (f"head.{name}" for name, m in self.head.named_modules() if isinstance(m, nn.Conv2d))
+        _weights_as_own_layout(self, convs, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 

@@ -184,9 +184,10 @@ def quantize_int8(
         from ai_edge_quantizer import calibrator, quantizer, recipe_manager
     except ImportError as err:
         raise ImportError(f"the int8 LiteRT export needs ai-edge-quantizer: {EXTRA}") from err
+    recipe = int8_recipe(fc_per_tensor)
     with captured():  # its progress report and TensorFlow's start-up lines
         qt = quantizer.Quantizer(str(float_path))
-        qt.load_quantization_recipe(int8_recipe(fc_per_tensor))
+        qt.load_quantization_recipe(recipe)
         fmodel = flatbuffer_utils.read_model(str(float_path))
         sig = fmodel.signatureDefs[0]
         key = sig.signatureKey.decode() if isinstance(sig.signatureKey, bytes) else sig.signatureKey
@@ -194,7 +195,7 @@ def quantize_int8(
         in_name = in_name.decode() if isinstance(in_name, bytes) else in_name
         data = [{in_name: calib_pixels[i : i + 1]} for i in range(len(calib_pixels))]
         rules = recipe_manager.RecipeManager()
-        rules.load_quantization_recipe(int8_recipe(fc_per_tensor))
+        rules.load_quantization_recipe(recipe)
         calib = calibrator.Calibrator(str(float_path), num_threads=1, qsv_update_func=_collect_extremes)
         calib.calibrate({key: data}, rules)
         qsvs = {name: _percentile_range(qsv) for name, qsv in calib.get_model_qsvs().items()}
