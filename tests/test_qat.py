@@ -106,6 +106,7 @@ def test_float_graph_holds_int8_weights(m0_qat) -> None:
     convs = [m for m in graph.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     assert len(convs) > 40 and not qnet.fc_per_tensor
     assert all(torch.equal(fake_quant_weight(m.weight), m.weight) for m in convs)
+    assert not any(isinstance(m, (FakeQuant, QatNet)) for m in graph.modules())
 
 
 def test_linear_coefficient_form_rounds_linear_weights_per_tensor(m0_qat) -> None:
@@ -125,9 +126,16 @@ def test_linear_coefficient_form_rounds_linear_weights_per_tensor(m0_qat) -> Non
     qnet.load_state_dict(conv_qnet.state_dict())
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert torch.allclose(
-            qnet.graph(x), conv_qnet.graph(x), rtol=0, atol=1e-5 * float(conv_qnet.graph(x).abs().max())
-        )
+        ref = conv_qnet.graph(x)
+        assert torch.allclose(qnet.graph(x), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+    # a state dict of the form whose head was two linear layers (2-D weights) loads into the 1 x 1 conv head
+    state = {
+        k: v.flatten(1) if k.startswith("graph.head.") and v.dim() == 4 else v for k, v in qnet.state_dict().items()
+    }
+    assert any(v.dim() == 2 for k, v in state.items() if k.startswith("graph.head."))
+    qnet.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.allclose(qnet.graph(x), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
     assert not any(isinstance(m, (FakeQuant, QatNet)) for m in graph.modules())
 
 
