@@ -140,6 +140,39 @@ def test_calibrated_range_is_a_percentile_of_the_images_extremes() -> None:
     assert _percentile_range({"min": np.ones(1), "max": np.ones(1)}) == {"min": np.ones(1), "max": np.ones(1)}
 
 
+def test_only_convolution_biases_lose_their_scales() -> None:
+    """``drop_conv_bias_scales`` removes the quantization of an int32 bias that only CONV_2D / DEPTHWISE_CONV_2D read
+    (as their third input) and keeps a FULLY_CONNECTED's (its per-tensor kernel checks it) and a shared one's."""
+    pytest.importorskip("ai_edge_litert")
+    from ai_edge_litert import schema_py_generated as fb
+
+    from micronet_torch.runtime.mcu import drop_conv_bias_scales
+
+    def tensor(kind: int) -> fb.TensorT:
+        t = fb.TensorT()
+        t.type, t.quantization = kind, fb.QuantizationParametersT()
+        t.quantization.scale, t.quantization.zeroPoint = [0.5, 0.25], [0, 0]
+        return t
+
+    def op(code: int, inputs: list[int]) -> fb.OperatorT:
+        o = fb.OperatorT()
+        o.opcodeIndex, o.inputs, o.outputs = code, inputs, [0]
+        return o
+
+    model, sub = fb.ModelT(), fb.SubGraphT()
+    model.operatorCodes = []
+    for code in (fb.BuiltinOperator.CONV_2D, fb.BuiltinOperator.DEPTHWISE_CONV_2D, fb.BuiltinOperator.FULLY_CONNECTED):
+        opcode = fb.OperatorCodeT()
+        opcode.builtinCode = opcode.deprecatedBuiltinCode = code
+        model.operatorCodes.append(opcode)
+    # tensors: 0 activation, 1 weights, 2 conv bias, 3 depthwise bias, 4 fc bias, 5 bias shared by a conv and an fc
+    sub.tensors = [tensor(9), tensor(9), tensor(2), tensor(2), tensor(2), tensor(2)]
+    sub.operators = [op(0, [0, 1, 2]), op(1, [0, 1, 3]), op(2, [0, 1, 4]), op(0, [0, 1, 5]), op(2, [0, 1, 5])]
+    model.subgraphs = [sub]
+    assert drop_conv_bias_scales(model) == 2
+    assert [t.quantization is None for t in sub.tensors] == [False, False, True, True, False, False]
+
+
 STUB = """#pragma once
 typedef enum { kTfLiteOk = 0, kTfLiteError = 1 } TfLiteStatus;
 namespace tflite {
@@ -262,6 +295,8 @@ def test_int8_export_runs_in_tflm(exported: str, request) -> None:
     # CONV_2D, every weight with one scale per output channel
     assert "FULLY_CONNECTED" not in info["ops"] and "FULLY_CONNECTED" not in info["weight_scales"]
     assert all(n > 1 for scales in info["weight_scales"].values() for n in scales)
+    # the convolutions' int32 biases carry no scales (drop_conv_bias_scales): TFLM and LiteRT equal above without
+    assert info["bias_scales"] and all(n == 0 for scales in info["bias_scales"].values() for n in scales)
     meta = json.loads((path.parent / f"{name}.tflite.json").read_text())
     assert meta["export_format"] == "tflm" and json.loads(meta["class_names"]) == CLASSES10
     arena = json.loads(meta["arena_bytes"])

@@ -6,7 +6,7 @@ normalization inside the model, folded into MicroNet's stem conv) -> a float ``.
 Google's ai-edge-quantizer (static int8: per-channel int8 weights, or per-tensor fully connected weights with the
 form's linear coefficient layers; int8 activations, int32 biases, int8 input and output) -> the weights moved back
 inside the flatbuffer (the quantizer appends the buffers of a model over 256 KiB after it, which TFLM's loader
-ignores) and the tensor names dropped.
+ignores), the tensor names and the convolutions' bias scales (which no int8 kernel reads) dropped.
 
 The input's quantization is fixed to scale 1, zero point -128: the board feeds ``pixel - 128`` and does no float
 arithmetic. PyTorch's PT2E route through ``litert_torch`` is not used: its int8 file disagreed with the float
@@ -46,8 +46,9 @@ MIN_STEP_AGREEMENT = 0.99  # TFLM vs LiteRT: outputs within one int8 step
 RANGE_PERCENTILE = 99.5  # an activation's int8 range: this percentile of the calibration images' maxima (see below)
 CHECK_COUNT = 1000  # held-out images the export runs in LiteRT and TFLM
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # a file without its sidecar
-FLOAT32, INT8 = 0, 9  # tflite TensorType
+FLOAT32, INT32, INT8 = 0, 2, 9  # tflite TensorType
 WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")  # their second input is the weights
+CONV_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D"}  # their third input, the int32 bias, is read without its scales
 
 
 @dataclass
@@ -210,7 +211,33 @@ def quantize_int8(
         quantized = qt.quantize(qsvs, enable_progress_report=False).quantized_model
     model = _read(quantized)  # resolves buffers stored after the flatbuffer into the model
     flatbuffer_utils.strip_strings(model)
+    drop_conv_bias_scales(model)
     return pack_for_tflm(model)
+
+
+def drop_conv_bias_scales(model: Any) -> int:
+    """Remove the quantization parameters of every int32 bias that only convolutions read; the number removed.
+
+    A per-channel conv's bias lives in the accumulator's scale, ``input_scale * filter_scale[c]``, which TFLM's and
+    LiteRT's int8 CONV_2D / DEPTHWISE_CONV_2D derive from the input and filter tensors: neither reads the bias's own
+    scales (4 bytes per output channel, about 30 KB of M0's flash). FULLY_CONNECTED's per-tensor path does check its
+    bias scale against ``input_scale * filter_scale``, so a bias it reads keeps its parameters."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    dropped = 0
+    for sub in model.subgraphs:
+        readers: dict[int, set[str]] = {}
+        for op in sub.operators:
+            name = flatbuffer_utils.opcode_to_name(model, op.opcodeIndex)
+            for slot, index in enumerate(op.inputs):
+                if index >= 0:
+                    readers.setdefault(int(index), set()).add(name if slot == 2 else "")
+        for index, ops in readers.items():
+            tensor = sub.tensors[index]
+            if tensor.type == INT32 and tensor.quantization is not None and ops <= CONV_OPS:
+                tensor.quantization = None
+                dropped += 1
+    return dropped
 
 
 def pack_for_tflm(model: Any) -> bytes:
@@ -250,7 +277,8 @@ def pack_for_tflm(model: Any) -> bytes:
 
 def describe(data: bytes) -> dict[str, Any]:
     """Op counts, tensor count, float tensors, the input / output quantization of a ``.tflite`` and, per op name, the
-    number of scales of each such op's weights (``weight_scales``: 1 for per-tensor weights)."""
+    number of scales of each such op's weights and bias (``weight_scales``: 1 for per-tensor weights;
+    ``bias_scales``: 0 for a bias without quantization parameters)."""
     from ai_edge_litert import schema_py_generated
     from ai_edge_litert.tools import flatbuffer_utils
 
@@ -258,12 +286,14 @@ def describe(data: bytes) -> dict[str, Any]:
     sub = model.subgraphs[0]
     ops: dict[str, int] = {}
     weight_scales: dict[str, list[int]] = {}
+    bias_scales: dict[str, list[int]] = {}
     for op in sub.operators:
         name = flatbuffer_utils.opcode_to_name(model, op.opcodeIndex)
         ops[name] = ops.get(name, 0) + 1
-        if name in WEIGHTED_OPS and len(op.inputs) > 1 and op.inputs[1] >= 0:
-            q = sub.tensors[op.inputs[1]].quantization
-            weight_scales.setdefault(name, []).append(0 if q is None or q.scale is None else len(q.scale))
+        for slot, table in ((1, weight_scales), (2, bias_scales)):
+            if name in WEIGHTED_OPS and len(op.inputs) > slot and op.inputs[slot] >= 0:
+                q = sub.tensors[op.inputs[slot]].quantization
+                table.setdefault(name, []).append(0 if q is None or q.scale is None else len(q.scale))
     floats = [str(i) for i, t in enumerate(sub.tensors) if t.type == FLOAT32]
 
     def quant(index: int) -> tuple[float, int]:
@@ -280,6 +310,7 @@ def describe(data: bytes) -> dict[str, Any]:
         misaligned_buffers=misaligned,
         ops=ops,
         weight_scales=weight_scales,
+        bias_scales=bias_scales,
         tensors=len(sub.tensors),
         float_tensors=floats,
         input_type=int(sub.tensors[sub.inputs[0]].type),
