@@ -139,6 +139,44 @@ def test_linear_coefficient_form_rounds_linear_weights_per_tensor(m0_qat) -> Non
     assert not any(isinstance(m, (FakeQuant, QatNet)) for m in graph.modules())
 
 
+def test_pixel_graph_trains_the_folded_stem(m0_qat) -> None:
+    """With the data's mean and std (what ``micronet train --qat`` passes) the QAT graph is the int8 file's own:
+    camera pixels in (rounded to integers, range 0..255 fixed), the normalization folded into the stem conv, whose
+    folded 4 x 4 weights are the ones rounded; in float it equals the network, gradients reach the stem conv and
+    not the normalization; its export graph takes normalized images for every target and is the pixel graph the
+    ``tflm`` export quantizes; a state dict of either form restores into its own form."""
+    from micronet_torch.deploy.pixel_input import PixelInput, PixelStem, mcu_graph
+    from micronet_torch.deploy.qat import Int8Graph, restore_qat
+
+    model, old = m0_qat
+    norm = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    qnet = qat_net(model, 32, 3, norm)
+    assert qnet.pixels and isinstance(qnet.graph, PixelInput) and qnet.graph.folded
+    assert len(qnet.fq) == len(old.fq)  # the stem's ADD of its border map in place of the normalization op
+    pixels = torch.randint(0, 256, (4, 32, 32, 3), generator=torch.Generator().manual_seed(3)).float()
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in norm)
+    x = (pixels.permute(0, 3, 1, 2) / 255 - mean) / std
+    assert torch.allclose(qnet.graph_input(x), pixels, rtol=0, atol=1e-3)
+    with torch.no_grad():
+        ref = model(x)
+        assert float((qnet.graph(qnet.graph_input(x)) - ref).abs().max() / ref.abs().max()) <= 2e-5
+    qnet.train()
+    qnet(x).square().mean().backward()
+    stem = qnet.graph.body.features[0]
+    assert isinstance(stem, PixelStem) and stem.trainable and float(stem.conv.weight.grad.abs().sum()) > 0
+    assert stem.norm.weight.grad is None and (float(qnet.input_quant.lo), float(qnet.input_quant.hi)) == (0, 255)
+    qnet.eval()
+    exported = Int8Graph(qnet)
+    frozen = exported.pixel_graph.body.features[0]
+    assert not frozen.trainable and frozen.weight.shape[-2:] == (4, 4)
+    assert torch.equal(frozen.weight, fake_quant_weight(stem.folded(torch.float32)[0].detach()))
+    assert mcu_graph(exported, *norm) is exported.pixel_graph
+    with torch.no_grad():
+        assert torch.allclose(exported(x), exported.pixel_graph(pixels), rtol=0, atol=1e-4)
+    assert restore_qat(model, qnet.state_dict(), 32, 3, norm).pixels
+    assert not restore_qat(model, old.state_dict(), 32, 3, norm).pixels  # a run of the earlier form
+
+
 def test_qat_needs_a_float_checkpoint(tmp_path: Path, tiny_folder: Path, capsys) -> None:
     """``--qat`` without ``--pretrained`` (or with ``--amp``): one line, exit 2, nothing trained."""
     base = ["train", "--data", str(tiny_folder), "--img-size", "20", "--workers", "0", "--qat"]
@@ -184,6 +222,7 @@ def test_qat_run_saves_its_graph_and_resumes_bit_exactly(qat_runs: dict[str, Pat
     assert a["config"]["qat"] is True and a["config"]["recipe"] == "qat" and a["epoch"] == 2
     assert any(k.startswith("fq.") and k.endswith(".hi") for k in a["model"])
     assert any(k.startswith("graph.") for k in a["model"]) and "stem.0.conv.weight" not in a["model"]
+    assert "graph.body.features.0.conv.weight" in a["model"]  # the pixel graph: the normalization in the stem
     assert a["float_model"] and a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     keys = ("train_loss", "val_loss", "val_top1", "lr")

@@ -10,6 +10,7 @@ int8 file quantizes (``runtime/mcu.py``).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,11 +28,17 @@ class PixelInput(nn.Module):
     ``(p / 255 - mean) / std`` is a 1 x 1 depthwise conv (weight ``1 / (255 std)``, bias ``-mean / std``): one
     int8 op, before any padding, so the borders see the same zeros as in the float model. With ``fold_stem``
     and a network whose first op is a dense 3 x 3, stride-2 conv (MicroNet's stem), the two are one conv on the
-    pixels instead (``PixelStem``).
+    pixels instead (``PixelStem``; ``trainable_stem``: folded from the stem conv's weights at every call, for
+    quantization-aware training).
     """
 
     def __init__(
-        self, graph: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], fold_stem: bool = False
+        self,
+        graph: nn.Module,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        fold_stem: bool = False,
+        trainable_stem: bool = False,
     ) -> None:
         super().__init__()
         c = len(mean)
@@ -46,7 +53,8 @@ class PixelInput(nn.Module):
         if self.folded:  # a shallow copy with its own features: the caller's graph keeps taking normalized input
             self.body = copy.copy(graph)
             self.body._modules = dict(graph._modules)
-            self.body._modules["features"] = nn.Sequential(PixelStem(self.norm, features[0]), *list(features)[1:])
+            stem = PixelStem(self.norm, features[0], trainable=trainable_stem)
+            self.body._modules["features"] = nn.Sequential(stem, *list(features)[1:])
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.permute(0, 3, 1, 2)
@@ -68,16 +76,31 @@ class PixelStem(nn.Module):
     take the unfolded path.
     """
 
-    def __init__(self, norm: nn.Conv2d, conv: nn.Conv2d) -> None:
+    def __init__(self, norm: nn.Conv2d, conv: nn.Conv2d, trainable: bool = False) -> None:
         super().__init__()
-        self.norm, self.conv = norm, conv
-        w, dtype = conv.weight.detach().double(), conv.weight.dtype
-        w4 = F.pad(w * norm.weight.detach().double().view(1, -1, 1, 1), (0, 1, 0, 1))
-        # conv(norm(0)) away from the borders, where no tap reads padding and no border correction applies
-        bias = conv.bias.detach().double() + (w * norm.bias.detach().double().view(1, -1, 1, 1)).sum((1, 2, 3))
-        self.register_buffer("weight", w4.to(dtype))
-        self.register_buffer("bias", bias.to(dtype))
+        self.norm, self.conv, self.trainable = norm, conv, trainable
         self._maps: dict[tuple, torch.Tensor] = {}
+        if not trainable:
+            w4, bias = self.folded(torch.float64)
+            self.register_buffer("weight", w4.detach().to(conv.weight.dtype))
+            self.register_buffer("bias", bias.detach().to(conv.weight.dtype))
+
+    def folded(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``conv'``'s 4 x 4 weights and its bias (``conv(norm(0))`` away from the borders), computed in ``dtype``
+        from the stem conv's weights (differentiable: a trainable stem calls this at every step)."""
+        w = self.conv.weight.to(dtype)
+        w4 = F.pad(w * self.norm.weight.detach().to(dtype).view(1, -1, 1, 1), (0, 1, 0, 1))
+        bias = self.conv.bias.to(dtype) + (w * self.norm.bias.detach().to(dtype).view(1, -1, 1, 1)).sum((1, 2, 3))
+        return w4, bias
+
+    def frozen(self, round_weight: Callable[[torch.Tensor], torch.Tensor]) -> PixelStem:
+        """A fixed copy of a trainable stem whose 4 x 4 weights are ``round_weight`` of the folded ones (what the
+        int8 file stores: a quantization-aware run rounds the folded weights, not the stem conv's); its border map
+        comes from the stem conv's own weights, as in training."""
+        stem = PixelStem(copy.deepcopy(self.norm), copy.deepcopy(self.conv))
+        with torch.no_grad():
+            stem.weight.copy_(round_weight(self.folded(self.conv.weight.dtype)[0]))
+        return stem
 
     @staticmethod
     def folds(conv: nn.Module, in_chans: int) -> bool:
@@ -94,7 +117,11 @@ class PixelStem(nn.Module):
 
     def offset_map(self, height: int, width: int) -> torch.Tensor:
         """``conv(norm(0))`` less the conv's bias at this input size, (1, C_out, H / 2, W / 2): zero but on the
-        borders."""
+        borders (computed at every call, with gradients, in a trainable stem; else once per size, in float64)."""
+        if self.trainable:
+            zero = torch.zeros(1, self.conv.in_channels, height, width, dtype=self.conv.weight.dtype)
+            bias = self.folded(self.conv.weight.dtype)[1]
+            return self.conv(self.norm(zero.to(self.conv.weight.device))) - bias.view(1, -1, 1, 1)
         key = (height, width, self.weight.device, self.weight.dtype)
         if key not in self._maps:
             with torch.no_grad():
@@ -108,13 +135,17 @@ class PixelStem(nn.Module):
         h, w = pixels.shape[2], pixels.shape[3]
         if h % 2 or w % 2:
             return self.conv(self.norm(pixels))
-        return F.conv2d(pixels, self.weight, self.bias, 2, 1) + self.offset_map(h, w)
+        weight, bias = self.folded(pixels.dtype) if self.trainable else (self.weight, self.bias)
+        return F.conv2d(pixels, weight, bias, 2, 1) + self.offset_map(h, w)
 
 
 def mcu_graph(model: nn.Module, pixel_mean: tuple[float, ...], pixel_std: tuple[float, ...], **options: Any):
     """The float graph the int8 file quantizes: the ``mcu`` deploy form of a MicroNet (other models as they
     are), taking NHWC pixels."""
+    pixel_graph = getattr(model, "pixel_graph", None)
+    if isinstance(pixel_graph, PixelInput):  # a --qat graph trained on pixels (deploy.qat.Int8Graph), stem folded
+        return pixel_graph.eval()
     graph = convert_to_deploy(model, backend="mcu", **options) if isinstance(model, MicroNet) else model.eval()
-    # a deploy form (built here, or by the export's common path) has its stem first; a --qat graph (Int8Graph)
-    # keeps its trained stem weights as they are
+    # a deploy form (built here, or by the export's common path) has its stem first; a --qat graph of the earlier
+    # form (trained on normalized images) keeps its trained stem weights as they are
     return PixelInput(graph, pixel_mean, pixel_std, fold_stem=isinstance(graph, DeployMicroNet)).eval()

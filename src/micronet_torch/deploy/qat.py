@@ -35,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 from ..models import MicroNet
 from .convert import convert_to_deploy
 from .mcu import fc_per_tensor
+from .pixel_input import PixelInput
 
 QMIN, QMAX = -128, 127  # int8 activations (asymmetric, per tensor)
 WMAX = 127  # int8 weights (symmetric: -127..127; per output channel, or per tensor)
@@ -174,16 +175,23 @@ class _QatMode(TorchFunctionMode):
 class QatNet(nn.Module):
     """A deploy graph trained with int8 fake quantization (see the module docstring).
 
-    ``graph`` takes normalized NCHW images (the ``mcu`` deploy form of a MicroNet, or a baseline as it is);
-    ``input_quant`` stands for the int8 output of the file's first op, the normalization. ``example`` is one input
-    batch's shape for the first pass.
+    ``graph`` takes normalized NCHW images (the ``mcu`` deploy form of a MicroNet, or a baseline as it is), and
+    ``input_quant`` stands for the int8 output of the file's first op, the normalization; or ``graph`` is a
+    ``PixelInput`` with its stem folded (``qat_net`` with the data's mean and std), the file's own graph: the
+    normalized images are turned back into camera pixels, rounded to integers as the board feeds them
+    (``input_quant`` fixed to scale 1, zero point -128) and the stem's folded weights are what is rounded.
+    ``example`` is one input batch's shape (NCHW) for the first pass.
     """
 
     def __init__(self, graph: nn.Module, example: tuple[int, ...], momentum: float = 0.01) -> None:
         super().__init__()
         self.graph = graph
         self.momentum = momentum
-        self.input_quant = FakeQuant(momentum)
+        self.pixels = isinstance(graph, PixelInput) and graph.folded
+        self.input_quant = FakeQuant(0.0 if self.pixels else momentum)
+        if self.pixels:  # camera pixels: 0..255 in int8 steps of 1, fixed
+            self.input_quant.hi.fill_(255.0)
+            self.input_quant.observed.fill_(True)
         self.fq = nn.ModuleList()
         self.ops: list[str] = []
         self.fused: set[int] = set()
@@ -191,15 +199,31 @@ class QatNet(nn.Module):
         p = next(graph.parameters())
         with torch.no_grad():
             mode = _QatMode(self, record=True)
-            x = torch.zeros(example, dtype=p.dtype, device=p.device)
-            mode.mark(x)
-            with mode:
-                graph(x)
+            self._run(torch.zeros(example, dtype=p.dtype, device=p.device), mode, quantize_input=False)
         self.fused = {
             k
             for k, users in mode.consumers.items()
             if self.ops[k] in FUSING_PRODUCERS and len(users) == 1 and users[0] in FUSED_ACTIVATIONS
         }
+
+    def graph_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What ``graph`` takes for normalized NCHW images ``x``: ``x``, or for a pixel graph the camera pixels
+        (NHWC, 0..255) they were normalized from."""
+        if not self.pixels:
+            return x
+        norm = self.graph.norm  # (p / 255 - mean) / std as a 1 x 1 depthwise conv: inverted
+        w, b = norm.weight.detach().view(1, -1, 1, 1), norm.bias.detach().view(1, -1, 1, 1)
+        return ((x - b) / w).permute(0, 2, 3, 1)
+
+    def _run(self, x: torch.Tensor, mode: _QatMode, quantize_input: bool = True) -> torch.Tensor:
+        """``graph`` on normalized NCHW ``x`` under ``mode`` (``graph_input``), the input rounded as the file's
+        input is (``input_quant``) unless ``quantize_input`` is off."""
+        x = self.graph_input(x)
+        if quantize_input:
+            x = self.input_quant(x)
+        mode.mark(x)
+        with mode:
+            return self.graph(x)
 
     @property
     def num_classes(self) -> int | None:
@@ -214,29 +238,31 @@ class QatNet(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.input_quant(x)
-        mode = _QatMode(self)
-        mode.mark(x)
-        with mode:
-            return self.graph(x)
+        return self._run(x, _QatMode(self))
 
     def float_values(self, x: torch.Tensor) -> list[tuple[torch.Tensor, FakeQuant]]:
-        """The float graph's tensor at each quantization point for input ``x``, with its ``FakeQuant`` (the input's
-        first; fused producers left out): what the float file computes there, to find its tensors by value."""
+        """The float graph's tensor at each quantization point for normalized input ``x``, with its ``FakeQuant``
+        (the input's first; fused producers left out): what the float file computes there, to find its tensors by
+        value."""
         values: list[torch.Tensor] = []
-        mode = _QatMode(self, capture=values)
-        mode.mark(x)
-        with torch.no_grad(), mode:
-            self.graph(x)
-        return [(x, self.input_quant)] + [(v, self.fq[k]) for k, v in enumerate(values) if k not in self.fused]
+        with torch.no_grad():
+            self._run(x, _QatMode(self, capture=values), quantize_input=False)
+        first = (self.graph_input(x), self.input_quant)
+        return [first] + [(v, self.fq[k]) for k, v in enumerate(values) if k not in self.fused]
 
     def float_graph(self) -> nn.Module:
         """The deploy graph with its weights rounded as the int8 file stores them (a plain float module to export:
-        re-quantizing these weights, per channel or per tensor as the file does, gives the same int8 values)."""
+        re-quantizing these weights, per channel or per tensor as the file does, gives the same int8 values); a
+        pixel graph's trainable stem becomes a fixed one with its folded weights rounded."""
         graph = copy.deepcopy(self.graph).eval()
+        keep: set[int] = set()
+        if self.pixels:
+            features = graph.body.features
+            features[0] = features[0].frozen(fake_quant_weight)
+            keep = {id(m) for m in (*features[0].modules(), graph.norm)}  # the stem's source weights, the norm
         with torch.no_grad():
             for m in graph.modules():
-                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in keep:
                     per_tensor = self.fc_per_tensor and isinstance(m, nn.Linear)
                     m.weight.copy_(fake_quant_weight(m.weight, per_tensor=per_tensor))
         return graph
@@ -245,22 +271,43 @@ class QatNet(nn.Module):
         return f"requantizing ops={len(self.fq)}, fused activations={len(self.fused)}"
 
 
-def qat_net(model: nn.Module, img_size: int, in_chans: int, **options: Any) -> QatNet:
+def qat_net(
+    model: nn.Module,
+    img_size: int,
+    in_chans: int,
+    pixel_norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    **options: Any,
+) -> QatNet:
     """``QatNet`` of a float model: a MicroNet's ``mcu`` deploy form (BatchNorm folded: fine-tune a trained
     network; ``options`` are the form's, e.g. ``coefficients="linear"``), another model (the MobileNetV3 baselines)
-    as it is, in eval mode (no dropout, no batch statistics)."""
+    as it is, in eval mode (no dropout, no batch statistics). With ``pixel_norm`` (the data's mean and std) a
+    MicroNet's graph takes camera pixels with the normalization folded into its stem, as the int8 file does
+    (``deploy.pixel_input``): the folded weights are the ones rounded, and the file has no normalization op."""
     mcu = isinstance(model, MicroNet)
     graph = convert_to_deploy(model, backend="mcu", **options) if mcu else copy.deepcopy(model)
+    if mcu and pixel_norm is not None:
+        mean, std = (tuple(v) * in_chans if len(v) == 1 else tuple(v)[:in_chans] for v in pixel_norm)
+        graph = PixelInput(graph, mean, std, fold_stem=True, trainable_stem=True)
     graph.eval()
     for p in graph.parameters():
         p.requires_grad_(True)
+    if isinstance(graph, PixelInput):
+        graph.norm.requires_grad_(False)  # the data's normalization: constants
     return QatNet(graph, (1, in_chans, img_size, img_size))
 
 
-def restore_qat(model: nn.Module, state: dict[str, torch.Tensor], img_size: int, in_chans: int) -> QatNet:
+def restore_qat(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    img_size: int,
+    in_chans: int,
+    pixel_norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+) -> QatNet:
     """The ``QatNet`` a ``--qat`` run saved (``state``), rebuilt on ``model`` (the float network it started from:
-    the graph's structure) and in eval mode; weights that do not fit are a ``ValueError``, one line."""
-    qnet = qat_net(model, img_size, in_chans)
+    the graph's structure; a state with a pixel graph's keys on ``pixel_norm``, one of the earlier form, trained
+    on normalized images, without) and in eval mode; weights that do not fit are a ``ValueError``, one line."""
+    pixels = any(k.startswith("graph.body.") for k in state)
+    qnet = qat_net(model, img_size, in_chans, pixel_norm if pixels else None)
     try:
         qnet.load_state_dict(state)
     except RuntimeError as err:
@@ -278,15 +325,16 @@ def with_qat(loaded: Any, for_export: bool = False) -> Any:
     if state is None:
         return loaded
     cfg = loaded.data_config
-    qnet = restore_qat(loaded.model, state, cfg.img_size, cfg.in_chans)
+    qnet = restore_qat(loaded.model, state, cfg.img_size, cfg.in_chans, (tuple(cfg.mean), tuple(cfg.std)))
     loaded.model = Int8Graph(qnet) if for_export else qnet
     return loaded
 
 
 class Int8Graph(nn.Module):
     """What a ``--qat`` run exports: its float graph with int8-rounded weights (``QatNet.float_graph``), a plain
-    module to every target; ``qat_net`` keeps the trained ranges, which the int8 microcontroller export uses in
-    place of calibrated ones (``runtime/mcu.py``)."""
+    module to every target, taking normalized NCHW images; ``qat_net`` keeps the trained ranges, which the int8
+    microcontroller export uses in place of calibrated ones (``runtime/mcu.py``), and ``pixel_graph`` is the graph
+    on camera pixels that export quantizes when the run trained one (else None)."""
 
     def __init__(self, qnet: QatNet) -> None:
         super().__init__()
@@ -294,8 +342,14 @@ class Int8Graph(nn.Module):
         self.__dict__["qat_net"] = qnet  # not a submodule: its weights are not the exported ones
 
     @property
+    def pixel_graph(self) -> PixelInput | None:
+        return self.graph if self.qat_net.pixels else None
+
+    @property
     def num_classes(self) -> int | None:
         return getattr(self.graph, "num_classes", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qat_net.pixels:  # normalized images back to pixels, through the folded stem
+            return self.graph.body(self.qat_net.graph_input(x).permute(0, 3, 1, 2))
         return self.graph(x)

@@ -21,7 +21,7 @@ from ..models import CheckpointError, build_model, read_state_dict
 from ..models.weights import CLASSIFIER_PREFIX
 from ..ops import set_shift_max_impl
 from .checkpoint import clean_state_dict
-from .config import TrainConfig, TrainingError
+from .config import TrainConfig, TrainingError, data_config
 from .distributed import DistEnv
 from .run_log import open_tensorboard
 
@@ -61,7 +61,8 @@ def _qat_model(cfg: TrainConfig, model: nn.Module, env: DistEnv, state: dict[str
             raise TrainingError("--resume: this --qat checkpoint lacks the float model it started from")
         load_resumed(model, state["float_model"], "float model")
     source = clean_state_dict(model.state_dict())
-    qnet = qat_net(model, cfg.img_size, cfg.in_chans)
+    dcfg = data_config(cfg)  # the stem folds the normalization of the images it trains on, as the int8 file does
+    qnet = qat_net(model, cfg.img_size, cfg.in_chans, (tuple(dcfg.mean), tuple(dcfg.std)))
     if state is not None:
         load_resumed(qnet, state["model"], "QAT model")
     qnet.source_state = source
