@@ -16,8 +16,9 @@ import torch
 import micronet_torch
 from micronet_torch.cli import main
 from micronet_torch.deploy import convert_to_deploy
-from micronet_torch.deploy.mcu import McuShiftMax, fc_per_tensor
+from micronet_torch.deploy.mcu import MatMulLinear, McuShiftMax, fc_per_tensor
 from micronet_torch.deploy.portable import TwinConvShiftMax
+from micronet_torch.ops.shift_max import DynamicShiftMax
 from micronet_torch.runtime.mcu_cpp import arena_size, resolver_method, write_cpp
 from micronet_torch.runtime.tflm import TflmError, run_tflm
 from micronet_torch.tools.bench import trained_like
@@ -32,12 +33,12 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("name", ["micronet_m0", "micronet_m3"])
 @pytest.mark.parametrize(
     "shift, coefficients",
-    [("gather", "conv"), ("twin", "conv"), ("rolls", "conv"), ("gather", "linear"), ("twin", "linear")],
+    [("gather", "matmul"), ("twin", "matmul"), ("rolls", "conv"), ("gather", "conv"), ("gather", "linear")],
 )
 def test_mcu_form_is_exact(name: str, shift: str, coefficients: str) -> None:
     """Every shift and coefficient form of the ``mcu`` backend equals the eager model in float (deploy tolerance);
-    ``coefficients="linear"`` writes each Dynamic Shift-Max's coefficient layers as linear layers, and only then
-    does the TFLM export quantize FULLY_CONNECTED weights per tensor."""
+    ``coefficients="matmul"`` / ``"linear"`` write each Dynamic Shift-Max's coefficient layers as batched matmuls /
+    linear layers, and only then does the TFLM export quantize their weights per tensor."""
     model = trained_like(micronet_torch.create_model(name, num_classes=10)).eval()
     x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -46,9 +47,9 @@ def test_mcu_form_is_exact(name: str, shift: str, coefficients: str) -> None:
         assert _rel(mcu(x), ref) <= TOL
     dsm = [m for m in mcu.modules() if isinstance(m, McuShiftMax)]
     assert dsm and all(type(m) is McuShiftMax for m in dsm)
-    layer = torch.nn.Linear if coefficients == "linear" else torch.nn.Conv2d
+    layer = {"matmul": MatMulLinear, "linear": torch.nn.Linear, "conv": torch.nn.Conv2d}[coefficients]
     assert all(type(m.fc1) is layer and type(m.fc2) is layer for m in dsm)
-    assert fc_per_tensor(mcu) == (coefficients == "linear")
+    assert fc_per_tensor(mcu) == (coefficients != "conv")
     twins = [m for m in mcu.modules() if isinstance(m, TwinConvShiftMax)]
     if shift == "gather":  # one gather per shift: no twin conv (no second copy of its weights), no rolls
         assert not twins and all(not m.rolls for m in dsm)
@@ -291,8 +292,12 @@ def test_int8_export_runs_in_tflm(exported: str, request) -> None:
     assert info["input_quant"] == (1.0, -128) and not info["buffers_after"] and info["misaligned_buffers"] == 0
     # each channel gather is one GATHER op (deploy.mcu.tflite_gathers), never TRANSPOSE + GATHER_ND + TRANSPOSE
     assert info["ops"].get("GATHER", 0) > 0 and not {"GATHER_ND", "TRANSPOSE"} & set(info["ops"])
-    # the default coefficient form: the Dynamic Shift-Maxes' coefficient layers and the head's two layers are
-    # CONV_2D, every weight with one scale per output channel
+    # the default coefficient form: the Dynamic Shift-Maxes' coefficient layers are BATCH_MATMUL with per-tensor
+    # weights stored transposed (adj_y: TFLM copies them into its arena otherwise), the head's two layers CONV_2D,
+    # every conv weight with one scale per output channel
+    model = micronet_torch.create_model(name, num_classes=10)
+    n_dsm = sum(isinstance(m, DynamicShiftMax) for m in model.modules())
+    assert info["ops"]["BATCH_MATMUL"] == 2 * n_dsm and info["matmuls"] == [(1, True)] * (2 * n_dsm)
     assert "FULLY_CONNECTED" not in info["ops"] and "FULLY_CONNECTED" not in info["weight_scales"]
     assert all(n > 1 for scales in info["weight_scales"].values() for n in scales)
     # the convolutions' int32 biases carry no scales (drop_conv_bias_scales): TFLM and LiteRT equal above without
@@ -301,6 +306,8 @@ def test_int8_export_runs_in_tflm(exported: str, request) -> None:
     assert meta["export_format"] == "tflm" and json.loads(meta["class_names"]) == CLASSES10
     arena = json.loads(meta["arena_bytes"])
     assert arena["total"] == arena["head"] + arena["tail"] and arena["head"] > 0
+    if name == "micronet_m0":  # its fixed part: no per-channel multipliers for the coefficient layers
+        assert arena["tail"] <= 90_000, arena
     header = (path.parent / f"{name}_model_data.h").read_text()
     assert f"constexpr size_t kArenaSize = {arena_size(arena['total'])};" in header
     assert arena["total"] <= arena_size(arena["total"])

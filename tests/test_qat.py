@@ -80,13 +80,15 @@ def m0_qat() -> tuple[torch.nn.Module, QatNet]:
 
 def test_qat_net_quantizes_the_mcu_graph(m0_qat) -> None:
     """One ``FakeQuant`` per requantizing op of the ``mcu`` graph; the ops whose output a fused activation
-    requantizes are conv / add / sub / mul followed by their relu; before training (ranges unset) the net is the float
+    requantizes are conv / add / sub / mul followed by their relu (in the 1 x 1 conv coefficient form, a conv); before training (ranges unset) the net is the float
     graph, and with ranges observed it stays within int8 noise of it."""
     model, qnet = m0_qat
     graph = convert_to_deploy(model, backend="mcu")
     assert len(qnet.fq) == len(qnet.ops) > 100 and 0 < len(qnet.fused) < len(qnet.ops)
-    assert {qnet.ops[k] for k in qnet.fused} <= FUSING_PRODUCERS and "conv2d" in {qnet.ops[k] for k in qnet.fused}
+    # the coefficient path's first layer: batched matmul, then its bias add carrying the relu
+    assert {qnet.ops[k] for k in qnet.fused} <= FUSING_PRODUCERS and "add" in {qnet.ops[k] for k in qnet.fused}
     assert "maximum" in qnet.ops and "hardsigmoid" in qnet.ops  # Dynamic Shift-Max's max and coefficients
+    assert qnet.ops.count("bmm") == 30  # 15 Dynamic Shift-Maxes' two coefficient layers (BATCH_MATMUL)
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = graph(x)
@@ -100,20 +102,42 @@ def test_qat_net_quantizes_the_mcu_graph(m0_qat) -> None:
 
 
 def test_float_graph_holds_int8_weights(m0_qat) -> None:
-    """``float_graph`` is the deploy graph with every conv / linear weight already on its int8 grid."""
-    _, qnet = m0_qat
+    """``float_graph`` is the deploy graph with every weight already on its int8 grid: conv weights per output
+    channel, the coefficient layers' batched-matmul weights per tensor (as the file stores them); in the 1 x 1 conv
+    coefficient form every weight is per channel. The QAT graph rounds the matmul weights so as it runs."""
+    from micronet_torch.deploy.mcu import MatMulLinear
+
+    model, qnet = m0_qat
     graph = qnet.float_graph()
-    convs = [m for m in graph.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    assert len(convs) > 40 and not qnet.fc_per_tensor
+    convs = [m for m in graph.modules() if isinstance(m, torch.nn.Conv2d)]
+    matmuls = [m for m in graph.modules() if isinstance(m, MatMulLinear)]
+    assert len(convs) > 10 and len(matmuls) == 30 and qnet.fc_per_tensor
     assert all(torch.equal(fake_quant_weight(m.weight), m.weight) for m in convs)
+    assert all(torch.equal(fake_quant_weight(m.weight, per_tensor=True), m.weight) for m in matmuls)
     assert not any(isinstance(m, (FakeQuant, QatNet)) for m in graph.modules())
+    conv_form = qat_net(model, 32, 3, coefficients="conv")
+    assert not conv_form.fc_per_tensor and "bmm" not in conv_form.ops
+    assert "conv2d" in {conv_form.ops[k] for k in conv_form.fused}  # its coefficient conv carries the relu
+    weights = [m.weight for m in conv_form.float_graph().modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(weights) > 40 and all(torch.equal(fake_quant_weight(w), w) for w in weights)
+    calls = []
+    original = fake_quant_weight
+
+    def spy(w: torch.Tensor, per_tensor: bool = False) -> torch.Tensor:
+        calls.append((tuple(w.shape), per_tensor))
+        return original(w, per_tensor)
+
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr("micronet_torch.deploy.qat.fake_quant_weight", spy)
+        qnet.eval()(torch.zeros(1, 3, 32, 32))
+    assert sum(per_tensor and len(shape) == 3 for shape, per_tensor in calls) == 30  # bmm's (N, I, O) weights
 
 
 def test_linear_coefficient_form_rounds_linear_weights_per_tensor(m0_qat) -> None:
     """With ``coefficients="linear"`` (the Dynamic Shift-Maxes' coefficient layers as FULLY_CONNECTED, quantized per
     tensor) the QAT graph rounds every linear weight per tensor, conv weights per channel, and a coefficient
     path's first linear layer carries its relu; a state dict of the conv form loads into it (same weights)."""
-    model, conv_qnet = m0_qat
+    model, matmul_qnet = m0_qat
     qnet = qat_net(model, 32, 3, coefficients="linear")
     assert qnet.fc_per_tensor and qnet.ops.count("linear") == 30  # 15 Dynamic Shift-Maxes' two (the head: 1 x 1 convs)
     assert "linear" in {qnet.ops[k] for k in qnet.fused}
@@ -123,10 +147,10 @@ def test_linear_coefficient_form_rounds_linear_weights_per_tensor(m0_qat) -> Non
     assert len(convs) > 10 and len(linears) == 30
     assert all(torch.equal(fake_quant_weight(m.weight), m.weight) for m in convs)
     assert all(torch.equal(fake_quant_weight(m.weight, per_tensor=True), m.weight) for m in linears)
-    qnet.load_state_dict(conv_qnet.state_dict())
+    qnet.load_state_dict(qat_net(model, 32, 3, coefficients="conv").state_dict())
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        ref = conv_qnet.graph(x)
+        ref = matmul_qnet.graph(x)
         assert torch.allclose(qnet.graph(x), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
     # a state dict of the form whose head was two linear layers (2-D weights) loads into the 1 x 1 conv head
     state = {
@@ -175,6 +199,8 @@ def test_pixel_graph_trains_the_folded_stem(m0_qat) -> None:
         assert torch.allclose(exported(x), exported.pixel_graph(pixels), rtol=0, atol=1e-4)
     assert restore_qat(model, qnet.state_dict(), 32, 3, norm).pixels
     assert not restore_qat(model, old.state_dict(), 32, 3, norm).pixels  # a run of the earlier form
+    convs = restore_qat(model, qat_net(model, 32, 3, norm, coefficients="conv").state_dict(), 32, 3, norm)
+    assert convs.pixels and not convs.fc_per_tensor  # a run of the 1 x 1 conv coefficient form keeps its form
 
 
 def test_qat_needs_a_float_checkpoint(tmp_path: Path, tiny_folder: Path, capsys) -> None:

@@ -124,10 +124,10 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mcu-classes", type=positive_int, default=10, help="--mcu classifier classes [10]")
     p.add_argument(
         "--mcu-coefficients",
-        choices=("conv", "linear"),
-        default="conv",
-        help="--mcu: MicroNet's Dynamic Shift-Max coefficient layers as 1 x 1 convs, or as FULLY_CONNECTED with "
-        "per-tensor weights (smaller arena, TFLM rounds them unlike LiteRT; docs/mcu.md) [conv]",
+        choices=("matmul", "conv", "linear"),
+        default="matmul",
+        help="--mcu: MicroNet's Dynamic Shift-Max coefficient layers as BATCH_MATMUL with per-tensor weights, as "
+        "1 x 1 convs (a larger arena), or as FULLY_CONNECTED (TFLM rounds them unlike LiteRT; docs/mcu.md) [matmul]",
     )
     p.add_argument("--runs", type=positive_int, default=50, help="timed runs per measurement [50]")
     p.add_argument("--warmup", type=nonnegative_int, default=10, help="warm-up runs [10]")

@@ -141,11 +141,14 @@ def portable_form(
     return passes, PortableEmitter(block_shuffles=block_shuffles, fused_ops=fused_ops)
 
 
-def mcu_form(shift: str = "gather", merge: str = "all", coefficients: str = "conv") -> tuple[tuple[Pass, ...], Emitter]:
+def mcu_form(
+    shift: str = "gather", merge: str = "all", coefficients: str = "matmul"
+) -> tuple[tuple[Pass, ...], Emitter]:
     """The microcontroller form (``mcu.py``): the portable passes with every factorized pair merged, its Dynamic
     Shift-Max written in the ops a fully int8 TFLite Micro model quantizes; ``shift`` takes each group-circular
     shift as one channel gather ("gather"), a twin convolution ("twin") or channel rolls ("rolls"), and
-    ``coefficients`` its two coefficient layers as 1 x 1 convs ("conv") or linear layers ("linear")."""
+    ``coefficients`` its two coefficient layers as batched matmuls ("matmul"), 1 x 1 convs ("conv") or linear
+    layers ("linear")."""
     if shift not in SHIFTS:
         raise ValueError(f"shift={shift!r}: choose one of {SHIFTS}")
     if coefficients not in COEFFICIENTS:

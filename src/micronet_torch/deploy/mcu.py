@@ -13,13 +13,15 @@ BatchNorm and shuffles folded) and rewrites what a fully int8 TFLM graph cannot 
 * a channel shuffle the passes could not fold into weights is one channel gather too (``ChannelGather``),
   not the portable reshape -> transpose -> reshape, which keeps its neighbours in NCHW with transposes around
   them. The TFLM export lowers each gather to one GATHER op (``tflite_gathers``).
-* ``coefficients="linear"`` writes each Dynamic Shift-Max's two coefficient layers (1 x 1 convs on the pooled
-  1 x 1 map) as ``nn.Linear`` on the pooled vector: FULLY_CONNECTED ops, whose weights the TFLM export then
-  quantizes per tensor (``fc_per_tensor``). TFLM's CONV_2D keeps two int32 per output channel in its arena whatever
-  the weights' granularity; FULLY_CONNECTED with per-tensor weights keeps none. Not the default: TFLM's
+* ``coefficients="matmul"`` (the default) writes each Dynamic Shift-Max's two coefficient layers (1 x 1 convs on
+  the pooled 1 x 1 map) as a batched matmul and a bias add (``MatMulLinear``): BATCH_MATMUL ops, whose weights the
+  TFLM export quantizes per tensor (``fc_per_tensor``) and stores transposed. TFLM's CONV_2D keeps two int32 per
+  output channel in its arena whatever the weights' granularity (5,292 channels in M0: 42 KB); a per-tensor
+  BATCH_MATMUL keeps none, and TFLM and LiteRT's reference kernel requantize it with the same fixed-point
+  arithmetic. ``"linear"`` writes them as ``nn.Linear`` (FULLY_CONNECTED, per tensor: the same arena, but TFLM's
   FULLY_CONNECTED requantizes with two roundings where LiteRT's reference kernel rounds once, and the flipped
-  coefficients move the logits several int8 steps away from LiteRT's (docs/mcu.md). ``"conv"`` (the default)
-  keeps the 1 x 1 convs.
+  coefficients move the logits several int8 steps away from LiteRT's: docs/mcu.md); ``"conv"`` keeps the 1 x 1
+  convs.
 * the classifier runs on the pooled (N, C, 1, 1) map, its linears as 1 x 1 convs, flattened after the last
   (``McuMicroNet``): CONV_2D ops, not FULLY_CONNECTED, in the int8 file. TFLM requantizes both with two roundings
   (gemmlowp's rounding doubling high multiply, then a rounding right shift); LiteRT's reference CONV_2D does the
@@ -48,7 +50,7 @@ from .permutations import is_identity
 from .portable import PortableMicroNet, PortableShiftMax, TwinConvShiftMax
 
 SHIFTS = ("gather", "twin", "rolls")
-COEFFICIENTS = ("conv", "linear")
+COEFFICIENTS = ("conv", "linear", "matmul")
 _MISSING = object()
 
 
@@ -134,28 +136,42 @@ def _weights_as_own_layout(module: nn.Module, names: Iterable[str], state_dict: 
             state_dict[key] = w.reshape(mine.shape)
 
 
-def _linear(conv: nn.Conv2d) -> nn.Linear:
-    """The 1 x 1 conv ``conv`` as the ``nn.Linear`` it is on a 1 x 1 map (same weights)."""
-    out = nn.Linear(conv.in_channels, conv.out_channels).to(conv.weight.dtype)
+class MatMulLinear(nn.Linear):
+    """A linear layer written as a batched matmul and a bias add: one BATCH_MATMUL (and an ADD) in a TFLite file
+    instead of a FULLY_CONNECTED. With per-tensor weights TFLM's BATCH_MATMUL keeps no per-channel multipliers and
+    shifts in its arena, and TFLM and LiteRT's reference kernel requantize its output with the same fixed-point
+    arithmetic (their FULLY_CONNECTED kernels do not); the export stores the weights transposed with ``adj_y``
+    (``runtime/mcu.py``), else TFLM copies them into its arena to transpose them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.t().unsqueeze(0).expand(x.shape[0], -1, -1)
+        return torch.bmm(x.unsqueeze(1), w).flatten(1) + self.bias
+
+
+def _linear(conv: nn.Conv2d, kind: str = "linear") -> nn.Linear:
+    """The 1 x 1 conv ``conv`` as the ``nn.Linear`` it is on a 1 x 1 map (same weights); ``kind="matmul"``: as a
+    ``MatMulLinear``."""
+    out = (MatMulLinear if kind == "matmul" else nn.Linear)(conv.in_channels, conv.out_channels)
+    out = out.to(conv.weight.dtype)
     with torch.no_grad():
         out.weight.copy_(conv.weight.flatten(1))
         out.bias.copy_(conv.bias)
     return out
 
 
-def _as_mcu(dsm: PortableShiftMax, linear: bool = False) -> McuShiftMax:
-    """The same Dynamic Shift-Max (same buffers and modules; with ``linear`` the coefficient convs as linear
-    layers) with ``McuShiftMax``'s forward."""
+def _as_mcu(dsm: PortableShiftMax, kind: str = "conv") -> McuShiftMax:
+    """The same Dynamic Shift-Max (same buffers and modules; the coefficient convs as linear layers with ``kind``
+    ``"linear"`` or ``"matmul"``) with ``McuShiftMax``'s forward."""
     out = McuShiftMax.__new__(McuShiftMax)
     out.__dict__.update(dsm.__dict__)
     out._modules = dict(dsm._modules)
-    if linear:
-        out._modules.update(fc1=_linear(dsm.fc1), fc2=_linear(dsm.fc2))
+    if kind != "conv":
+        out._modules.update(fc1=_linear(dsm.fc1, kind), fc2=_linear(dsm.fc2, kind))
     out._buffers = dict(dsm._buffers)
     return out
 
 
-def _gather_form(dsm: PortableShiftMax, linear: bool) -> McuShiftMax:
+def _gather_form(dsm: PortableShiftMax, kind: str) -> McuShiftMax:
     """A rolls-form ``dsm`` rebuilt to read its shift as one gather ``x[:, shift]``.
 
     The rolls form multiplies roll ``d`` by a 0/1 mask folded into a repeat of the a_k1 coefficient rows (one
@@ -168,12 +184,12 @@ def _gather_form(dsm: PortableShiftMax, linear: bool) -> McuShiftMax:
     shift = (torch.arange(c) + d) % c
     rows = torch.cat([torch.arange(k * c), (k * c + torch.arange(k) * n_rolls * c).repeat_interleave(c)])
     rows[k * c :] += torch.arange(c).repeat(k)
-    out = _as_mcu(dsm, linear)
+    out = _as_mcu(dsm, kind)
     fc2 = nn.Conv2d(dsm.fc2.in_channels, rows.numel(), 1).to(dsm.fc2.weight.dtype)
     with torch.no_grad():
         fc2.weight.copy_(dsm.fc2.weight[rows])
         fc2.bias.copy_(dsm.fc2.bias[rows])
-    out._modules["fc2"] = _linear(fc2) if linear else fc2
+    out._modules["fc2"] = fc2 if kind == "conv" else _linear(fc2, kind)
     out._buffers["offset"] = dsm.offset[:, rows].clone()
     out._buffers["mask"] = None
     out._buffers["shift_index"] = shift.to(torch.int32)
@@ -181,15 +197,15 @@ def _gather_form(dsm: PortableShiftMax, linear: bool) -> McuShiftMax:
     return out
 
 
-def _mcu_module(module: nn.Module, shift: str, linear: bool) -> nn.Module:
+def _mcu_module(module: nn.Module, shift: str, kind: str) -> nn.Module:
     """The MCU form of one portable module (recursing into containers)."""
     if isinstance(module, TwinConvShiftMax):
-        module.shift_max = _as_mcu(module.shift_max, linear)
+        module.shift_max = _as_mcu(module.shift_max, kind)
         return module
     if isinstance(module, PortableShiftMax):
-        return _gather_form(module, linear) if shift == "gather" and module.rolls else _as_mcu(module, linear)
+        return _gather_form(module, kind) if shift == "gather" and module.rolls else _as_mcu(module, kind)
     for name, child in module.named_children():
-        setattr(module, name, _mcu_module(child, shift, linear))
+        setattr(module, name, _mcu_module(child, shift, kind))
     return module
 
 
@@ -228,9 +244,10 @@ class McuMicroNet(PortableMicroNet):
 
 
 def fc_per_tensor(graph: nn.Module) -> bool:
-    """Whether the TFLM export quantizes ``graph``'s FULLY_CONNECTED weights per tensor (and ``--qat`` rounds its
-    linear weights so): the ``mcu`` form with ``coefficients="linear"``, whose Dynamic Shift-Maxes' coefficient
-    layers are linear; otherwise every weight is per output channel, as ai-edge-quantizer's static recipe has it."""
+    """Whether the TFLM export quantizes ``graph``'s FULLY_CONNECTED and BATCH_MATMUL weights per tensor (and
+    ``--qat`` rounds its linear weights so): the ``mcu`` form with ``coefficients="matmul"`` or ``"linear"``, whose
+    Dynamic Shift-Maxes' coefficient layers are linear; otherwise every weight is per output channel, as
+    ai-edge-quantizer's static recipe has it."""
     return any(isinstance(m, McuShiftMax) and isinstance(m.fc1, nn.Linear) for m in graph.modules())
 
 
@@ -241,7 +258,7 @@ class McuEmitter(PortableEmitter):
 
     network: ClassVar[type[DeployMicroNet]] = McuMicroNet
     shift: str = "gather"
-    coefficients: str = "conv"
+    coefficients: str = "matmul"
 
     def module(self, op: Op, dtype: torch.dtype) -> nn.Module:
         if isinstance(op, Perm):
@@ -251,4 +268,4 @@ class McuEmitter(PortableEmitter):
         return super().module(op, dtype)
 
     def features(self, ops: list[Op], dtype: torch.dtype = torch.float32) -> nn.Sequential:
-        return _mcu_module(super().features(ops, dtype), self.shift, self.coefficients == "linear")
+        return _mcu_module(super().features(ops, dtype), self.shift, self.coefficients)

@@ -43,7 +43,7 @@ WMAX = 127  # int8 weights (symmetric: -127..127; per output channel, or per ten
 REQUANTIZING = frozenset(
     "conv2d linear add __add__ __radd__ __iadd__ sub __sub__ __rsub__ mul __mul__ __rmul__ __imul__ relu relu_ "
     "relu6 hardtanh hardsigmoid hardswish clamp clamp_min clamp_max maximum minimum mean adaptive_avg_pool2d "
-    "avg_pool2d cat concat div __truediv__ sigmoid matmul".split()
+    "avg_pool2d cat concat div __truediv__ sigmoid matmul bmm".split()
 )
 FUSED_ACTIVATIONS = frozenset({"relu", "relu_", "relu6", "hardtanh"})  # folded into the producing op by TFLite
 # TFLite's CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, ADD, SUB and MUL carry a fused activation
@@ -146,6 +146,9 @@ class _QatMode(TorchFunctionMode):
         if name in ("conv2d", "linear") and len(args) > 1 and isinstance(args[1], torch.Tensor):
             per_tensor = name == "linear" and self.net.fc_per_tensor
             args = (args[0], fake_quant_weight(args[1], per_tensor=per_tensor), *args[2:])
+        elif name == "bmm" and len(args) > 1 and self.activations.get(id(args[1])) is not args[1]:
+            # a MatMulLinear's weights (deploy.mcu): BATCH_MATMUL's constant operand, per tensor in the file
+            args = (args[0], fake_quant_weight(args[1], per_tensor=True), *args[2:])
         out = func(*args, **kwargs)
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             return out
@@ -303,11 +306,15 @@ def restore_qat(
     in_chans: int,
     pixel_norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> QatNet:
-    """The ``QatNet`` a ``--qat`` run saved (``state``), rebuilt on ``model`` (the float network it started from:
-    the graph's structure; a state with a pixel graph's keys on ``pixel_norm``, one of the earlier form, trained
-    on normalized images, without) and in eval mode; weights that do not fit are a ``ValueError``, one line."""
+    """The ``QatNet`` a ``--qat`` run saved (``state``), rebuilt on ``model`` (the float network it started from)
+    in the form it was trained in, and in eval mode: a state with a pixel graph's keys on ``pixel_norm`` (one of the
+    earlier form, trained on normalized images, without), with 4-D coefficient weights in the 1 x 1 conv
+    coefficient form (whose weights are rounded per channel); weights that do not fit are a ``ValueError``, one
+    line."""
     pixels = any(k.startswith("graph.body.") for k in state)
-    qnet = qat_net(model, img_size, in_chans, pixel_norm if pixels else None)
+    convs = any(k.endswith((".fc1.weight", ".fc2.weight")) and v.dim() == 4 for k, v in state.items())
+    options = {"coefficients": "conv"} if convs and isinstance(model, MicroNet) else {}
+    qnet = qat_net(model, img_size, in_chans, pixel_norm if pixels else None, **options)
     try:
         qnet.load_state_dict(state)
     except RuntimeError as err:

@@ -154,9 +154,9 @@ def _percentile_range(qsv: dict[str, Any]) -> dict[str, Any]:
 
 def int8_recipe(fc_per_tensor: bool = False) -> list[dict[str, Any]]:
     """ai-edge-quantizer's static int8 recipe (``static_wi8_ai8``: int8 activations, per-channel int8 weights), with
-    ``fc_per_tensor`` FULLY_CONNECTED weights per tensor: TFLM's FULLY_CONNECTED then keeps no per-channel output
-    multipliers and shifts (two int32 a channel) in its arena. For the ``mcu`` form with linear coefficient layers
-    (``deploy.mcu.fc_per_tensor``), whose ``--qat`` rounds them per tensor too (``deploy/qat.py``)."""
+    ``fc_per_tensor`` FULLY_CONNECTED and BATCH_MATMUL weights per tensor: TFLM then keeps no per-channel output
+    multipliers and shifts (two int32 a channel) in its arena for them. For the ``mcu`` form with linear coefficient
+    layers (``deploy.mcu.fc_per_tensor``), whose ``--qat`` rounds them per tensor too (``deploy/qat.py``)."""
     try:
         from ai_edge_quantizer import qtyping, recipe_manager
     except ImportError as err:
@@ -164,7 +164,8 @@ def int8_recipe(fc_per_tensor: bool = False) -> list[dict[str, Any]]:
     rules = recipe_manager.RecipeManager()
     entries = [(qtyping.TFLOperationName.ALL_SUPPORTED, qtyping.QuantGranularity.CHANNELWISE)]
     if fc_per_tensor:
-        entries.append((qtyping.TFLOperationName.FULLY_CONNECTED, qtyping.QuantGranularity.TENSORWISE))
+        for op in (qtyping.TFLOperationName.FULLY_CONNECTED, qtyping.TFLOperationName.BATCH_MATMUL):
+            entries.append((op, qtyping.QuantGranularity.TENSORWISE))
     for op, granularity in entries:
         rules.add_static_config(".*", op, activation_num_bits=8, weight_num_bits=8, weight_granularity=granularity)
     return rules.get_quantization_recipe()
@@ -212,7 +213,32 @@ def quantize_int8(
     model = _read(quantized)  # resolves buffers stored after the flatbuffer into the model
     flatbuffer_utils.strip_strings(model)
     drop_conv_bias_scales(model)
+    constant_matmuls_adj_y(model)
     return pack_for_tflm(model)
+
+
+def constant_matmuls_adj_y(model: Any) -> int:
+    """Store the constant, per-tensor int8 right operand of every BATCH_MATMUL transposed, with ``adj_y`` set (the
+    same product); the number rewritten. TFLM's BATCH_MATMUL wants that operand transposed and otherwise copies it,
+    transposed, into its arena at ``AllocateTensors`` (the whole weight matrix in SRAM)."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    done = 0
+    for sub in model.subgraphs:
+        for op in sub.operators:
+            if flatbuffer_utils.opcode_to_name(model, op.opcodeIndex) != "BATCH_MATMUL" or op.builtinOptions.adjY:
+                continue
+            rhs = sub.tensors[op.inputs[1]]
+            data, q = model.buffers[rhs.buffer].data, rhs.quantization
+            if data is None or len(data) == 0 or rhs.type != INT8 or q is None or len(q.scale) != 1:
+                continue
+            shape = [int(d) for d in rhs.shape]
+            w = np.frombuffer(bytes(data), dtype=np.int8).reshape(shape)
+            model.buffers[rhs.buffer].data = np.ascontiguousarray(np.swapaxes(w, -1, -2)).view(np.uint8).ravel()
+            rhs.shape = np.array(shape[:-2] + shape[:-3:-1], dtype=np.int32)
+            op.builtinOptions.adjY = True
+            done += 1
+    return done
 
 
 def drop_conv_bias_scales(model: Any) -> int:
@@ -278,7 +304,8 @@ def pack_for_tflm(model: Any) -> bytes:
 def describe(data: bytes) -> dict[str, Any]:
     """Op counts, tensor count, float tensors, the input / output quantization of a ``.tflite`` and, per op name, the
     number of scales of each such op's weights and bias (``weight_scales``: 1 for per-tensor weights;
-    ``bias_scales``: 0 for a bias without quantization parameters)."""
+    ``bias_scales``: 0 for a bias without quantization parameters); per BATCH_MATMUL, its right operand's number of
+    scales and whether it is stored transposed (``matmuls``: (scales, adj_y))."""
     from ai_edge_litert import schema_py_generated
     from ai_edge_litert.tools import flatbuffer_utils
 
@@ -287,6 +314,7 @@ def describe(data: bytes) -> dict[str, Any]:
     ops: dict[str, int] = {}
     weight_scales: dict[str, list[int]] = {}
     bias_scales: dict[str, list[int]] = {}
+    matmuls: list[tuple[int, bool]] = []
     for op in sub.operators:
         name = flatbuffer_utils.opcode_to_name(model, op.opcodeIndex)
         ops[name] = ops.get(name, 0) + 1
@@ -294,6 +322,9 @@ def describe(data: bytes) -> dict[str, Any]:
             if name in WEIGHTED_OPS and len(op.inputs) > slot and op.inputs[slot] >= 0:
                 q = sub.tensors[op.inputs[slot]].quantization
                 table.setdefault(name, []).append(0 if q is None or q.scale is None else len(q.scale))
+        if name == "BATCH_MATMUL":
+            q = sub.tensors[op.inputs[1]].quantization
+            matmuls.append((0 if q is None or q.scale is None else len(q.scale), bool(op.builtinOptions.adjY)))
     floats = [str(i) for i, t in enumerate(sub.tensors) if t.type == FLOAT32]
 
     def quant(index: int) -> tuple[float, int]:
@@ -311,6 +342,7 @@ def describe(data: bytes) -> dict[str, Any]:
         ops=ops,
         weight_scales=weight_scales,
         bias_scales=bias_scales,
+        matmuls=matmuls,
         tensors=len(sub.tensors),
         float_tensors=floats,
         input_type=int(sub.tensors[sub.inputs[0]].type),
