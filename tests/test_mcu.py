@@ -96,18 +96,22 @@ def test_bench_mcu_coefficients_flag_refuses_unknown_forms(capsys) -> None:
 
 
 @pytest.mark.runtime
-def test_int8_recipe_quantizes_fully_connected_per_tensor_only_when_asked() -> None:
-    """``int8_recipe(True)`` (the linear coefficient form) adds a FULLY_CONNECTED entry with per-tensor weights on
-    top of the static recipe's per-channel one; the default is ai-edge-quantizer's ``static_wi8_ai8`` as it is."""
+def test_int8_recipe_quantizes_linear_layers_per_tensor_only_when_asked() -> None:
+    """``int8_recipe(True)`` (the matmul and linear coefficient forms) adds FULLY_CONNECTED and BATCH_MATMUL entries
+    with per-tensor weights on top of the static recipe's per-channel one; without, it is ai-edge-quantizer's
+    ``static_wi8_ai8`` as it is."""
     pytest.importorskip("ai_edge_quantizer")
     from ai_edge_quantizer import recipe
 
     from micronet_torch.runtime.mcu import int8_recipe
 
     assert int8_recipe() == recipe.static_wi8_ai8()
-    base, fc = int8_recipe(True)
-    assert base == recipe.static_wi8_ai8()[0] and fc["operation"] == "FULLY_CONNECTED"
-    assert fc["op_config"]["weight_tensor_config"]["granularity"] == "TENSORWISE"
+    base, *linear = int8_recipe(True)
+    assert base == recipe.static_wi8_ai8()[0] and [e["operation"] for e in linear] == [
+        "FULLY_CONNECTED",
+        "BATCH_MATMUL",
+    ]
+    assert all(e["op_config"]["weight_tensor_config"]["granularity"] == "TENSORWISE" for e in linear)
     assert base["op_config"]["weight_tensor_config"]["granularity"] == "CHANNELWISE"
 
 

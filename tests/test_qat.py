@@ -80,8 +80,8 @@ def m0_qat() -> tuple[torch.nn.Module, QatNet]:
 
 def test_qat_net_quantizes_the_mcu_graph(m0_qat) -> None:
     """One ``FakeQuant`` per requantizing op of the ``mcu`` graph; the ops whose output a fused activation
-    requantizes are conv / add / sub / mul followed by their relu (in the 1 x 1 conv coefficient form, a conv); before training (ranges unset) the net is the float
-    graph, and with ranges observed it stays within int8 noise of it."""
+    requantizes are conv / add / sub / mul followed by their relu; before training (ranges unset) the net is the
+    float graph, and with ranges observed it stays within int8 noise of it."""
     model, qnet = m0_qat
     graph = convert_to_deploy(model, backend="mcu")
     assert len(qnet.fq) == len(qnet.ops) > 100 and 0 < len(qnet.fused) < len(qnet.ops)
