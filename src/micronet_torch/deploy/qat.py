@@ -1,9 +1,9 @@
 """Quantization-aware training of the microcontroller graph: int8 fake quantization where the int8 file quantizes.
 
 The int8 ``.tflite`` (``runtime/mcu.py``) quantizes the ``mcu`` deploy graph (``deploy/mcu.py``): symmetric int8
-weights per output channel (per tensor for the fully connected layers of a form with linear coefficient layers:
-``deploy.mcu.fc_per_tensor``), and every op that computes new
-values (conv, fully connected, add, sub, mul, mean, maximum, relu, hard-sigmoid, ...) requantizes its output to
+weights per output channel (per tensor for the coefficient layers' batched matmuls or fully connected layers:
+``deploy.mcu.fc_per_tensor``), and every op that computes new values (conv, batched matmul, fully connected, add,
+sub, mul, mean, maximum, relu, hard-sigmoid, ...) requantizes its output to
 per-tensor asymmetric int8; reshapes, slices and gathers keep their input's quantization, and a conv or add
 followed by its only consumer, a relu, is one op (the activation fused). ``QatNet`` trains that same graph with
 those roundings simulated, so the network learns weights and ranges that survive them:

@@ -70,7 +70,7 @@ def run_mcu_benchmark(
     mcu_options: dict[str, Any] | None = None,
 ) -> tuple[list[McuRecord], dict[str, Any]]:
     """Export every model at every size and measure it in TFLM (see the module docstring); ``mcu_options`` are the
-    MicroNets' ``mcu`` form options (``coefficients="linear"``)."""
+    MicroNets' ``mcu`` form options (e.g. ``coefficients="conv"``)."""
     env = environment()
     records: list[McuRecord] = []
     with tempfile.TemporaryDirectory(prefix="micronet-bench-mcu-") as tmp:
