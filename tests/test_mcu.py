@@ -178,6 +178,48 @@ def test_only_convolution_biases_lose_their_scales() -> None:
     assert [t.quantization is None for t in sub.tensors] == [False, False, True, True, False, False]
 
 
+def test_constant_matmul_operands_are_stored_transposed_once() -> None:
+    """``constant_matmuls_adj_y`` stores a BATCH_MATMUL's constant per-tensor int8 right operand transposed with
+    ``adj_y`` set (once, when two ops read it) and leaves an activation or a per-channel operand as it is."""
+    pytest.importorskip("ai_edge_litert")
+    from ai_edge_litert import schema_py_generated as fb
+
+    from micronet_torch.runtime.mcu import constant_matmuls_adj_y
+
+    model, sub = fb.ModelT(), fb.SubGraphT()
+    opcode = fb.OperatorCodeT()
+    opcode.builtinCode = opcode.deprecatedBuiltinCode = fb.BuiltinOperator.BATCH_MATMUL
+    model.operatorCodes = [opcode]
+    w = np.arange(6, dtype=np.int8).reshape(1, 2, 3)
+    model.buffers = [fb.BufferT() for _ in range(3)]
+    model.buffers[1].data, model.buffers[2].data = w.view(np.uint8).ravel(), w.view(np.uint8).ravel()
+
+    def tensor(buffer: int, scales: int) -> fb.TensorT:
+        t = fb.TensorT()
+        t.type, t.buffer, t.shape = 9, buffer, np.array([1, 2, 3], np.int32)
+        t.quantization = fb.QuantizationParametersT()
+        t.quantization.scale, t.quantization.zeroPoint = [0.5] * scales, [0] * scales
+        return t
+
+    def op(rhs: int) -> fb.OperatorT:
+        o = fb.OperatorT()
+        o.opcodeIndex, o.inputs, o.outputs = 0, [0, rhs], [0]
+        o.builtinOptions = fb.BatchMatMulOptionsT()
+        return o
+
+    # tensors: 0 activation (no data), 1 constant per tensor (read twice), 2 constant per channel
+    sub.tensors = [tensor(0, 1), tensor(1, 1), tensor(2, 3)]
+    sub.operators = [op(1), op(1), op(2), op(0)]
+    model.subgraphs = [sub]
+    assert constant_matmuls_adj_y(model) == 2
+    assert [o.builtinOptions.adjY for o in sub.operators] == [True, True, False, False]
+    assert list(sub.tensors[1].shape) == [1, 3, 2] and list(sub.tensors[2].shape) == [1, 2, 3]
+    stored = np.frombuffer(bytes(model.buffers[1].data), np.int8).reshape(1, 3, 2)
+    assert np.array_equal(stored, w.transpose(0, 2, 1)) and np.array_equal(
+        model.buffers[2].data.view(np.int8), w.ravel()
+    )
+
+
 STUB = """#pragma once
 typedef enum { kTfLiteOk = 0, kTfLiteError = 1 } TfLiteStatus;
 namespace tflite {

@@ -226,6 +226,7 @@ def constant_matmuls_adj_y(model: Any) -> int:
 
     done = 0
     for sub in model.subgraphs:
+        transposed: set[int] = set()  # right operands already stored transposed (one tensor read by several ops)
         for op in sub.operators:
             if flatbuffer_utils.opcode_to_name(model, op.opcodeIndex) != "BATCH_MATMUL" or op.builtinOptions.adjY:
                 continue
@@ -233,10 +234,15 @@ def constant_matmuls_adj_y(model: Any) -> int:
             data, q = model.buffers[rhs.buffer].data, rhs.quantization
             if data is None or len(data) == 0 or rhs.type != INT8 or q is None or len(q.scale) != 1:
                 continue
-            shape = [int(d) for d in rhs.shape]
-            w = np.frombuffer(bytes(data), dtype=np.int8).reshape(shape)
-            model.buffers[rhs.buffer].data = np.ascontiguousarray(np.swapaxes(w, -1, -2)).view(np.uint8).ravel()
-            rhs.shape = np.array(shape[:-2] + shape[:-3:-1], dtype=np.int32)
+            if op.inputs[1] not in transposed:
+                shape = [int(d) for d in rhs.shape]
+                w = np.frombuffer(bytes(data), dtype=np.int8).reshape(shape)
+                model.buffers[rhs.buffer].data = np.ascontiguousarray(np.swapaxes(w, -1, -2)).view(np.uint8).ravel()
+                rhs.shape = np.array(shape[:-2] + shape[:-3:-1], dtype=np.int32)
+                if rhs.shapeSignature is not None and len(rhs.shapeSignature) == len(shape):
+                    sig = [int(d) for d in rhs.shapeSignature]
+                    rhs.shapeSignature = np.array(sig[:-2] + sig[:-3:-1], dtype=np.int32)
+                transposed.add(op.inputs[1])
             op.builtinOptions.adjY = True
             done += 1
     return done
