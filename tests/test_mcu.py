@@ -151,7 +151,7 @@ def test_only_convolution_biases_lose_their_scales() -> None:
     pytest.importorskip("ai_edge_litert")
     from ai_edge_litert import schema_py_generated as fb
 
-    from micronet_torch.runtime.mcu import drop_conv_bias_scales
+    from micronet_torch.runtime.tflm_file import drop_conv_bias_scales
 
     def tensor(kind: int) -> fb.TensorT:
         t = fb.TensorT()
@@ -184,7 +184,7 @@ def test_constant_matmul_operands_are_stored_transposed_once() -> None:
     pytest.importorskip("ai_edge_litert")
     from ai_edge_litert import schema_py_generated as fb
 
-    from micronet_torch.runtime.mcu import constant_matmuls_adj_y
+    from micronet_torch.runtime.tflm_file import constant_matmuls_adj_y
 
     model, sub = fb.ModelT(), fb.SubGraphT()
     opcode = fb.OperatorCodeT()
@@ -317,7 +317,7 @@ def test_int8_export_runs_in_tflm(exported: str, request) -> None:
     the C++ pair and the sidecar beside the file, the arena within the C++ pair's ``kArenaSize``."""
     import json
 
-    from micronet_torch.runtime.mcu import describe
+    from micronet_torch.runtime.tflm_file import describe
 
     name, report, options, _ = request.getfixturevalue(exported)
     assert options.format == "tflm" and not options.int8
