@@ -201,6 +201,12 @@ def test_pixel_graph_trains_the_folded_stem(m0_qat) -> None:
     assert not restore_qat(model, old.state_dict(), 32, 3, norm).pixels  # a run of the earlier form
     convs = restore_qat(model, qat_net(model, 32, 3, norm, coefficients="conv").state_dict(), 32, 3, norm)
     assert convs.pixels and not convs.fc_per_tensor  # a run of the 1 x 1 conv coefficient form keeps its form
+    # greyscale training with a 3-value mean and std: the pixel graph inverts the normalization the images had
+    # (the pipeline's channel_stats: the values averaged), not the first channel's
+    grey = trained_like(micronet_torch.create_model("micronet_m0", num_classes=10, in_chans=1)).eval()
+    gnorm = qat_net(grey, 32, 1, norm).graph.norm
+    mean1, std1 = sum(norm[0]) / 3, sum(norm[1]) / 3
+    assert float(gnorm.bias) == pytest.approx(-mean1 / std1) and float(gnorm.weight) == pytest.approx(1 / (255 * std1))
 
 
 def test_qat_needs_a_float_checkpoint(tmp_path: Path, tiny_folder: Path, capsys) -> None:

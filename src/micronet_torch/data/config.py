@@ -12,6 +12,7 @@ predict`` apply exactly what training evaluated:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -101,6 +102,17 @@ class DataConfig:
     @property
     def resize_size(self) -> int:
         return math.floor(self.img_size / self.crop_pct)
+
+
+def channel_stats(values: Sequence[float], chans: int) -> list[float]:
+    """A per-channel mean or std for ``chans`` channels, as the image pipeline normalizes with it: as it is when the
+    lengths match, averaged for one channel, repeated from one value, else cut to the first ``chans``."""
+    values = list(values)
+    if len(values) == chans:
+        return values
+    if chans == 1:
+        return [sum(values) / len(values)]
+    return (values * chans)[:chans] if len(values) == 1 else values[:chans]
 
 
 def is_number(v: Any) -> bool:

@@ -8,14 +8,13 @@ model rather than with per-image Python and moves 4x fewer bytes to a GPU.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from .config import DataConfig, DataError
+from .config import DataConfig, DataError, channel_stats
 from .preprocess import eval_resize, upright
 from .scan import ImageFileError, open_image_safely
 
@@ -79,20 +78,11 @@ def normalize(x: torch.Tensor, cfg: DataConfig, channels_last: bool = False) -> 
             x = (x * w).sum(1, keepdim=True)
         else:
             raise DataError(f"images have {x.shape[1]} channels but the model takes {cfg.in_chans}")
-    mean, std = _stats(cfg.mean, cfg.in_chans), _stats(cfg.std, cfg.in_chans)
+    mean, std = channel_stats(cfg.mean, cfg.in_chans), channel_stats(cfg.std, cfg.in_chans)
     mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
     x = (x - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
-
-
-def _stats(values: Sequence[float], chans: int) -> list[float]:
-    values = list(values)
-    if len(values) == chans:
-        return values
-    if chans == 1:
-        return [sum(values) / len(values)]
-    return (values * chans)[:chans] if len(values) == 1 else values[:chans]
 
 
 def augment_batch(x: torch.Tensor, cfg: DataConfig, generator: torch.Generator) -> torch.Tensor:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..data.config import channel_stats
 from ..models import MicroNet
 from .convert import convert_to_deploy
 from .mcu import fc_per_tensor
@@ -289,7 +290,7 @@ def qat_net(
     mcu = isinstance(model, MicroNet)
     graph = convert_to_deploy(model, backend="mcu", **options) if mcu else copy.deepcopy(model)
     if mcu and pixel_norm is not None:
-        mean, std = (tuple(v) * in_chans if len(v) == 1 else tuple(v)[:in_chans] for v in pixel_norm)
+        mean, std = (tuple(channel_stats(v, in_chans)) for v in pixel_norm)  # what the training images saw
         graph = PixelInput(graph, mean, std, fold_stem=True, trainable_stem=True)
     graph.eval()
     for p in graph.parameters():

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .._fs import atomic_write
+from ..data.config import IMAGENET_MEAN, IMAGENET_STD, channel_stats
 from ..deploy.mcu import fc_per_tensor, tflite_gathers
 from ..deploy.pixel_input import mcu_graph
 from ..deploy.qat import Int8Graph, QatNet
@@ -47,7 +48,6 @@ INPUT_SCALE, INPUT_ZERO_POINT = 1.0, -128  # int8 input = camera pixel - 128
 MIN_STEP_AGREEMENT = 0.99  # TFLM vs LiteRT: outputs within one int8 step
 RANGE_PERCENTILE = 99.5  # an activation's int8 range: this percentile of the calibration images' maxima (see below)
 CHECK_COUNT = 1000  # held-out images the export runs in LiteRT and TFLM
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # a file without its sidecar
 
 
 @dataclass
@@ -228,6 +228,14 @@ def run_litert_int8(path: Path, q_inputs: np.ndarray) -> np.ndarray:
     return np.concatenate(outs)
 
 
+def pixel_stats(meta: dict[str, str], chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean and std a file's metadata records (ImageNet's without), for ``chans`` channels as the image pipeline
+    applied them (``channel_stats``: a 3-value mean averaged for greyscale), so the pixels are the ones it saw."""
+    mean = json.loads(meta["mean"]) if "mean" in meta else IMAGENET_MEAN
+    std = json.loads(meta["std"]) if "std" in meta else IMAGENET_STD
+    return tuple(channel_stats(mean, chans)), tuple(channel_stats(std, chans))
+
+
 def quantize_pixels(pixels: np.ndarray) -> np.ndarray:
     """Camera pixels as the file's int8 input: ``pixel - 128``."""
     return (np.round(pixels) + INPUT_ZERO_POINT).astype(np.int8)
@@ -298,8 +306,7 @@ def export_target(
     ``checks`` lines; a float tensor left or TFLM off LiteRT by more than one step is a failure."""
     meta = dict(metadata or {})
     chans, size = int(input_shape[1]), int(input_shape[-1])
-    mean = tuple(json.loads(meta["mean"])) if "mean" in meta else IMAGENET_MEAN[:chans]
-    std = tuple(json.loads(meta["std"])) if "std" in meta else IMAGENET_STD[:chans]
+    mean, std = pixel_stats(meta, chans)
     if options.calibration is None:
         raise ValueError("the tflm export needs calibration images (--calib DIR)")
     calib_x, what, check_x, check_what = options.calibration
@@ -355,18 +362,16 @@ def load_runner(path: str | os.PathLike, threads: int = 1) -> Callable[[torch.Te
     by image; the int8 logits dequantized to float."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType  # optional heavy dependency
 
-    meta = read_json_beside(path)
-    mean = tuple(json.loads(meta["mean"])) if "mean" in meta else IMAGENET_MEAN
-    std = tuple(json.loads(meta["std"])) if "std" in meta else IMAGENET_STD
     with captured():
         ref = OpResolverType.BUILTIN_REF
         interp = Interpreter(model_path=str(path), num_threads=threads, experimental_op_resolver_type=ref)
         interp.allocate_tensors()
     inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
     out_scale, out_zero = out["quantization"]
+    mean, std = pixel_stats(read_json_beside(path), int(inp["shape"][-1]))  # NHWC: the channels last
 
     def run(x: torch.Tensor) -> np.ndarray:
-        q = quantize_pixels(pixels_of(x, mean[: x.shape[1]], std[: x.shape[1]]))
+        q = quantize_pixels(pixels_of(x, mean, std))
         outs = []
         for img in q:
             interp.set_tensor(inp["index"], img[None])
