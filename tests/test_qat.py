@@ -23,6 +23,7 @@ from micronet_torch.deploy.qat import (
     with_qat,
 )
 from micronet_torch.tools.bench import trained_like
+from micronet_torch.train.recipes import RECIPES
 
 
 def test_weights_round_to_per_channel_int8() -> None:
@@ -209,14 +210,33 @@ def test_pixel_graph_trains_the_folded_stem(m0_qat) -> None:
     assert float(gnorm.bias) == pytest.approx(-mean1 / std1) and float(gnorm.weight) == pytest.approx(1 / (255 * std1))
 
 
-def test_qat_needs_a_float_checkpoint(tmp_path: Path, tiny_folder: Path, capsys) -> None:
-    """``--qat`` without ``--pretrained`` (or with ``--amp``): one line, exit 2, nothing trained."""
+def test_qat_refuses_what_it_cannot_train(tmp_path: Path, tiny_folder: Path, capsys) -> None:
+    """``--qat`` with ``--amp`` (the int8 graph trains in float32): one line, exit 2, nothing trained."""
     base = ["train", "--data", str(tiny_folder), "--img-size", "20", "--workers", "0", "--qat"]
-    assert main([*base, "--output", str(tmp_path / "a")]) == 2
-    err = capsys.readouterr().err
-    assert "--pretrained" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert main([*base, "--pretrained", "x.pt", "--amp", "--output", str(tmp_path / "b")]) == 2
-    assert "drop --amp" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "drop --amp" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_qat_without_pretrained_trains_the_float_network_first(tmp_path: Path, tiny_folder: Path) -> None:
+    """``--qat`` from scratch: the float run in OUTPUT/float (the epochs given), then the QAT fine-tuning of its
+    best.pt in OUTPUT (the qat recipe, the float run's image size); ``--resume`` of the finished run trains
+    neither again."""
+    out = tmp_path / "run"
+    args = ["train", "--qat", "--data", str(tiny_folder), "--epochs", "1", "--img-size", "20", "--batch-size", "6"]
+    args += ["--workers", "0", "--quiet", "--output", str(out)]
+    assert main(args) == 0
+    float_run = torch.load(out / "float" / "last.pt", weights_only=True)
+    assert float_run["config"]["qat"] is False and float_run["config"]["recipe"] == "default"
+    assert float_run["epoch"] == 1 and float_run["config"]["epochs"] == 1
+    qat = torch.load(out / "last.pt", weights_only=True)
+    cfg = qat["config"]
+    assert cfg["qat"] is True and cfg["recipe"] == "qat" and cfg["pretrained"] == str(out / "float" / "best.pt")
+    assert cfg["epochs"] == RECIPES["qat"].epochs == qat["epoch"] and cfg["img_size"] == 20
+    assert any(k.startswith("fq.") for k in qat["model"]) and qat["float_model"]
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "float" / "best.pt", out / "best.pt")}
+    assert main([*args, "--resume"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
 class StopAfter(Exception):

@@ -119,7 +119,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="fine-tune --pretrained's int8 microcontroller graph with int8 fake quantization (export it with "
-        "--format tflm); the recipe becomes 'qat' (3 epochs, small rate) unless --recipe is given",
+        "--format tflm); the recipe becomes 'qat' (3 epochs, small rate) unless --recipe is given. Without "
+        "--pretrained the float model is trained first (OUTPUT/float, the recipe and --epochs given), then "
+        "fine-tuned with the 'qat' recipe",
     )
 
 

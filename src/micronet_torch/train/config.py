@@ -278,11 +278,12 @@ def validate(cfg: TrainConfig, world: int) -> None:
 
 
 def _check_qat(cfg: TrainConfig) -> None:
-    """``--qat`` fine-tunes the folded int8 graph of a trained float model, in float32, eagerly."""
+    """``--qat`` fine-tunes the folded int8 graph of a trained float model, in float32, eagerly (``train.train``
+    trains the float model first when no ``--pretrained`` is given)."""
     if not cfg.pretrained:
         raise TrainingError(
             "--qat fine-tunes a trained float model (its BatchNorm folded into the int8 graph): pass --pretrained "
-            "runs/<run>/best.pt (train it without --qat first)"
+            "runs/<run>/best.pt, or run micronet train --qat without it to train the float model first"
         )
     for flag, on in (("--amp", cfg.amp), ("--compile", cfg.compile), ("--sync-bn", cfg.sync_bn)):
         if on:

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Collection
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from .distributed import broadcast_buffers, seed_everything, setup_distributed
 from .logs import Progress
 from .loop import LossNotFinite, TrainParts, evaluate, train_one_epoch
 from .resume import check_epochs, merge_resumed, restore_optimizer, restretch_schedule
-from .run_folder import Lock, check_output_dir, describe_holder
+from .run_folder import Lock, check_output_dir, describe_holder, read_summary
 from .run_log import RunLog
 from .signals import Interrupted, StopFlag
 from .state import TrainState, read_resumable
@@ -357,5 +358,67 @@ def train(
 
     ``given`` names the settings the caller set (on ``--resume`` each one that differs from the saved run is
     a change, even at its default value); None: those that differ from ``TrainConfig()``'s defaults.
+
+    ``cfg.qat`` without ``cfg.pretrained`` is two runs (``float_then_qat``): the float network first, then the
+    quantization-aware fine-tuning of its best checkpoint.
     """
+    if cfg.qat and not cfg.pretrained:
+        return float_then_qat(cfg, resume, overwrite, resume_if_present, given)
     return Trainer(cfg, resume=resume, overwrite=overwrite, given=given, resume_if_present=resume_if_present).run()
+
+
+FLOAT_PHASE = "float"  # the float run's folder inside a two-phase --qat run's output
+# settings a two-phase --qat run gives its float phase only: the fine-tuning takes the qat recipe's
+QAT_RECIPE_FIELDS = (
+    "epochs", "lr", "min_lr", "warmup_epochs", "warmup_lr", "opt", "weight_decay", "wd_all", "label_smoothing",
+    "drop_rate",
+)  # fmt: skip
+
+
+def float_then_qat(
+    cfg: TrainConfig,
+    resume: str | None = None,
+    overwrite: bool = False,
+    resume_if_present: bool = False,
+    given: Collection[str] | None = None,
+) -> dict[str, Any]:
+    """``--qat`` from scratch: QAT fine-tunes the int8 graph of a trained float network (its BatchNorm folded,
+    so it needs trained statistics), so the float network is trained first, in ``OUTPUT/float`` (the recipe
+    asked for, or the default one, and every setting given), then fine-tuned in ``OUTPUT`` from
+    ``OUTPUT/float/best.pt`` with the ``qat`` recipe (its epochs and rates; the image size, batch size and data
+    settings of the float run). ``--resume`` continues whichever phase was cut short (a finished float phase is
+    not trained again); returns the fine-tuning's summary, with the float run's under ``float_run``."""
+    float_out = Path(cfg.output) / FLOAT_PHASE
+    float_cfg = replace(cfg, qat=False, output=str(float_out), recipe="default" if cfg.recipe == "qat" else cfg.recipe)
+    float_given = None if given is None else set(given) - {"qat"}
+    continuing = bool(resume) or resume_if_present
+    if int(os.environ.get("RANK", "0")) == 0 and not cfg.quiet:
+        print(f"--qat without --pretrained: training the float network first ({float_out}), then its int8 graph")
+    done = _completed_summary(float_out, cfg.epochs) if continuing else None
+    float_summary = done or train(
+        float_cfg, resume="auto" if continuing else None, overwrite=overwrite, resume_if_present=True,
+        given=float_given,
+    )  # fmt: skip
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every process reads the best.pt the first one wrote
+    trained = TrainConfig.from_dict(float_summary["config"]) if float_summary else resolve(float_cfg)
+    qat_cfg = replace(
+        cfg, recipe="qat", pretrained=str(float_out / "best.pt"), img_size=trained.img_size,
+        amp=False, compile=False, sync_bn=False, mixup=0.0, cutmix=0.0, reprob=0.0, **dict.fromkeys(QAT_RECIPE_FIELDS),
+    )  # fmt: skip
+    summary = train(qat_cfg, resume="auto" if continuing else None, overwrite=overwrite, resume_if_present=True)
+    if summary:
+        summary["float_run"] = {k: float_summary.get(k) for k in ("output", "best_top1", "epochs_completed")}
+    return summary
+
+
+def _completed_summary(out: Path, epochs: int | None) -> dict[str, Any] | None:
+    """The ``summary.json`` of a completed run in ``out`` (with its ``best.pt``, and at least ``epochs`` epochs
+    when given), else None."""
+    try:
+        summary = read_summary(out / "summary.json")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("status") != "completed" or not (out / "best.pt").is_file():
+        return None
+    return summary if epochs is None or int(summary.get("epochs_completed") or 0) >= epochs else None
