@@ -304,3 +304,34 @@ def test_qat_checkpoint_is_evaluated_and_exported_as_its_graph(qat_runs: dict[st
     with torch.no_grad():
         rel = float((graph(x) - loaded.model(x)).abs().max() / loaded.model(x).abs().max())
     assert rel < 0.25
+
+
+@pytest.mark.runtime  # LiteRT's converter and interpreter
+def test_tflm_export_takes_the_trained_ranges(qat_runs: dict[str, Path]) -> None:
+    """The int8 file's activation tensors that the run quantized keep the trained range (scale ``(hi - lo) / 255``,
+    0 inside): the quantizer changes none, so the simulation trained what the file computes (a maximum's inputs
+    take its range, a hard-sigmoid is quantized as relu6(z + 3) then / 6, as the converter writes them)."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    from micronet_torch.deploy.pixel_input import mcu_graph
+    from micronet_torch.models import load_model
+    from micronet_torch.runtime import mcu
+    from micronet_torch.tools.bench_mcu import synthetic_pixels
+
+    loaded = with_qat(load_model(qat_runs["straight"] / "best.pt"), True)
+    cfg = loaded.data_config
+    graph = mcu_graph(loaded.model, tuple(cfg.mean), tuple(cfg.std))
+    pixels = synthetic_pixels(8, 20, seed=1)[..., : cfg.in_chans]
+    float_path = mcu.float_tflite(graph, qat_runs["straight"] / "float.tflite", (1, 20, 20, cfg.in_chans))
+    ranges = mcu.trained_ranges(float_path, loaded.model.qat_net, graph.norm, pixels)
+    data = mcu.quantize_int8(float_path, pixels, ranges, mcu.fc_per_tensor(graph), keep_names=True)
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+    checked = 0
+    for t in model.subgraphs[0].tensors:
+        name = t.name.decode() if isinstance(t.name, bytes) else t.name
+        if name not in ranges or t.type != 9:  # int8
+            continue
+        lo, hi = min(ranges[name][0], 0.0), max(ranges[name][1], 0.0)
+        assert float(t.quantization.scale[0]) == pytest.approx((hi - lo) / 255, rel=1e-3, abs=1e-9), name
+        checked += 1
+    assert checked >= 0.9 * len(ranges) > 50

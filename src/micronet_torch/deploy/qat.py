@@ -51,6 +51,14 @@ FUSED_ACTIVATIONS = frozenset({"relu", "relu_", "relu6", "hardtanh"})  # folded 
 FUSING_PRODUCERS = frozenset(
     "conv2d linear add __add__ __radd__ __iadd__ sub __sub__ __rsub__ mul __mul__ __rmul__ __imul__".split()
 )
+ADDS = frozenset("add __add__ __radd__ __iadd__".split())
+# What the simulation matches in the file, by version (a --qat checkpoint keeps the one it was trained with):
+# 1: every requantizing call's output quantized on its own range;
+# 2: as the converter writes the file, a hard-sigmoid is relu6(z + 3) (one ADD with RELU6 fused, requantized)
+#    times 1 / 6 (a MUL), and a bias add before it is folded into that ADD (not requantized); the inputs of a
+#    maximum take the maximum's range (the quantizer gives MAXIMUM's inputs its output's quantization), so an op
+#    whose only consumer is a maximum is not requantized on its own.
+SIM_VERSION = 2
 
 
 def fake_quant_weight(w: torch.Tensor, per_tensor: bool = False) -> torch.Tensor:
@@ -133,6 +141,9 @@ class _QatMode(TorchFunctionMode):
         self.activations: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         self.producer: dict[int, int] = {}  # id of an activation -> index of the requantizing call that made it
         self.consumers: dict[int, list[str]] = {}  # requantizing call -> names of the calls reading its output
+        # requantizing call -> the requantizing calls reading its output, through reshapes, slices and gathers
+        self.reached: dict[int, list[str]] = {}
+        self.reach: dict[int, int] = {}  # id of an activation -> the requantizing call whose values it carries
         self.kept: list[torch.Tensor] = []  # while recording: keep outputs alive so their ids stay unique
 
     def mark(self, x: torch.Tensor) -> None:
@@ -150,28 +161,57 @@ class _QatMode(TorchFunctionMode):
         elif name == "bmm" and len(args) > 1 and self.activations.get(id(args[1])) is not args[1]:
             # a MatMulLinear's weights (deploy.mcu): BATCH_MATMUL's constant operand, per tensor in the file
             args = (args[0], fake_quant_weight(args[1], per_tensor=True), *args[2:])
+        if name == "hardsigmoid" and self.net.version >= 2:
+            return self._hardsigmoid(args[0], inputs)
         out = func(*args, **kwargs)
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             return out
-        if self.record:
-            for t in inputs:
-                if id(t) in self.producer:
-                    self.consumers[self.producer[id(t)]].append(name)
+        sources = self._consumed(name, inputs)
         if name in REQUANTIZING:
-            k = self.index
-            self.index += 1
-            if self.record:
-                self.net.fq.append(FakeQuant(self.net.momentum).to(out.device))
-                self.net.ops.append(name)
-                self.consumers[k] = []
-                self.producer[id(out)] = k
-                self.kept.append(out)
-            elif self.capture is not None:  # float values, as the float file computes them
-                self.capture.append(out)
-            elif k not in self.net.fused:
-                out = self.net.fq[k](out)
+            out = self._requantize(name, out)
         elif self.record:
             self.kept.append(out)
+            if sources:  # a reshape, slice or gather: the same values, the same quantization
+                self.reach[id(out)] = sources[0]
+        self.mark(out)
+        return out
+
+    def _consumed(self, name: str, inputs: list[torch.Tensor]) -> list[int]:
+        """While recording: note ``name`` as a consumer of its inputs' producers; the requantizing calls whose
+        values the inputs carry."""
+        if not self.record:
+            return []
+        for t in inputs:
+            if id(t) in self.producer:
+                self.consumers[self.producer[id(t)]].append(name)
+        sources = [self.reach[id(t)] for t in inputs if id(t) in self.reach]
+        if name in REQUANTIZING:
+            for k in sources:
+                self.reached[k].append(name)
+        return sources
+
+    def _requantize(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """The next quantization point: created (recording), captured (float values) or applied."""
+        k = self.index
+        self.index += 1
+        if self.record:
+            self.net.fq.append(FakeQuant(self.net.momentum).to(out.device))
+            self.net.ops.append(name)
+            self.consumers[k], self.reached[k] = [], []
+            self.producer[id(out)] = self.reach[id(out)] = k
+            self.kept.append(out)
+        elif self.capture is not None:  # float values, as the float file computes them
+            self.capture.append(out)
+        elif k not in self.net.fused:
+            out = self.net.fq[k](out)
+        return out
+
+    def _hardsigmoid(self, z: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """``hardsigmoid(z)`` as the file computes it: ``relu6(z + 3)`` requantized, times 1 / 6 requantized."""
+        self._consumed("hardsigmoid", inputs)
+        inner = self._requantize("hardsigmoid.relu6", torch.nn.functional.relu6(z + 3.0))
+        self._consumed("hardsigmoid", [inner])
+        out = self._requantize("hardsigmoid", inner * (1.0 / 6.0))
         self.mark(out)
         return out
 
@@ -187,10 +227,15 @@ class QatNet(nn.Module):
     ``example`` is one input batch's shape (NCHW) for the first pass.
     """
 
-    def __init__(self, graph: nn.Module, example: tuple[int, ...], momentum: float = 0.01) -> None:
+    def __init__(
+        self, graph: nn.Module, example: tuple[int, ...], momentum: float = 0.01, version: int = SIM_VERSION
+    ) -> None:
         super().__init__()
         self.graph = graph
         self.momentum = momentum
+        self.version = version  # SIM_VERSION's: what the simulation matches in the file
+        if version >= 2:  # saved with the weights, so a checkpoint is restored in the version it was trained in
+            self.register_buffer("sim_version", torch.tensor(version))
         self.pixels = isinstance(graph, PixelInput) and graph.folded
         self.input_quant = FakeQuant(0.0 if self.pixels else momentum)
         if self.pixels:  # camera pixels: 0..255 in int8 steps of 1, fixed
@@ -209,6 +254,12 @@ class QatNet(nn.Module):
             for k, users in mode.consumers.items()
             if self.ops[k] in FUSING_PRODUCERS and len(users) == 1 and users[0] in FUSED_ACTIVATIONS
         }
+        if version >= 2:  # folded into the hard-sigmoid's ADD; requantized to the maximum's range
+            self.fused |= {
+                k
+                for k, users in mode.consumers.items()
+                if (self.ops[k] in ADDS and mode.reached[k] == ["hardsigmoid"]) or users == ["maximum"]
+            }
 
     def graph_input(self, x: torch.Tensor) -> torch.Tensor:
         """What ``graph`` takes for normalized NCHW images ``x``: ``x``, or for a pixel graph the camera pixels
@@ -280,13 +331,15 @@ def qat_net(
     img_size: int,
     in_chans: int,
     pixel_norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    version: int = SIM_VERSION,
     **options: Any,
 ) -> QatNet:
     """``QatNet`` of a float model: a MicroNet's ``mcu`` deploy form (BatchNorm folded: fine-tune a trained
     network; ``options`` are the form's, e.g. ``coefficients="linear"``), another model (the MobileNetV3 baselines)
     as it is, in eval mode (no dropout, no batch statistics). With ``pixel_norm`` (the data's mean and std) a
     MicroNet's graph takes camera pixels with the normalization folded into its stem, as the int8 file does
-    (``deploy.pixel_input``): the folded weights are the ones rounded, and the file has no normalization op."""
+    (``deploy.pixel_input``): the folded weights are the ones rounded, and the file has no normalization op.
+    ``version``: what the simulation matches in the file (``SIM_VERSION``)."""
     mcu = isinstance(model, MicroNet)
     graph = convert_to_deploy(model, backend="mcu", **options) if mcu else copy.deepcopy(model)
     if mcu and pixel_norm is not None:
@@ -297,7 +350,7 @@ def qat_net(
         p.requires_grad_(True)
     if isinstance(graph, PixelInput):
         graph.norm.requires_grad_(False)  # the data's normalization: constants
-    return QatNet(graph, (1, in_chans, img_size, img_size))
+    return QatNet(graph, (1, in_chans, img_size, img_size), version=version)
 
 
 def restore_qat(
@@ -310,12 +363,13 @@ def restore_qat(
     """The ``QatNet`` a ``--qat`` run saved (``state``), rebuilt on ``model`` (the float network it started from)
     in the form it was trained in, and in eval mode: a state with a pixel graph's keys on ``pixel_norm`` (one of the
     earlier form, trained on normalized images, without), with 4-D coefficient weights in the 1 x 1 conv
-    coefficient form (whose weights are rounded per channel); weights that do not fit are a ``ValueError``, one
-    line."""
+    coefficient form (whose weights are rounded per channel), in its simulation's version (``SIM_VERSION``; 1 where
+    it saved none); weights that do not fit are a ``ValueError``, one line."""
     pixels = any(k.startswith("graph.body.") for k in state)
     convs = any(k.endswith((".fc1.weight", ".fc2.weight")) and v.dim() == 4 for k, v in state.items())
     options = {"coefficients": "conv"} if convs and isinstance(model, MicroNet) else {}
-    qnet = qat_net(model, img_size, in_chans, pixel_norm if pixels else None, **options)
+    version = int(state["sim_version"]) if "sim_version" in state else 1
+    qnet = qat_net(model, img_size, in_chans, pixel_norm if pixels else None, version, **options)
     try:
         qnet.load_state_dict(state)
     except RuntimeError as err:

@@ -79,7 +79,8 @@ def pixels_of(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) 
     return p.permute(0, 2, 3, 1).numpy().astype(np.float32)
 
 
-def _float_tflite(graph: nn.Module, path: Path, shape: tuple[int, int, int, int]) -> Path:
+def float_tflite(graph: nn.Module, path: Path, shape: tuple[int, int, int, int]) -> Path:
+    """The float ``.tflite`` of ``graph`` (NHWC input ``shape``) that the int8 file is quantized from."""
     with ExitStack() as stack:
         with captured():  # importing litert_torch's tables (torchao) logs a torch deprecation line on stderr
             stack.enter_context(tflite_gathers())  # the mcu form's gathers as single GATHER ops (deploy/mcu.py)
@@ -169,11 +170,12 @@ def quantize_int8(
     calib_pixels: np.ndarray,
     ranges: dict[str, tuple[float, float]] | None = None,
     fc_per_tensor: bool = False,
+    keep_names: bool = False,
 ) -> bytes:
     """ai-edge-quantizer's static int8 recipe on the float file (``int8_recipe(fc_per_tensor)``), calibrated on
     ``calib_pixels`` (N, H, W, C) with the input range pinned to 0..255 and the tensors of ``ranges`` (a
     ``--qat`` run's, ``trained_ranges``) given theirs; returns the file's bytes with every buffer inside the
-    flatbuffer and no tensor names."""
+    flatbuffer and no tensor names (``keep_names``: the float file's, to inspect it)."""
     try:
         from ai_edge_litert.tools import flatbuffer_utils
         from ai_edge_quantizer import calibrator, quantizer, recipe_manager
@@ -204,7 +206,8 @@ def quantize_int8(
                 qsvs[name] = {"min": np.full_like(qsvs[name]["min"], lo), "max": np.full_like(qsvs[name]["max"], hi)}
         quantized = qt.quantize(qsvs, enable_progress_report=False).quantized_model
     model = read_model(quantized)  # resolves buffers stored after the flatbuffer into the model
-    flatbuffer_utils.strip_strings(model)
+    if not keep_names:
+        flatbuffer_utils.strip_strings(model)
     drop_conv_bias_scales(model)
     constant_matmuls_adj_y(model)
     return pack_for_tflm(model)
@@ -263,7 +266,7 @@ def export_mcu(
     graph = mcu_graph(model, mean, std, **options)
     ranges: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory(prefix="micronet-mcu-") as tmp:
-        float_path = _float_tflite(graph, Path(tmp) / "float.tflite", (1, img_size, img_size, in_chans))
+        float_path = float_tflite(graph, Path(tmp) / "float.tflite", (1, img_size, img_size, in_chans))
         if isinstance(model, Int8Graph):  # a --qat checkpoint: its trained ranges
             ranges = trained_ranges(float_path, model.qat_net, graph.norm, calib_pixels)
         data = quantize_int8(float_path, calib_pixels, ranges, fc_per_tensor(graph))
