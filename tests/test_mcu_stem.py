@@ -34,8 +34,8 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def test_separable_stem_keeps_only_the_stem_pair_unmerged(m0: nn.Module) -> None:
-    """``stem="separable"``: the stem's 3 x 1 / 1 x 3 pair stays two convs, every other factorized pair is merged
-    as in the default form, no channel gather is added at the stem, and an unknown choice is refused."""
+    """``stem="separable"`` (the default): the stem's 3 x 1 / 1 x 3 pair stays two convs, every other factorized
+    pair is merged as with ``stem="merged"``, and an unknown choice is refused."""
     merged = convert_to_deploy(m0, backend="mcu", stem="merged").features
     separable = convert_to_deploy(m0, backend="mcu", stem="separable").features
     conv1, conv2 = separable[0], separable[1]
@@ -43,6 +43,7 @@ def test_separable_stem_keeps_only_the_stem_pair_unmerged(m0: nn.Module) -> None
     assert (conv2.kernel_size, conv2.stride, conv2.groups) == ((1, 3), (1, 2), conv1.out_channels)
     assert merged[0].kernel_size == (3, 3) and len(separable) == len(merged) + 1
     assert [type(m) for m in separable[2:]] == [type(m) for m in merged[1:]]
+    assert convert_to_deploy(m0, backend="mcu").features[0].kernel_size == (3, 1)
     with pytest.raises(ValueError, match="stem"):
         convert_to_deploy(m0, backend="mcu", stem="wrong")
 

@@ -142,7 +142,7 @@ def portable_form(
 
 
 def mcu_form(
-    shift: str = "gather", merge: str = "all", coefficients: str = "matmul", stem: str = "merged"
+    shift: str = "gather", merge: str = "all", coefficients: str = "matmul", stem: str = "separable"
 ) -> tuple[tuple[Pass, ...], Emitter]:
     """The microcontroller form (``mcu.py``): the portable passes with every factorized pair merged, its Dynamic
     Shift-Max written in the ops a fully int8 TFLite Micro model quantizes; ``shift`` takes each group-circular

@@ -161,6 +161,11 @@ class PixelSeparableStem(nn.Module):
     SAME padding is PyTorch's, with no PAD op. The pair costs TFLM's reference kernels fewer output elements times
     filter taps than the merged 3 x 3 conv (3 taps on a map half as large, then 3 on one channel), and the border
     map is a vector, not a full map. Odd sizes take the unfolded path.
+
+    The pair's intermediate map is one more int8 tensor, quantized per tensor, whose channels can span very different
+    ranges; each channel ``a`` of ``conv1'`` is scaled by ``s_a`` and the ``conv2`` weights that read it by
+    ``1 / s_a`` (exact; ``conv2``'s weights are rounded per output channel, each of which reads one channel), so that
+    every channel's bound over pixels 0..255 is the widest one's (``channel_scales``): each uses the whole int8 range.
     """
 
     def __init__(self, norm: nn.Conv2d, conv1: nn.Conv2d, conv2: nn.Conv2d, trainable: bool = False) -> None:
@@ -173,25 +178,40 @@ class PixelSeparableStem(nn.Module):
             self.register_buffer("bias", bias.detach().to(conv1.weight.dtype))
             self.register_buffer("weight2", w2.detach().to(conv2.weight.dtype))
 
+    def channel_scales(self, dtype: torch.dtype) -> torch.Tensor:
+        """``s``: the widest channel's bound over the pixels 0..255 over each channel's (the bound of ``conv1'``'s
+        output channel ``a``: its bias plus its positive, or negative, weights times 255), computed in ``dtype`` (no
+        gradient: a scale of the form, not a weight)."""
+        with torch.no_grad():
+            w = self.conv1.weight.to(dtype) * self.norm.weight.to(dtype).view(1, -1, 1, 1)
+            bias = self.conv1.bias.to(dtype) + (
+                self.conv1.weight.to(dtype) * self.norm.bias.to(dtype).view(1, -1, 1, 1)
+            ).sum((1, 2, 3))
+            hi = bias + 255.0 * w.clamp_min(0).sum((1, 2, 3))
+            lo = bias + 255.0 * w.clamp_max(0).sum((1, 2, 3))
+            bound = torch.maximum(hi.abs(), lo.abs()).clamp_min(1e-12)
+            return bound.amax() / bound
+
     def folded(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``conv1'``'s 4 x 1 weights, its bias (``conv1(norm(0))`` away from the borders) and ``conv2``'s 1 x 4
-        weights, computed in ``dtype`` from the pair's weights (differentiable: a trainable stem calls this at
-        every step)."""
+        """``conv1'``'s 4 x 1 weights and its bias (``conv1(norm(0))`` away from the borders), each channel times
+        ``s``, and ``conv2``'s 1 x 4 weights over the ``s`` of the channel each reads, computed in ``dtype`` from the
+        pair's weights (differentiable: a trainable stem calls this at every step)."""
+        scale = self.channel_scales(dtype)
         w = self.conv1.weight.to(dtype)
-        w1 = F.pad(w * self.norm.weight.detach().to(dtype).view(1, -1, 1, 1), (0, 0, 0, 1))
+        w1 = F.pad(w * self.norm.weight.detach().to(dtype).view(1, -1, 1, 1) * scale.view(-1, 1, 1, 1), (0, 0, 0, 1))
         bias = self.conv1.bias.to(dtype) + (w * self.norm.bias.detach().to(dtype).view(1, -1, 1, 1)).sum((1, 2, 3))
-        return w1, bias, F.pad(self.conv2.weight.to(dtype), (0, 1))
+        m = self.conv2.out_channels // self.conv2.in_channels
+        w2 = self.conv2.weight.to(dtype) / scale.repeat_interleave(m).view(-1, 1, 1, 1)
+        return w1, bias * scale, F.pad(w2, (0, 1))
 
     def frozen(self, round_weight: Callable[[torch.Tensor], torch.Tensor]) -> PixelSeparableStem:
-        """A fixed copy of a trainable stem whose 4 x 1 weights are ``round_weight`` of the folded ones and whose
-        ``conv2`` weights are ``round_weight`` of its own (what the int8 file stores); its border map comes from
-        ``conv1``'s own weights, as in training."""
-        conv2 = copy.deepcopy(self.conv2)
+        """A fixed copy of a trainable stem whose 4 x 1 and 1 x 4 weights are ``round_weight`` of the folded ones
+        (what the int8 file stores); its border map comes from ``conv1``'s own weights, as in training."""
+        stem = PixelSeparableStem(copy.deepcopy(self.norm), copy.deepcopy(self.conv1), copy.deepcopy(self.conv2))
+        w1, _, w2 = self.folded(self.conv1.weight.dtype)
         with torch.no_grad():
-            conv2.weight.copy_(round_weight(conv2.weight))
-        stem = PixelSeparableStem(copy.deepcopy(self.norm), copy.deepcopy(self.conv1), conv2)
-        with torch.no_grad():
-            stem.weight.copy_(round_weight(self.folded(self.conv1.weight.dtype)[0]))
+            stem.weight.copy_(round_weight(w1))
+            stem.weight2.copy_(round_weight(w2))
         return stem
 
     @staticmethod
@@ -211,18 +231,21 @@ class PixelSeparableStem(nn.Module):
         )
 
     def offset_map(self, height: int) -> torch.Tensor:
-        """``conv1(norm(0))`` less ``conv1'``'s bias at this input height, (1, C, H / 2, 1): zero but on the top row
-        (computed at every call, with gradients, in a trainable stem; else once per height, in float64)."""
+        """``conv1(norm(0))`` times ``s`` less ``conv1'``'s bias at this input height, (1, C, H / 2, 1): zero but on
+        the top row (computed at every call, with gradients, in a trainable stem; else once per height, in
+        float64)."""
         if self.trainable:
-            zero = torch.zeros(1, self.conv1.in_channels, height, 1, dtype=self.conv1.weight.dtype)
-            bias = self.folded(self.conv1.weight.dtype)[1]
-            return self.conv1(self.norm(zero.to(self.conv1.weight.device))) - bias.view(1, -1, 1, 1)
+            dtype = self.conv1.weight.dtype
+            zero = torch.zeros(1, self.conv1.in_channels, height, 1, dtype=dtype, device=self.conv1.weight.device)
+            scale = self.channel_scales(dtype).view(1, -1, 1, 1)
+            return self.conv1(self.norm(zero)) * scale - self.folded(dtype)[1].view(1, -1, 1, 1)
         key = (height, self.weight.device, self.weight.dtype)
         if key not in self._maps:
             with torch.no_grad():
                 norm, conv = copy.deepcopy(self.norm).double(), copy.deepcopy(self.conv1).double()
                 zero = torch.zeros(1, self.conv1.in_channels, height, 1, dtype=torch.float64, device=key[1])
-                emap = conv(norm(zero)) - self.bias.double().view(1, -1, 1, 1)
+                scale = self.channel_scales(torch.float64).view(1, -1, 1, 1)
+                emap = conv(norm(zero)) * scale - self.bias.double().view(1, -1, 1, 1)
                 self._maps[key] = emap.to(self.weight.dtype)
         return self._maps[key]
 
