@@ -66,13 +66,13 @@ def test_pixel_input_folds_the_normalization_into_the_stem(size: int) -> None:
     model = trained_like(micronet_torch.create_model("micronet_m0", num_classes=10)).eval()
     pixels = torch.randint(0, 256, (2, size, size, 3), generator=torch.Generator().manual_seed(0)).float()
     x = (pixels.permute(0, 3, 1, 2) / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    graph = mcu_graph(model, mean, std)
+    graph = mcu_graph(model, mean, std, stem="merged")  # the separable stem (the default): test_mcu_stem.py
     assert isinstance(graph, PixelInput) and graph.folded
     assert isinstance(graph.body.features[0], PixelStem) and graph.body.features[0].weight.shape[-2:] == (4, 4)
     with torch.no_grad():
         ref = model(x)
         assert _rel(graph(pixels), ref) <= TOL
-        deploy = convert_to_deploy(model, backend="mcu")
+        deploy = convert_to_deploy(model, backend="mcu", stem="merged")
         stem = deploy.features[0]
         assert PixelInput(deploy, mean, std, fold_stem=True).folded and deploy.features[0] is stem
         assert _rel(deploy(x), ref) <= TOL  # the caller's deploy graph still takes normalized images

@@ -175,7 +175,7 @@ def test_pixel_graph_trains_the_folded_stem(m0_qat) -> None:
 
     model, old = m0_qat
     norm = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    qnet = qat_net(model, 32, 3, norm)
+    qnet = qat_net(model, 32, 3, norm, stem="merged")  # the separable stem (the default): test_mcu_stem.py
     assert qnet.pixels and isinstance(qnet.graph, PixelInput) and qnet.graph.folded
     assert len(qnet.fq) == len(old.fq)  # the stem's ADD of its border map in place of the normalization op
     pixels = torch.randint(0, 256, (4, 32, 32, 3), generator=torch.Generator().manual_seed(3)).float()
@@ -274,7 +274,7 @@ def test_qat_run_saves_its_graph_and_resumes_bit_exactly(qat_runs: dict[str, Pat
     assert a["config"]["qat"] is True and a["config"]["recipe"] == "qat" and a["epoch"] == 2
     assert any(k.startswith("fq.") and k.endswith(".hi") for k in a["model"])
     assert any(k.startswith("graph.") for k in a["model"]) and "stem.0.conv.weight" not in a["model"]
-    assert "graph.body.features.0.conv.weight" in a["model"]  # the pixel graph: the normalization in the stem
+    assert "graph.body.features.0.conv1.weight" in a["model"]  # the pixel graph: the normalization in the stem
     assert a["float_model"] and a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     keys = ("train_loss", "val_loss", "val_top1", "lr")

@@ -22,7 +22,7 @@ from torch import nn
 from .emit import DeployEmitter, Emitter, PortableEmitter
 from .ir import Op
 from .lower import lower
-from .mcu import COEFFICIENTS, SHIFTS, McuEmitter
+from .mcu import COEFFICIENTS, SHIFTS, STEMS, McuEmitter
 from .passes import Pass, run_passes, step
 
 Form = Callable[..., tuple[tuple[Pass, ...], Emitter]]
@@ -142,18 +142,26 @@ def portable_form(
 
 
 def mcu_form(
-    shift: str = "gather", merge: str = "all", coefficients: str = "matmul"
+    shift: str = "gather", merge: str = "all", coefficients: str = "matmul", stem: str = "separable"
 ) -> tuple[tuple[Pass, ...], Emitter]:
     """The microcontroller form (``mcu.py``): the portable passes with every factorized pair merged, its Dynamic
     Shift-Max written in the ops a fully int8 TFLite Micro model quantizes; ``shift`` takes each group-circular
-    shift as one channel gather ("gather"), a twin convolution ("twin") or channel rolls ("rolls"), and
+    shift as one channel gather ("gather"), a twin convolution ("twin") or channel rolls ("rolls"),
     ``coefficients`` its two coefficient layers as batched matmuls ("matmul"), 1 x 1 convs ("conv") or linear
-    layers ("linear")."""
+    layers ("linear"), and ``stem`` merges the stem's factorized pair with the other pairs ("merged") or keeps it
+    as its k x 1 and 1 x k convs ("separable": TFLM's reference kernels cost per output element and filter tap,
+    and the pair has fewer of both than the merged k x k conv)."""
     if shift not in SHIFTS:
         raise ValueError(f"shift={shift!r}: choose one of {SHIFTS}")
     if coefficients not in COEFFICIENTS:
         raise ValueError(f"coefficients={coefficients!r}: choose one of {COEFFICIENTS}")
+    if stem not in STEMS:
+        raise ValueError(f"stem={stem!r}: choose one of {STEMS}")
     passes, _ = portable_form(merge=merge, twin_conv=shift == "twin")
+    if stem == "separable":
+        passes = tuple(
+            step(p.name, **dict(p.args), skip_stem=True) if p.name == "merge_separable" else p for p in passes
+        )
     return passes, McuEmitter(shift=shift, coefficients=coefficients)
 
 

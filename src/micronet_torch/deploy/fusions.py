@@ -78,7 +78,9 @@ def _separable_pair(a: Op, b: Op) -> bool:
     return _is_1d_conv(a, 1) and is_row_conv(b) and b.in_channels == a.out_channels
 
 
-def merge_separable(ops: list[Op], plain_only: bool = False, stem_only: bool = False) -> list[Op]:
+def merge_separable(
+    ops: list[Op], plain_only: bool = False, stem_only: bool = False, skip_stem: bool = False
+) -> list[Op]:
     """Merge every k x 1 conv directly followed by a 1 x k depthwise conv (with multiplier) into one k x k conv.
 
     Output o of the second conv reads channel ``a = o // m`` of the first, so the composite kernel is
@@ -90,6 +92,7 @@ def merge_separable(ops: list[Op], plain_only: bool = False, stem_only: bool = F
     result is a dense or a depthwise conv (ONNX Runtime's fast blocked layout takes those, not convs with
     a channel multiplier). ``stem_only`` merges only the pairs with a dense first conv (the stem) and a
     depthwise pair right after one of those (across an activation): the pattern ``phase_stem`` takes.
+    ``skip_stem`` leaves the pairs with a dense first conv (the stem) as they are.
     """
     out: list[Op] = []
     i = 0
@@ -99,6 +102,7 @@ def merge_separable(ops: list[Op], plain_only: bool = False, stem_only: bool = F
             and _separable_pair(ops[i], ops[i + 1])
             and (not plain_only or ops[i].groups in (1, ops[i + 1].out_channels))
             and (not stem_only or ops[i].groups == 1 or _after_merged_stem(out, ops[i + 1]))
+            and not (skip_stem and ops[i].groups == 1)
         ):
             a, b = ops[i], ops[i + 1]
             m = b.out_channels // b.in_channels

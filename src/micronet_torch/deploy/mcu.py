@@ -51,6 +51,7 @@ from .portable import PortableMicroNet, PortableShiftMax, TwinConvShiftMax
 
 SHIFTS = ("gather", "twin", "rolls")
 COEFFICIENTS = ("conv", "linear", "matmul")
+STEMS = ("merged", "separable")
 _MISSING = object()
 
 

@@ -363,11 +363,16 @@ def restore_qat(
     """The ``QatNet`` a ``--qat`` run saved (``state``), rebuilt on ``model`` (the float network it started from)
     in the form it was trained in, and in eval mode: a state with a pixel graph's keys on ``pixel_norm`` (one of the
     earlier form, trained on normalized images, without), with 4-D coefficient weights in the 1 x 1 conv
-    coefficient form (whose weights are rounded per channel), in its simulation's version (``SIM_VERSION``; 1 where
-    it saved none); weights that do not fit are a ``ValueError``, one line."""
+    coefficient form (whose weights are rounded per channel), with the stem merged or separable as its keys say
+    (``_stem_form``), in its simulation's version (``SIM_VERSION``; 1 where it saved none); weights that do not fit
+    are a ``ValueError``, one line."""
     pixels = any(k.startswith("graph.body.") for k in state)
     convs = any(k.endswith((".fc1.weight", ".fc2.weight")) and v.dim() == 4 for k, v in state.items())
-    options = {"coefficients": "conv"} if convs and isinstance(model, MicroNet) else {}
+    options: dict[str, str] = {}
+    if isinstance(model, MicroNet):
+        if convs:
+            options["coefficients"] = "conv"
+        options["stem"] = _stem_form(state)
     version = int(state["sim_version"]) if "sim_version" in state else 1
     qnet = qat_net(model, img_size, in_chans, pixel_norm if pixels else None, version, **options)
     try:
@@ -377,6 +382,15 @@ def restore_qat(
             "the --qat checkpoint's int8 graph does not fit its model: " + " ".join(str(err).split())[:300]
         ) from err
     return qnet.eval()
+
+
+def _stem_form(state: dict[str, torch.Tensor]) -> str:
+    """The ``mcu`` form's ``stem`` a ``--qat`` state was trained with: "separable" where its first conv is the
+    stem's 3 x 1 one (a pixel graph's ``PixelSeparableStem``, or the deploy form's first conv), else "merged"."""
+    if "graph.body.features.0.conv1.weight" in state:
+        return "separable"
+    first = state.get("graph.features.0.weight")
+    return "separable" if first is not None and tuple(first.shape[2:]) == (3, 1) else "merged"
 
 
 def with_qat(loaded: Any, for_export: bool = False) -> Any:

@@ -2,7 +2,7 @@
 
 ``export_mcu`` goes: the ``mcu`` deploy graph (``deploy.mcu``: the portable form with a MINIMUM-free clamp and each
 shift as one gather; MobileNetV3 baselines as they are) taking NHWC camera pixels (``deploy.pixel_input``: the
-normalization inside the model, folded into MicroNet's stem conv) -> a float ``.tflite`` (``litert_torch``) ->
+normalization inside the model, folded into MicroNet's stem) -> a float ``.tflite`` (``litert_torch``) ->
 Google's ai-edge-quantizer (static int8: per-channel int8 weights, per-tensor weights for the form's coefficient
 layers, batched matmuls or fully connected; int8 activations, int32 biases, int8 input and output) -> the weights
 moved back inside the flatbuffer (the quantizer appends the buffers of a model over 256 KiB after it, which TFLM's
