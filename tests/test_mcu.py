@@ -88,11 +88,12 @@ def test_mcu_backend_refuses_unknown_options() -> None:
         convert_to_deploy(model, backend="mcu", coefficients="wrong")
 
 
-def test_bench_mcu_coefficients_flag_refuses_unknown_forms(capsys) -> None:
-    """``micronet bench --mcu --mcu-coefficients`` takes the ``mcu`` form's coefficient layers (conv, linear)."""
+@pytest.mark.parametrize("flag", ["--mcu-coefficients", "--mcu-stem", "--mcu-merge"])
+def test_bench_mcu_form_flags_refuse_unknown_forms(flag: str, capsys) -> None:
+    """``micronet bench --mcu`` takes the ``mcu`` form's options (coefficient layers, stem, merged pairs) by name."""
     with pytest.raises(SystemExit) as stop:
-        main(["bench", "--mcu", "--mcu-coefficients", "dense"])
-    assert stop.value.code == 2 and "--mcu-coefficients" in capsys.readouterr().err
+        main(["bench", "--mcu", flag, "dense"])
+    assert stop.value.code == 2 and flag in capsys.readouterr().err
 
 
 @pytest.mark.runtime

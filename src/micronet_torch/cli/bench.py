@@ -129,6 +129,20 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         help="--mcu: MicroNet's Dynamic Shift-Max coefficient layers as BATCH_MATMUL with per-tensor weights, as "
         "1 x 1 convs (a larger arena), or as FULLY_CONNECTED (TFLM rounds them unlike LiteRT; docs/mcu.md) [matmul]",
     )
+    p.add_argument(
+        "--mcu-stem",
+        choices=("separable", "merged"),
+        default="separable",
+        help="--mcu: MicroNet's stem as its two factorized convs (the normalization folded into the first) or merged "
+        "into one 3 x 3 conv (slower in TFLM's reference kernels; docs/mcu.md) [separable]",
+    )
+    p.add_argument(
+        "--mcu-merge",
+        choices=("all", "none"),
+        default="all",
+        help="--mcu: the blocks' factorized k x 1 / 1 x k depthwise pairs merged into one k x k conv (fewer ops, a "
+        "border-correction add each) or kept as two [all]",
+    )
     p.add_argument("--runs", type=positive_int, default=50, help="timed runs per measurement [50]")
     p.add_argument("--warmup", type=nonnegative_int, default=10, help="warm-up runs [10]")
     p.add_argument("--img-size", type=positive_int, default=224, help="input size [224]")

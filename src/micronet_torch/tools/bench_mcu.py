@@ -147,7 +147,11 @@ def run_bench_mcu(args: Any, log: Callable[[str], None], report: Callable[..., i
     if not sizes or min(sizes) < 16 or args.mcu_classes < 1:
         raise ValueError("--mcu-sizes needs sizes of at least 16, --mcu-classes at least 1")
     models = tuple(args.models) if args.models != list(DEFAULT_BENCH_MODELS) else MCU_MODELS
-    options = {"coefficients": getattr(args, "mcu_coefficients", "matmul")}
+    options = {
+        "coefficients": getattr(args, "mcu_coefficients", "matmul"),
+        "stem": getattr(args, "mcu_stem", "separable"),
+        "merge": getattr(args, "mcu_merge", "all"),
+    }
     records, env = run_mcu_benchmark(models, sizes, args.mcu_classes, min(args.runs, 50), log=log, mcu_options=options)
     payload = dict(environment=env, records=[asdict(r) for r in records])
     return report(args, log, lambda: save_mcu(records, env, args.out_dir), payload, markdown_mcu(records, env))
