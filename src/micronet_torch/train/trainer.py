@@ -385,8 +385,8 @@ def float_then_qat(
     """``--qat`` from scratch: QAT fine-tunes the int8 graph of a trained float network (its BatchNorm folded,
     so it needs trained statistics), so the float network is trained first, in ``OUTPUT/float`` (the recipe
     asked for, or the default one, and every setting given), then fine-tuned in ``OUTPUT`` from
-    ``OUTPUT/float/best.pt`` with the ``qat`` recipe (its epochs and rates; the image size, batch size and data
-    settings of the float run). ``--resume`` continues whichever phase was cut short (a finished float phase is
+    ``OUTPUT/float/best.pt`` with the ``qat`` recipe (its epochs and rates; the float run's image size, the other
+    settings given). ``--resume`` continues whichever phase was cut short (a finished float phase is
     not trained again); returns the fine-tuning's summary, with the float run's under ``float_run``."""
     float_out = Path(cfg.output) / FLOAT_PHASE
     float_cfg = replace(cfg, qat=False, output=str(float_out), recipe="default" if cfg.recipe == "qat" else cfg.recipe)
@@ -404,7 +404,8 @@ def float_then_qat(
     trained = TrainConfig.from_dict(float_summary["config"]) if float_summary else resolve(float_cfg)
     qat_cfg = replace(
         cfg, recipe="qat", pretrained=str(float_out / "best.pt"), img_size=trained.img_size,
-        amp=False, compile=False, sync_bn=False, mixup=0.0, cutmix=0.0, reprob=0.0, **dict.fromkeys(QAT_RECIPE_FIELDS),
+        amp=False, compile=False, sync_bn=False, mixup=0.0, cutmix=0.0, reprob=0.0,
+        **dict.fromkeys(QAT_RECIPE_FIELDS),
     )  # fmt: skip
     summary = train(qat_cfg, resume="auto" if continuing else None, overwrite=overwrite, resume_if_present=True)
     if summary:
