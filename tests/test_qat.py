@@ -307,7 +307,7 @@ def test_qat_checkpoint_is_evaluated_and_exported_as_its_graph(qat_runs: dict[st
 
 
 @pytest.mark.runtime  # LiteRT's converter and interpreter
-def test_tflm_export_takes_the_trained_ranges(qat_runs: dict[str, Path]) -> None:
+def test_tflm_export_takes_the_trained_ranges(qat_runs: dict[str, Path], tmp_path: Path) -> None:
     """The int8 file's activation tensors that the run quantized keep the trained range (scale ``(hi - lo) / 255``,
     0 inside): the quantizer changes none, so the simulation trained what the file computes (a maximum's inputs
     take its range, a hard-sigmoid is quantized as relu6(z + 3) then / 6, as the converter writes them)."""
@@ -322,7 +322,7 @@ def test_tflm_export_takes_the_trained_ranges(qat_runs: dict[str, Path]) -> None
     cfg = loaded.data_config
     graph = mcu_graph(loaded.model, tuple(cfg.mean), tuple(cfg.std))
     pixels = synthetic_pixels(8, 20, seed=1)[..., : cfg.in_chans]
-    float_path = mcu.float_tflite(graph, qat_runs["straight"] / "float.tflite", (1, 20, 20, cfg.in_chans))
+    float_path = mcu.float_tflite(graph, tmp_path / "float.tflite", (1, 20, 20, cfg.in_chans))
     ranges = mcu.trained_ranges(float_path, loaded.model.qat_net, graph.norm, pixels)
     data = mcu.quantize_int8(float_path, pixels, ranges, mcu.fc_per_tensor(graph), keep_names=True)
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))

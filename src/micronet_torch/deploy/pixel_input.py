@@ -70,6 +70,16 @@ class PixelInput(nn.Module):
         return self.body(x if self.folded else self.norm(x))
 
 
+def fold_normalization(norm: nn.Conv2d, conv: nn.Conv2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``conv`` after the normalization ``norm`` (a 1 x 1 depthwise conv) as one conv on the pixels, away from the
+    borders: ``conv``'s weights times ``norm``'s (``1 / (255 std)``) and the bias ``conv(norm(0))``, in ``dtype``
+    (differentiable in ``conv``'s weights; ``norm`` holds constants)."""
+    w = conv.weight.to(dtype)
+    weight = w * norm.weight.detach().to(dtype).view(1, -1, 1, 1)
+    bias = conv.bias.to(dtype) + (w * norm.bias.detach().to(dtype).view(1, -1, 1, 1)).sum((1, 2, 3))
+    return weight, bias
+
+
 class PixelStem(nn.Module):
     """The pixel normalization and a 3 x 3, stride-2, padding-1 conv after it, as one conv on the pixels.
 
@@ -97,10 +107,8 @@ class PixelStem(nn.Module):
     def folded(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``conv'``'s 4 x 4 weights and its bias (``conv(norm(0))`` away from the borders), computed in ``dtype``
         from the stem conv's weights (differentiable: a trainable stem calls this at every step)."""
-        w = self.conv.weight.to(dtype)
-        w4 = F.pad(w * self.norm.weight.detach().to(dtype).view(1, -1, 1, 1), (0, 1, 0, 1))
-        bias = self.conv.bias.to(dtype) + (w * self.norm.bias.detach().to(dtype).view(1, -1, 1, 1)).sum((1, 2, 3))
-        return w4, bias
+        w, bias = fold_normalization(self.norm, self.conv, dtype)
+        return F.pad(w, (0, 1, 0, 1)), bias
 
     def frozen(self, round_weight: Callable[[torch.Tensor], torch.Tensor]) -> PixelStem:
         """A fixed copy of a trainable stem whose 4 x 4 weights are ``round_weight`` of the folded ones (what the
@@ -183,10 +191,7 @@ class PixelSeparableStem(nn.Module):
         output channel ``a``: its bias plus its positive, or negative, weights times 255), computed in ``dtype`` (no
         gradient: a scale of the form, not a weight)."""
         with torch.no_grad():
-            w = self.conv1.weight.to(dtype) * self.norm.weight.to(dtype).view(1, -1, 1, 1)
-            bias = self.conv1.bias.to(dtype) + (
-                self.conv1.weight.to(dtype) * self.norm.bias.to(dtype).view(1, -1, 1, 1)
-            ).sum((1, 2, 3))
+            w, bias = fold_normalization(self.norm, self.conv1, dtype)
             hi = bias + 255.0 * w.clamp_min(0).sum((1, 2, 3))
             lo = bias + 255.0 * w.clamp_max(0).sum((1, 2, 3))
             bound = torch.maximum(hi.abs(), lo.abs()).clamp_min(1e-12)
@@ -197,9 +202,8 @@ class PixelSeparableStem(nn.Module):
         ``s``, and ``conv2``'s 1 x 4 weights over the ``s`` of the channel each reads, computed in ``dtype`` from the
         pair's weights (differentiable: a trainable stem calls this at every step)."""
         scale = self.channel_scales(dtype)
-        w = self.conv1.weight.to(dtype)
-        w1 = F.pad(w * self.norm.weight.detach().to(dtype).view(1, -1, 1, 1) * scale.view(-1, 1, 1, 1), (0, 0, 0, 1))
-        bias = self.conv1.bias.to(dtype) + (w * self.norm.bias.detach().to(dtype).view(1, -1, 1, 1)).sum((1, 2, 3))
+        w, bias = fold_normalization(self.norm, self.conv1, dtype)
+        w1 = F.pad(w * scale.view(-1, 1, 1, 1), (0, 0, 0, 1))
         m = self.conv2.out_channels // self.conv2.in_channels
         w2 = self.conv2.weight.to(dtype) / scale.repeat_interleave(m).view(-1, 1, 1, 1)
         return w1, bias * scale, F.pad(w2, (0, 1))
